@@ -1,0 +1,164 @@
+"""ReMoE configuration: a megatron-core TransformerConfig with the ReLU-routing fields.
+
+Field names follow the reference implementation's flags (`--moe-relu-routing`,
+`--moe-relu-l1-reg-coeff-init`, `--moe-relu-l1-reg-coeff-multiplier`, `--moe-granularity`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron.remoe.compat import variable_k_dispatch_settings
+
+ROUTERS = ("relu", "topk", "topk-sigmoid-bias", "dense")
+
+# lambda is clamped to this range so that a long stretch on one side of the target can neither
+# underflow it to 0 (the controller could never recover) nor overflow it to inf.
+L1_COEFF_MIN = 1e-30
+L1_COEFF_MAX = 1e4
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+@dataclass
+class ReMoETransformerConfig(TransformerConfig):
+    """TransformerConfig plus ReLU routing (ReMoE, arXiv 2412.14711)."""
+
+    moe_relu_routing: bool = False
+    """Route with R(x) = ReLU(x W) instead of TopK+softmax."""
+
+    moe_relu_l1_reg_coeff_init: float = 1e-8
+    """lambda_0, the initial coefficient of the L1 regulariser."""
+
+    moe_relu_l1_reg_coeff_multiplier: float = 1.2
+    """alpha: lambda is multiplied by alpha while sparsity is below target, divided otherwise."""
+
+    moe_relu_target_sparsity: Optional[float] = None
+    """Target fraction of zero router outputs; default 1 - topk / num_moe_experts."""
+
+    moe_relu_load_balancing: bool = True
+    """Load-balanced L1 (paper Eqs. 10-11). False gives plain L1 (Eq. 9), the paper's ablation."""
+
+    moe_granularity: int = 1
+    """Recorded for reference: num_moe_experts, topk and the expert width already include it."""
+
+    def __post_init__(self):
+        if self.moe_relu_routing:
+            self._prepare_relu_routing()
+        super().__post_init__()
+        if self.moe_relu_routing:
+            validate_relu_routing(self)
+
+    def _prepare_relu_routing(self) -> None:
+        # The TopK-only knobs are irrelevant for ReLU routing; set them so megatron-core's own
+        # validation (which assumes a TopK router) accepts the config.
+        if self.moe_router_load_balancing_type in (None, "aux_loss") and not self.moe_aux_loss_coeff:
+            self.moe_router_load_balancing_type = "none"
+        if self.moe_router_topk == 1:
+            self.moe_router_pre_softmax = True
+        if self.num_moe_experts and self.moe_router_topk:
+            overrides = variable_k_dispatch_settings(
+                self.num_moe_experts, self.moe_router_topk, self.moe_token_dispatcher_type,
+                self.moe_permute_fusion)
+            for key, value in overrides.items():
+                setattr(self, key, value)
+
+    @property
+    def target_sparsity(self) -> float:
+        if self.moe_relu_target_sparsity is not None:
+            return float(self.moe_relu_target_sparsity)
+        return 1.0 - self.moe_router_topk / self.num_moe_experts
+
+
+def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
+    """Reject settings that are wrong for variable-k ReLU routing, with the fix in the message."""
+    E, k = cfg.num_moe_experts, cfg.moe_router_topk
+    if not E:
+        raise ConfigError("moe_relu_routing needs num_moe_experts > 0; set --num-experts")
+    if k is None or k < 1 or k > E:
+        raise ConfigError(
+            f"moe_router_topk={k} must be in [1, num_moe_experts={E}]: it sets the target sparsity "
+            f"1 - k/E; lower --moe-router-topk")
+    if cfg.moe_token_dispatcher_type == "flex":
+        raise ConfigError(
+            "moe_token_dispatcher_type='flex' takes fixed top-k indices and cannot dispatch ReLU "
+            "routing (0..E experts per token); use --moe-token-dispatcher-type alltoall or allgather")
+    if cfg.moe_apply_probs_on_input:
+        raise ConfigError(
+            "moe_apply_probs_on_input requires top-1 routing; ReLU routing weights expert outputs: "
+            "drop --moe-apply-probs-on-input")
+    if cfg.moe_pad_expert_input_to_capacity:
+        raise ConfigError(
+            "moe_pad_expert_input_to_capacity drops tokens above capacity, which changes ReLU "
+            "routing; drop --moe-pad-expert-input-to-capacity")
+    cap = cfg.moe_expert_capacity_factor
+    if cap is not None and cap < E / k:
+        raise ConfigError(
+            f"moe_expert_capacity_factor={cap} could drop tokens (ReLU routing may send a token to "
+            f"all {E} experts); unset it or use at least E/topk = {E / k:g}")
+    lbt = cfg.moe_router_load_balancing_type
+    if lbt not in ("none", ["none"]) or cfg.moe_aux_loss_coeff not in (0, 0.0, None, [0.0]):
+        raise ConfigError(
+            f"moe_router_load_balancing_type={lbt!r} / moe_aux_loss_coeff={cfg.moe_aux_loss_coeff} "
+            "are TopK load balancing; ReLU routing balances with its L1 regulariser: remove them")
+    if cfg.moe_router_enable_expert_bias:
+        raise ConfigError("moe_router_enable_expert_bias is for TopK routing; remove it with "
+                          "--moe-relu-routing")
+    if cfg.moe_router_num_groups or cfg.moe_router_group_topk:
+        raise ConfigError("group-limited routing (moe_router_num_groups / moe_router_group_topk) "
+                          "is TopK-only; remove it with --moe-relu-routing")
+    if cfg.moe_router_fusion:
+        raise ConfigError("moe_router_fusion fuses TopK kernels; remove it with --moe-relu-routing")
+    if cfg.moe_z_loss_coeff:
+        # Nothing wrong mathematically, but the router below does not implement it: say so.
+        raise ConfigError("moe_z_loss_coeff is not applied by the ReLU router; remove it")
+    if cfg.moe_input_jitter_eps:
+        raise ConfigError("moe_input_jitter_eps is not applied by the ReLU router; remove it")
+    if not 0.0 <= cfg.target_sparsity < 1.0:
+        raise ConfigError(f"moe_relu_target_sparsity={cfg.target_sparsity} must be in [0, 1)")
+    if not cfg.moe_relu_l1_reg_coeff_init > 0:
+        raise ConfigError(f"moe_relu_l1_reg_coeff_init={cfg.moe_relu_l1_reg_coeff_init} must be > 0 "
+                          "(the update is multiplicative); the paper uses 1e-8")
+    if not cfg.moe_relu_l1_reg_coeff_multiplier > 1.0:
+        raise ConfigError(f"moe_relu_l1_reg_coeff_multiplier={cfg.moe_relu_l1_reg_coeff_multiplier}"
+                          " must be > 1; the paper uses 1.2")
+
+
+def apply_granularity(num_experts: int, topk: int, expert_ffn_hidden_size: int,
+                      granularity: int) -> tuple[int, int, int]:
+    """Fine-grained experts: E*G experts of width ffn/G, k*G active; target sparsity 1-k/E unchanged.
+
+    Returns (num_moe_experts, moe_router_topk, moe_ffn_hidden_size).
+    """
+    if granularity < 1:
+        raise ConfigError(f"moe_granularity={granularity} must be >= 1")
+    if expert_ffn_hidden_size % granularity:
+        raise ConfigError(
+            f"moe_granularity={granularity} must divide the expert width "
+            f"{expert_ffn_hidden_size}; pick a divisor or change --ffn-hidden-size")
+    return num_experts * granularity, topk * granularity, expert_ffn_hidden_size // granularity
+
+
+def router_overrides(router: str, aux_loss_coeff: float = 1e-2) -> dict:
+    """TransformerConfig fields for each router choice (the paper's baseline presets)."""
+    if router == "relu":
+        return dict(moe_relu_routing=True, moe_router_load_balancing_type="none",
+                    moe_aux_loss_coeff=0.0)
+    if router == "topk":
+        # ReMoE's TopK baseline: pre-softmax top-k (with post-softmax top-1 the gate is constant 1
+        # and the router learns only from the aux loss) and Switch aux loss 1e-2.
+        return dict(moe_relu_routing=False, moe_router_load_balancing_type="aux_loss",
+                    moe_aux_loss_coeff=aux_loss_coeff, moe_router_pre_softmax=True)
+    if router == "topk-sigmoid-bias":
+        # Aux-loss-free balancing (DeepSeek-V3 style): sigmoid scores plus a per-expert bias.
+        return dict(moe_relu_routing=False, moe_router_load_balancing_type="none",
+                    moe_aux_loss_coeff=0.0, moe_router_score_function="sigmoid",
+                    moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3)
+    if router == "dense":
+        return dict(moe_relu_routing=False, num_moe_experts=None)
+    raise ConfigError(f"router={router!r} is not one of {', '.join(ROUTERS)}")

@@ -1,0 +1,368 @@
+"""CPU (gloo) backend for megatron-core.
+
+megatron-core assumes CUDA in a few dozen places (see the spec, section 4): `torch.cuda.current_device()`
+as an allocation device, CUDA streams/events in the alltoall dispatcher, the CUDA RNG tracker,
+hard-coded `device='cuda'` tensors, `Tensor.type() == 'torch.cuda.FloatTensor'` checks, list-only
+split sizes and equal-size all-gathers in gloo. This module bridges all of them, in one place,
+without editing site-packages:
+
+* every loaded `megatron.core.*` module that refers to the global `torch` gets a thin proxy of it whose
+  `torch.cuda` namespace maps devices, streams, events and RNG onto the CPU, whose tensor factories
+  map `device='cuda'` to the CPU, and whose `torch.distributed` converts split sizes to lists and
+  pads unequal all-gathers for gloo;
+* the CUDA RNG state helpers of `megatron.core.tensor_parallel.random` use the CPU generator;
+* a handful of functions that test `Tensor.type()` for CUDA type names run with CPU tensors reporting
+  their CUDA twin name (scoped to those calls only);
+* megatron-core 0.16 without Transformer Engine references an undefined `te_general_gemm`.
+
+Call `apply_cpu_backend()` explicitly (our entry points and tests do) before building models. It is a
+no-op when CUDA is available, so the same code runs unchanged on GPUs with NCCL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import sys
+import types
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_APPLIED = False
+
+# megatron-core modules that touch CUDA on the training path (mcore 0.16.1 call sites, spec section
+# 4). They are imported eagerly so the proxy is in place before any model is built; any other
+# megatron.core module already imported at apply time is patched as well.
+_MCORE_MODULES = (
+    "megatron.core.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.rerun_state_machine",
+)
+
+_CPU = torch.device("cpu")
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map any CUDA device spec to the CPU; leave everything else alone."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU  # an integer device is a CUDA ordinal
+    return device
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def __eq__(self, other):
+        return isinstance(other, _NullStream)
+
+    def __hash__(self):
+        return 0
+
+
+_NULL_STREAM = _NullStream()
+
+
+class _CpuCuda(types.SimpleNamespace):
+    """The `torch.cuda` seen by megatron-core on a CPU-only machine."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _make_cpu_cuda() -> _CpuCuda:
+    nvtx = types.SimpleNamespace(
+        range_push=lambda *a, **k: None,
+        range_pop=lambda *a, **k: None,
+        range=lambda *a, **k: contextlib.nullcontext(),
+        mark=lambda *a, **k: None,
+    )
+    return _CpuCuda(
+        is_available=lambda: False,
+        current_device=lambda: _CPU,
+        device_count=lambda: 0,
+        set_device=lambda *a, **k: None,
+        synchronize=lambda *a, **k: None,
+        empty_cache=lambda: None,
+        current_stream=lambda *a, **k: _NULL_STREAM,
+        default_stream=lambda *a, **k: _NULL_STREAM,
+        Stream=_NullStream,
+        Event=_NullStream,
+        stream=lambda *a, **k: contextlib.nullcontext(),
+        set_stream=lambda *a, **k: None,
+        nvtx=nvtx,
+        # The CUDA RNG of megatron-core's tracker becomes the CPU default generator.
+        get_rng_state=lambda *a, **k: torch.get_rng_state(),
+        set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+        manual_seed=lambda seed: torch.manual_seed(seed),
+        manual_seed_all=lambda seed: torch.manual_seed(seed),
+        memory_allocated=lambda *a, **k: 0,
+        max_memory_allocated=lambda *a, **k: 0,
+        memory_reserved=lambda *a, **k: 0,
+        reset_peak_memory_stats=lambda *a, **k: None,
+        memory_stats=lambda *a, **k: {},
+    )
+
+
+def _list_splits(sizes):
+    if sizes is None:
+        return None
+    if isinstance(sizes, torch.Tensor):
+        return [int(s) for s in sizes.tolist()]
+    return [int(s) for s in sizes]
+
+
+def _is_gloo(group) -> bool:
+    try:
+        return torch.distributed.get_backend(group) == "gloo"
+    except Exception:
+        return False
+
+
+class _GlooDistributed(types.SimpleNamespace):
+    """`torch.distributed` with the two gloo gaps megatron-core hits closed."""
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
+def _all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                       async_op=False):
+    # gloo accepts split sizes only as Python lists (megatron passes tensors / numpy arrays).
+    return torch.distributed.all_to_all_single(
+        output, input, _list_splits(output_split_sizes), _list_splits(input_split_sizes),
+        group=group, async_op=async_op,
+    )
+
+
+def _all_gather(tensor_list, tensor, group=None, async_op=False):
+    sizes = [t.shape[0] if t.dim() else 0 for t in tensor_list]
+    uneven = len(set(tuple(t.shape) for t in tensor_list)) > 1
+    if not uneven or not _is_gloo(group):
+        return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    # gloo cannot all-gather unequal sizes: pad every piece to the largest along dim 0.
+    max_rows = max(sizes)
+    padded_in = tensor.new_zeros((max_rows,) + tuple(tensor.shape[1:]))
+    padded_in[: tensor.shape[0]].copy_(tensor)
+    padded_out = [torch.empty_like(padded_in) for _ in tensor_list]
+    torch.distributed.all_gather(padded_out, padded_in, group=group)
+    for dst, src, rows in zip(tensor_list, padded_out, sizes):
+        dst.copy_(src[:rows])
+    return _CompletedWork() if async_op else None
+
+
+class _CompletedWork:
+    def wait(self):
+        return True
+
+
+def _make_distributed() -> _GlooDistributed:
+    return _GlooDistributed(all_to_all_single=_all_to_all_single, all_gather=_all_gather)
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuTorch(types.ModuleType):
+    """A stand-in for the `torch` module inside megatron-core modules: everything is the real torch
+    except `torch.cuda`, `torch.distributed` and the tensor factories' `device=` argument."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _make_cpu_cuda()
+        self.distributed = _make_distributed()
+        for name in ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand",
+                     "zeros_like", "ones_like", "empty_like", "as_tensor", "randint"):
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_TORCH_PROXY: _CpuTorch | None = None
+
+
+@contextlib.contextmanager
+def _cpu_tensors_report_cuda_type():
+    """Within the block, `cpu_tensor.type()` reports the CUDA twin name ('torch.cuda.FloatTensor'),
+    so megatron-core's dtype dispatch by type name accepts CPU parameters."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cpu_tensors_report_cuda_type():
+            return fn(*args, **kwargs)
+
+    wrapper.__remoe_cpu_wrapped__ = True
+    return wrapper
+
+
+def _patch_module(module) -> None:
+    if getattr(module, "torch", None) is torch:
+        module.torch = _TORCH_PROXY
+
+
+def _patch_loaded_modules() -> None:
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and module is not None:
+            _patch_module(module)
+
+
+def _patch_rng(random_mod) -> None:
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    random_mod._get_cuda_rng_state = get_state
+    random_mod._set_cuda_rng_state = set_state
+    # The tracker warns when the CPU generator moves inside a "CUDA" fork; on this backend both are
+    # the same generator, so the warning is expected and carries no information.
+    logging.getLogger(random_mod.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
+
+
+def _patch_type_name_checks() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    targets = [
+        (clip_grads, "clip_grad_by_total_norm_fp32"),
+        (optimizer, "clip_grad_by_total_norm_fp32"),
+    ]
+    for mod, name in targets:
+        fn = getattr(mod, name)
+        if not getattr(fn, "__remoe_cpu_wrapped__", False):
+            setattr(mod, name, _with_cuda_type_names(fn))
+    for cls, name in [
+        (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+    ]:
+        fn = cls.__dict__[name]
+        if not getattr(fn, "__remoe_cpu_wrapped__", False):
+            setattr(cls, name, _with_cuda_type_names(fn))
+
+
+def _patch_router_gemm() -> None:
+    # mcore 0.16 calls `te_general_gemm` in router_gating_linear but only defines it when Transformer
+    # Engine imports; without TE the name is missing. None selects the torch.mm path.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def cpu_backend_needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_backend(force: bool = False) -> bool:
+    """Bridge megatron-core's CUDA assumptions onto the CPU. Returns True when the bridge is active.
+
+    A no-op on machines with CUDA (unless `force`). Idempotent.
+    """
+    global _APPLIED, _TORCH_PROXY
+    _patch_router_gemm()  # also needed on GPUs without TE
+    if _APPLIED:
+        _patch_loaded_modules()  # pick up megatron.core modules imported since the last call
+        return True
+    if not force and not cpu_backend_needed():
+        return False
+    _TORCH_PROXY = _CpuTorch()
+    for name in _MCORE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # a module moved in a newer megatron-core: patch what exists
+            log.debug("cpu backend: skip %s (%s)", name, exc)
+    _patch_loaded_modules()
+    from megatron.core.tensor_parallel import random as random_mod
+
+    _patch_rng(random_mod)
+    _patch_type_name_checks()
+    _APPLIED = True
+    return True
+
+
+def default_backend() -> str:
+    """The torch.distributed backend matching the device: nccl on GPUs, gloo on CPU."""
+    return "gloo" if cpu_backend_needed() else "nccl"

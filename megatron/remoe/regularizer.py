@@ -1,0 +1,218 @@
+"""The L1 regulariser of ReMoE and its adaptive coefficient (paper Sec. 3.3, Eqs. 9-11).
+
+Conventions (documented in docs/method.md):
+* `l1_reg_loss(...)` is one layer's term on one micro-batch,
+  `1/T * sum_t sum_e f_e * R_{t,e}` with `f_e = E/(k*T) * #{t : R_{t,e} > 0}` (load-balanced) or
+  `f_e = 1` (plain L1). T counts every valid token of the micro-batch (all-reduced over the TP*CP
+  group when sequence/context parallelism splits the tokens, as megatron-core's switch loss does).
+* The training loss adds `lambda * term` for every MoE layer, without the 1/L of the paper's Eq. 11,
+  exactly like the reference implementation; so our lambda equals lambda_paper / L and the paper's
+  lambda_0 = 1e-8, alpha = 1.2 and settling times carry over. The logged `l1_reg_loss` is the mean
+  over layers, i.e. the paper's L_reg.
+* lambda follows `lambda <- lambda * alpha^sign(target - S)` once per optimizer step, where S is ONE
+  global sparsity: all MoE layers, all micro-batches, all ranks (DP, TP/SP, CP, PP, EP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.remoe.config import L1_COEFF_MAX, L1_COEFF_MIN
+
+
+def l1_reg_loss(
+    probs: torch.Tensor,
+    routing_map: torch.Tensor,
+    topk: int,
+    load_balancing: bool = True,
+    valid_mask: Optional[torch.Tensor] = None,
+    reduce_group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
+    """One layer's (load-balanced) L1 term for the local tokens.
+
+    Args:
+        probs: [T_local, E] ReLU router outputs (>= 0). Gradients flow through these.
+        routing_map: [T_local, E] bool, probs > 0.
+        topk: k of the equivalent TopK model (f is normalised so that perfect balance at k
+            experts per token gives f_e = 1).
+        load_balancing: Eq. 10-11 when True, plain L1 (Eq. 9) when False.
+        valid_mask: [T_local] bool, False for padding tokens (they are excluded from T and f).
+        reduce_group: group over which tokens are split (TP*CP with sequence/context parallel).
+
+    Returns a scalar whose sum over `reduce_group` is the term for the whole micro-batch.
+    """
+    num_experts = probs.shape[-1]
+    if valid_mask is None:
+        local_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+        active = routing_map
+    else:
+        local_tokens = valid_mask.sum().to(torch.float32)
+        active = routing_map & valid_mask.unsqueeze(-1)
+        probs = probs * valid_mask.unsqueeze(-1)
+    with torch.no_grad():
+        counts = torch.cat([active.sum(dim=0).to(torch.float32), local_tokens.reshape(1)])
+        if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
+            dist.all_reduce(counts, group=reduce_group)
+        tokens_per_expert, total_tokens = counts[:num_experts], counts[num_experts]
+        total_tokens = total_tokens.clamp(min=1.0)  # an all-padding micro-batch contributes 0
+    per_expert = probs.sum(dim=0, dtype=torch.float32)
+    if load_balancing:
+        f = tokens_per_expert * (num_experts / (topk * total_tokens))
+        return (f * per_expert).sum() / total_tokens
+    return per_expert.sum() / total_tokens
+
+
+# Layout of one layer's row in the routing statistics accumulator (int64 counts).
+#   [0, E)          tokens routed to expert e
+#   [E, 2E + 1)     histogram of experts per token (0..E)
+#   2E + 1          valid tokens
+#   2E + 2          forward calls counted (micro-batches, per rank)
+def stats_width(num_experts: int) -> int:
+    return 2 * num_experts + 3
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of one optimizer step, reduced over all ranks (host values)."""
+
+    sparsity: float  # global: zero entries / all entries of the routing maps
+    l1_coeff: float  # lambda used during this step
+    l1_reg_loss: float  # mean over MoE layers and micro-batches of the L1 term (paper's L_reg)
+    layer_numbers: list  # global 1-based layer numbers of the MoE layers
+    tokens_per_expert: torch.Tensor  # [L, E] int64
+    experts_per_token_hist: torch.Tensor  # [L, E + 1] int64
+    tokens: torch.Tensor  # [L] int64
+
+    @property
+    def layer_sparsity(self) -> torch.Tensor:
+        E = self.tokens_per_expert.shape[1]
+        active = self.tokens_per_expert.sum(dim=1).double()
+        return 1.0 - active / (self.tokens.double() * E).clamp(min=1)
+
+    @property
+    def mean_experts_per_token(self) -> torch.Tensor:
+        return self.tokens_per_expert.sum(dim=1).double() / self.tokens.double().clamp(min=1)
+
+    @property
+    def zero_expert_fraction(self) -> torch.Tensor:
+        return self.experts_per_token_hist[:, 0].double() / self.tokens.double().clamp(min=1)
+
+    @property
+    def max_over_mean_load(self) -> torch.Tensor:
+        load = self.tokens_per_expert.double()
+        return load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-12)
+
+    def as_dict(self) -> dict:
+        """Flat scalars for loggers (JSONL, TensorBoard, W&B)."""
+        out = {"moe_relu_sparsity": self.sparsity, "moe_relu_l1_reg_coeff": self.l1_coeff,
+               "l1_reg_loss": self.l1_reg_loss}
+        for i, layer in enumerate(self.layer_numbers):
+            out[f"moe/layer_{layer}/sparsity"] = float(self.layer_sparsity[i])
+            out[f"moe/layer_{layer}/experts_per_token"] = float(self.mean_experts_per_token[i])
+            out[f"moe/layer_{layer}/zero_expert_tokens"] = float(self.zero_expert_fraction[i])
+            out[f"moe/layer_{layer}/max_mean_load"] = float(self.max_over_mean_load[i])
+        return out
+
+
+class SparsityController:
+    """One fp32 lambda shared by every MoE layer, adapted once per step towards a target sparsity.
+
+    Routers call `record(...)` on every training forward (on-device accumulation, no host sync);
+    the trainer calls `step()` once per optimizer step, which reduces the counts over all ranks with
+    a single all-reduce, updates lambda identically on every rank and returns the statistics.
+
+    The controller deliberately lives outside the module tree: Float16Module would otherwise cast
+    lambda to bf16, and every router would carry a copy in the state dict.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, target_sparsity: float,
+                 coeff_init: float = 1e-8, multiplier: float = 1.2,
+                 device: Optional[torch.device] = None,
+                 group: Optional[dist.ProcessGroup] = None):
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.target_sparsity = float(target_sparsity)
+        self.multiplier = float(multiplier)
+        self.device = device or torch.device("cpu")
+        self.group = group  # None = the default (world) group
+        self.coeff = torch.tensor(coeff_init, dtype=torch.float32, device=self.device)
+        self.counts = torch.zeros(num_layers, stats_width(num_experts), dtype=torch.int64,
+                                  device=self.device)
+        self.reg_sum = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
+        self.reg_group_size = 1  # tokens of one micro-batch are split over this many ranks
+        self.steps = 0
+
+    # ---- called by the routers -------------------------------------------------------------
+    def record(self, layer_number: int, routing_map: torch.Tensor,
+               valid_mask: Optional[torch.Tensor], reg_term: Optional[torch.Tensor],
+               reg_group_size: int = 1) -> None:
+        """Accumulate one layer's routing on one micro-batch (layer_number is 1-based, global)."""
+        E = self.num_experts
+        with torch.no_grad():
+            active = routing_map if valid_mask is None else routing_map & valid_mask.unsqueeze(-1)
+            per_token = active.sum(dim=1)
+            if valid_mask is None:
+                hist = torch.bincount(per_token, minlength=E + 1)
+                tokens = per_token.new_tensor(per_token.shape[0])
+            else:
+                hist = torch.bincount(per_token[valid_mask], minlength=E + 1)
+                tokens = valid_mask.sum()
+            row = self.counts[layer_number - 1]
+            row[:E] += active.sum(dim=0)
+            row[E:2 * E + 1] += hist
+            row[2 * E + 1] += tokens
+            row[2 * E + 2] += 1
+            if reg_term is not None:
+                self.reg_sum[layer_number - 1] += reg_term.detach().to(torch.float64)
+        self.reg_group_size = reg_group_size
+
+    # ---- called by the trainer -------------------------------------------------------------
+    def step(self) -> Optional[RoutingStats]:
+        """Reduce this step's counts over all ranks, update lambda, reset. None if nothing ran."""
+        counts = torch.cat([self.counts.flatten().to(torch.float64), self.reg_sum])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            # Counts are integers < 2^53: the float64 sum is exact and identical on every rank.
+            dist.all_reduce(counts, group=self.group)
+        L, W, E = self.num_layers, stats_width(self.num_experts), self.num_experts
+        table = counts[: L * W].round().to(torch.int64).view(L, W).cpu()
+        reg_sum = counts[L * W:].cpu()
+        self.counts.zero_()
+        self.reg_sum.zero_()
+        layers = [i for i in range(L) if table[i, 2 * E + 2] > 0]
+        if not layers:
+            return None
+        table = table[layers]
+        total_active = int(table[:, :E].sum())
+        total_entries = int(table[:, 2 * E + 1].sum()) * E
+        sparsity = 1.0 - total_active / max(total_entries, 1)
+        # Forward calls were counted on every rank that shares a micro-batch's tokens.
+        calls = table[:, 2 * E + 2].double() / self.reg_group_size
+        l1_reg = float((reg_sum[layers] / calls.clamp(min=1)).mean())
+        used = float(self.coeff)
+        self.update(sparsity)
+        return RoutingStats(
+            sparsity=sparsity, l1_coeff=used, l1_reg_loss=l1_reg,
+            layer_numbers=[i + 1 for i in layers], tokens_per_expert=table[:, :E],
+            experts_per_token_hist=table[:, E:2 * E + 1], tokens=table[:, 2 * E + 1])
+
+    def update(self, sparsity: float) -> None:
+        """lambda <- lambda * alpha if S < target else lambda / alpha (equality divides)."""
+        if sparsity < self.target_sparsity:
+            new = self.coeff * self.multiplier
+        else:
+            new = self.coeff / self.multiplier
+        self.coeff = new.clamp(L1_COEFF_MIN, L1_COEFF_MAX)
+        self.steps += 1
+
+    # ---- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"l1_coeff": self.coeff.detach().cpu().clone(), "steps": self.steps,
+                "target_sparsity": self.target_sparsity, "multiplier": self.multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coeff = state["l1_coeff"].to(device=self.device, dtype=torch.float32).clone()
+        self.steps = int(state["steps"])

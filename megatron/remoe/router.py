@@ -1,0 +1,74 @@
+"""ReLU router (ReMoE): R(x) = ReLU(x W), variable number of experts per token.
+
+Plugs into megatron-core's MoELayer through the layer spec's router slot (`MoESubmodules.router`).
+Weight init, gating GEMM (with `moe_router_dtype`), TP gradient handling and checkpointing come from
+megatron-core's `Router` base class.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.router import Router
+
+from megatron.remoe.regularizer import SparsityController, l1_reg_loss
+
+
+class ReLURouter(Router):
+    """Routes each token to every expert whose ReLU gate is positive (0..E experts).
+
+    No softmax, no top-k, no renormalisation: the raw ReLU value multiplies the expert output, so a
+    token with no active expert gets an MoE output of exactly zero. Training adds
+    `lambda * l1_reg_loss` through megatron-core's MoEAuxLossAutoScaler, so its gradient is scaled
+    like any megatron aux loss (micro-batches, loss scale).
+    """
+
+    def __init__(self, config, pg_collection=None, controller: Optional[SparsityController] = None,
+                 **kwargs):  # newer megatron-core passes e.g. is_mtp_layer=
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.topk = config.moe_router_topk
+        self.load_balancing = getattr(config, "moe_relu_load_balancing", True)
+        # Held as a plain attribute list so it is neither a submodule nor cast by Float16Module.
+        self._controller = [controller]
+
+    @property
+    def controller(self) -> Optional[SparsityController]:
+        return self._controller[0]
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """logits [S, B, E] -> probs [S*B, E] (ReLU values) and routing_map [S*B, E] (bool).
+
+        padding_mask follows megatron-core's convention: True marks padding tokens, which get no
+        expert and are excluded from the regulariser and the statistics.
+        """
+        logits = logits.view(-1, self.config.num_moe_experts)
+        probs = torch.relu(logits)
+        valid = None
+        if padding_mask is not None:
+            valid = ~padding_mask.reshape(-1).bool()
+            probs = probs * valid.unsqueeze(-1).to(probs.dtype)
+        routing_map = probs > 0
+
+        # Count each layer once per micro-batch: with activation recomputation the first forward
+        # runs without grad and the recomputation with grad, so count only when grad is enabled.
+        if self.training and torch.is_grad_enabled():
+            tp_cp = self.tp_cp_group
+            reg = l1_reg_loss(probs, routing_map, self.topk, self.load_balancing, valid,
+                              reduce_group=tp_cp)
+            controller = self.controller
+            if controller is not None:
+                probs = MoEAuxLossAutoScaler.apply(probs, controller.coeff.to(reg.dtype) * reg)
+                controller.record(self.layer_number, routing_map, valid, reg,
+                                  reg_group_size=tp_cp.size() if tp_cp is not None else 1)
+        return probs, routing_map
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        logits = self.gating(input)
+        return self.routing(logits, padding_mask=padding_mask)

@@ -1,0 +1,95 @@
+"""Layer specs: megatron-core's GPT block spec with our router (and a CPU-capable RMSNorm) plugged in.
+
+The block layout (dense/MoE pattern from `moe_layer_freq`, pipeline-stage slicing) is megatron-core's
+`get_gpt_decoder_block_spec`; we only swap modules inside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Optional
+
+import torch
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron.remoe.regularizer import SparsityController
+from megatron.remoe.router import ReLURouter
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm with megatron-core's norm constructor, usable with sequence parallelism.
+
+    megatron-core's torch fallback norm refuses sequence parallel. With SP each TP rank normalises
+    different tokens, so the weight's gradient must be summed over TP ranks: the `sequence_parallel`
+    attribute tells megatron-core's finalize_model_grads to do exactly that.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x):
+        # Normalise in fp32 (as fused kernels do) and cast back.
+        return super().forward(x.float()).to(x.dtype) if x.dtype != torch.float32 else \
+            super().forward(x)
+
+
+def make_router_builder(config, controller: Optional[SparsityController]):
+    """The callable for `MoESubmodules.router`."""
+    if getattr(config, "moe_relu_routing", False):
+        return functools.partial(ReLURouter, controller=controller)
+    return TopKRouter
+
+
+def get_block_spec(config, controller: Optional[SparsityController] = None,
+                   use_transformer_engine: Optional[bool] = None,
+                   vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+                   ) -> TransformerBlockSubmodules:
+    """GPT decoder block spec with the configured router in every MoE layer.
+
+    Transformer Engine modules are used when TE imports (override with `use_transformer_engine`);
+    otherwise megatron-core's local modules with our RMSNorm.
+    """
+    if use_transformer_engine is None:
+        use_transformer_engine = have_transformer_engine()
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
+                                       normalization=config.normalization, vp_stage=vp_stage,
+                                       pp_rank=pp_rank)
+    block = copy.deepcopy(block)
+    router = make_router_builder(config, controller)
+    local_norm = not use_transformer_engine and config.normalization == "RMSNorm"
+    if local_norm:
+        block.layer_norm = RMSNorm
+    for layer_spec in block.layer_specs:
+        sub = layer_spec.submodules
+        if local_norm:
+            sub.input_layernorm = RMSNorm
+            sub.pre_mlp_layernorm = RMSNorm
+        mlp = sub.mlp
+        if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and \
+                issubclass(mlp.module, MoELayer):
+            mlp.submodules.router = router
+    return block
+
+
+def num_moe_layers(config) -> int:
+    freq = config.moe_layer_freq
+    if not config.num_moe_experts:
+        return 0
+    if isinstance(freq, int):
+        return sum(1 for i in range(config.num_layers) if i % freq == 0)
+    return sum(freq)
