@@ -1,0 +1,229 @@
+"""The ReLU router, the L1 regulariser and the lambda controller against independent computations."""
+
+import math
+
+import pytest
+import torch
+
+from moe_reference import (E, FFN, H, K, build_moe_layer, canonical_weights, dense_reference,
+                           load_canonical, reference_l1)
+
+from megatron.remoe.config import ConfigError, apply_granularity
+from megatron.remoe.model import build_controller, build_transformer_config
+from megatron.remoe.regularizer import SparsityController, l1_reg_loss
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def layer_config(dispatcher="alltoall", **kw):
+    fields = dict(num_layers=1, hidden_size=H, num_attention_heads=2, ffn_hidden_size=FFN,
+                  moe_token_dispatcher_type=dispatcher, use_cpu_initialization=True,
+                  moe_router_dtype="fp32", params_dtype=torch.float32)
+    fields.update(kw)
+    return build_transformer_config(router="relu", num_experts=E, moe_router_topk=K, **fields)
+
+
+# ---- regulariser values and gradients ---------------------------------------------------------
+
+@pytest.mark.parametrize("load_balancing", [True, False])
+def test_l1_value_and_grad_match_hand_written(load_balancing):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(10, E, generator=g, dtype=torch.float64)
+    probs = torch.relu(logits).requires_grad_(True)
+    loss = l1_reg_loss(probs, probs > 0, topk=2, load_balancing=load_balancing)
+    loss.backward()
+
+    ref_probs = torch.relu(logits).requires_grad_(True)
+    ref = reference_l1(ref_probs, topk=2, load_balancing=load_balancing)
+    ref.backward()
+    assert math.isclose(float(loss), float(ref), rel_tol=1e-6)
+    torch.testing.assert_close(probs.grad, ref_probs.grad.to(probs.grad.dtype), rtol=1e-6, atol=0)
+    # f is a constant (no gradient through the counts): d/dR_te = f_e / T.
+    T = probs.shape[0]
+    counts = (torch.relu(logits) > 0).sum(0).double()
+    f = E / (2 * T) * counts if load_balancing else torch.ones(E, dtype=torch.float64)
+    torch.testing.assert_close(probs.grad, (f / T).expand(T, E), rtol=1e-6, atol=0)
+
+
+def test_l1_ignores_padding_tokens():
+    g = torch.Generator().manual_seed(4)
+    probs = torch.relu(torch.randn(8, E, generator=g, dtype=torch.float64))
+    valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
+    masked = l1_reg_loss(probs, probs > 0, topk=1, valid_mask=valid)
+    kept = l1_reg_loss(probs[valid], probs[valid] > 0, topk=1)
+    assert math.isclose(float(masked), float(kept), rel_tol=1e-12)
+
+
+# ---- the lambda controller ---------------------------------------------------------------------
+
+def test_lambda_update_follows_rule_step_by_step():
+    ctrl = SparsityController(num_layers=1, num_experts=8, target_sparsity=0.875,
+                              coeff_init=1e-8, multiplier=1.2)
+    sparsities = [0.5, 0.6, 0.875, 0.9, 0.8, 0.875, 0.99, 0.1]
+    expected = 1e-8
+    for s in sparsities:
+        ctrl.update(s)
+        # equality divides (sign(0) counts as "at or above target")
+        expected = expected * 1.2 if s < 0.875 else expected / 1.2
+        assert math.isclose(float(ctrl.coeff), expected, rel_tol=1e-5), (s, float(ctrl.coeff))
+        assert ctrl.coeff.dtype == torch.float32
+
+
+def test_lambda_is_clamped():
+    ctrl = SparsityController(1, 8, 0.875, coeff_init=1e-8, multiplier=10.0)
+    for _ in range(100):
+        ctrl.update(0.0)
+    assert math.isfinite(float(ctrl.coeff)) and float(ctrl.coeff) <= 1e4
+    for _ in range(200):
+        ctrl.update(1.0)
+    assert float(ctrl.coeff) > 0
+
+
+def test_controller_state_round_trip():
+    ctrl = SparsityController(1, 8, 0.875)
+    for s in (0.1, 0.2, 0.95):
+        ctrl.update(s)
+    other = SparsityController(1, 8, 0.875)
+    other.load_state_dict(ctrl.state_dict())
+    assert torch.equal(other.coeff, ctrl.coeff) and other.steps == 3
+
+
+# ---- the router inside megatron-core's MoE layer ------------------------------------------------
+
+def test_router_outputs_match_relu_of_linear(single_rank):
+    cfg = layer_config()
+    layer = build_moe_layer(cfg)
+    w = canonical_weights()
+    load_canonical(layer, w)
+    x = torch.randn(5, 2, H, generator=torch.Generator().manual_seed(1))
+    layer.eval()
+    probs, routing_map = layer.router(x)
+    expected = torch.relu(x.reshape(-1, H) @ w["router"].T)
+    torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(routing_map, expected > 0)
+    per_token = routing_map.sum(1)
+    assert per_token.min() >= 0 and per_token.max() <= E
+
+
+def test_router_padding_mask_routes_padding_nowhere(single_rank):
+    cfg = layer_config()
+    layer = build_moe_layer(cfg)
+    load_canonical(layer, canonical_weights())
+    x = torch.randn(4, 2, H, generator=torch.Generator().manual_seed(2))
+    padding = torch.zeros(4, 2, dtype=torch.bool)
+    padding[1, 0] = padding[3, 1] = True  # megatron-core convention: True marks padding
+    probs, routing_map = layer.router(x, padding_mask=padding)
+    flat = padding.reshape(-1)
+    assert not routing_map[flat].any() and torch.all(probs[flat] == 0)
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_moe_output_equals_dense_relu_weighted_sum(single_rank, dispatcher):
+    cfg = layer_config(dispatcher)
+    layer = build_moe_layer(cfg)
+    w = canonical_weights()
+    load_canonical(layer, w)
+    x = torch.randn(6, 3, H, generator=torch.Generator().manual_seed(5))
+    out, _ = layer(x)
+    ref, gates = dense_reference(x, w)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert (gates > 0).sum(1).max() > 1, "test data should give some tokens several experts"
+
+
+def _zero_router_weights(w, tokens):
+    """Router rows c_e * v with c_e > 0: sign(logit) = sign(x.v) for every expert, so tokens with
+    x.v < 0 activate no expert at all."""
+    v = torch.randn(H, generator=torch.Generator().manual_seed(9))
+    w = dict(w)
+    w["router"] = torch.stack([(e + 1) * 0.3 * v for e in range(E)])
+    return w, v
+
+
+def test_tokens_with_zero_experts_give_exactly_zero(single_rank):
+    cfg = layer_config()
+    layer = build_moe_layer(cfg)
+    w, v = _zero_router_weights(canonical_weights(), None)
+    load_canonical(layer, w)
+    x = torch.randn(8, 2, H, generator=torch.Generator().manual_seed(6))
+    flat = x.reshape(-1, H)
+    neg = (flat @ v) < 0
+    assert neg.any() and (~neg).any()
+    out, _ = layer(x)
+    out = out.reshape(-1, H)
+    assert torch.all(out[neg] == 0.0)
+    assert torch.all(out[~neg].abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_all_zero_routing_map_runs_forward_and_backward(single_rank, dispatcher):
+    cfg = layer_config(dispatcher)
+    ctrl = build_controller(cfg)
+    layer = build_moe_layer(cfg, ctrl)
+    w, v = _zero_router_weights(canonical_weights(), None)
+    load_canonical(layer, w)
+    x = torch.randn(8, 2, H, generator=torch.Generator().manual_seed(7))
+    x = x - ((x @ v).unsqueeze(-1) + 1.0) * v / v.dot(v)  # now x.v = -1 for every token
+    x.requires_grad_(True)
+    layer.train()
+    out, _ = layer(x)
+    assert torch.all(out == 0)
+    out.sum().backward()
+    assert x.grad is not None and torch.all(x.grad == 0)
+    stats = ctrl.step()
+    assert stats.sparsity == 1.0 and int(stats.experts_per_token_hist[0, 0]) == 16
+
+
+def test_regulariser_gradient_reaches_router(single_rank):
+    """With the LM gradient switched off (loss = 0 * out), the router weight's gradient must equal
+    lambda * d(L_reg)/dW computed by hand."""
+    cfg = layer_config(moe_relu_l1_reg_coeff_init=0.5)
+    ctrl = build_controller(cfg)
+    layer = build_moe_layer(cfg, ctrl)
+    w = canonical_weights()
+    load_canonical(layer, w)
+    layer.train()
+    x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(8))
+    out, _ = layer(x)
+    (out * 0).sum().backward()
+
+    W = w["router"].double().requires_grad_(True)
+    gates = torch.relu(x.reshape(-1, H).double() @ W.T)
+    (0.5 * reference_l1(gates, topk=K)).backward()
+    torch.testing.assert_close(layer.router.weight.grad.double(), W.grad, rtol=1e-5, atol=1e-7)
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+def test_granularity_keeps_target_sparsity():
+    assert apply_granularity(8, 1, 3072, 4) == (32, 4, 768)
+    cfg = layer_config()
+    fine = build_transformer_config(router="relu", num_experts=E, moe_router_topk=K,
+                                    moe_granularity=2, num_layers=1, hidden_size=H,
+                                    num_attention_heads=2, ffn_hidden_size=FFN)
+    assert fine.num_moe_experts == 2 * E and fine.moe_router_topk == 2 * K
+    assert fine.moe_ffn_hidden_size == FFN // 2
+    assert fine.target_sparsity == cfg.target_sparsity == 1 - K / E
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (dict(moe_token_dispatcher_type="flex"), "flex"),
+    (dict(moe_apply_probs_on_input=True), "moe_apply_probs_on_input"),
+    (dict(moe_expert_capacity_factor=1.0), "capacity"),
+    (dict(moe_relu_target_sparsity=1.5), "target_sparsity"),
+    (dict(moe_relu_l1_reg_coeff_multiplier=1.0), "multiplier"),
+    (dict(moe_relu_l1_reg_coeff_init=0.0), "coeff_init"),
+    (dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"), "expert_bias"),
+])
+def test_bad_relu_configs_are_rejected(bad, needle):
+    with pytest.raises(ConfigError, match=needle):
+        layer_config(**bad)
+
+
+def test_k_larger_than_e_and_bad_granularity_are_rejected():
+    with pytest.raises((ConfigError, ValueError), match="topk"):
+        build_transformer_config(router="relu", num_experts=4, moe_router_topk=5, num_layers=1,
+                                 hidden_size=H, num_attention_heads=2, ffn_hidden_size=FFN)
+    with pytest.raises(ConfigError, match="granularity"):
+        build_transformer_config(router="relu", num_experts=4, moe_router_topk=1,
+                                 moe_granularity=5, num_layers=1, hidden_size=H,
+                                 num_attention_heads=2, ffn_hidden_size=FFN)
