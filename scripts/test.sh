@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the environment if needed, then run the CPU test suite (gloo, no GPU needed).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k router`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh test
+export OMP_NUM_THREADS=1
+exec .venv/bin/python -m pytest -q -W ignore::UserWarning -W ignore::DeprecationWarning -W ignore::FutureWarning "$@"
