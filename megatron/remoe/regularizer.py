@@ -152,19 +152,20 @@ class SparsityController:
                reg_group_size: int = 1) -> None:
         """Accumulate one layer's routing on one micro-batch (layer_number is 1-based, global)."""
         E = self.num_experts
+        # Only fixed-shape device ops here (no bincount, no boolean indexing): both would force a
+        # host-device synchronisation per layer on GPUs.
         with torch.no_grad():
             active = routing_map if valid_mask is None else routing_map & valid_mask.unsqueeze(-1)
             per_token = active.sum(dim=1)
-            if valid_mask is None:
-                hist = torch.bincount(per_token, minlength=E + 1)
-                tokens = per_token.new_tensor(per_token.shape[0])
-            else:
-                hist = torch.bincount(per_token[valid_mask], minlength=E + 1)
-                tokens = valid_mask.sum()
             row = self.counts[layer_number - 1]
+            if valid_mask is None:
+                row[E:2 * E + 1].scatter_add_(0, per_token, torch.ones_like(per_token))
+                row[2 * E + 1] += per_token.shape[0]
+            else:
+                # padding tokens add 0 to bin 0
+                row[E:2 * E + 1].scatter_add_(0, per_token, valid_mask.to(per_token.dtype))
+                row[2 * E + 1] += valid_mask.sum()
             row[:E] += active.sum(dim=0)
-            row[E:2 * E + 1] += hist
-            row[2 * E + 1] += tokens
             row[2 * E + 2] += 1
             if reg_term is not None:
                 self.reg_sum[layer_number - 1] += reg_term.detach().to(torch.float64)

@@ -1,0 +1,51 @@
+"""Routing statistics against a routing map counted by hand (zero-expert tokens, padding, dead experts)."""
+
+import torch
+
+from megatron.remoe.regularizer import SparsityController
+
+# 6 tokens x 4 experts. Token 3 has no expert; token 5 is padding; expert 3 is never used.
+MAP = torch.tensor([
+    [1, 1, 0, 0],
+    [1, 0, 0, 0],
+    [1, 1, 1, 0],
+    [0, 0, 0, 0],
+    [0, 1, 0, 0],
+    [1, 1, 1, 0],  # padding: must not count anywhere
+], dtype=torch.bool)
+VALID = torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.bool)
+
+
+def test_stats_match_hand_count():
+    ctrl = SparsityController(num_layers=3, num_experts=4, target_sparsity=0.75)
+    ctrl.record(2, MAP, VALID, reg_term=torch.tensor(0.5))
+    ctrl.record(2, MAP[:2], None, reg_term=torch.tensor(1.5))  # a second micro-batch, no padding
+    stats = ctrl.step()
+    assert stats.layer_numbers == [2]  # layers that never ran are not reported
+    # expert loads: micro-batch 1 (valid rows 0-4) + micro-batch 2 (rows 0-1)
+    assert stats.tokens_per_expert.tolist() == [[3 + 2, 3 + 1, 1, 0]]
+    # experts per token: mb1 -> [2,1,3,0,1], mb2 -> [2,1]
+    assert stats.experts_per_token_hist.tolist() == [[1, 2 + 1, 1 + 1, 1, 0]]
+    assert stats.tokens.tolist() == [5 + 2]
+    active, entries = 5 + 4 + 1 + 0, 7 * 4
+    assert stats.sparsity == 1 - active / entries
+    assert abs(float(stats.zero_expert_fraction[0]) - 1 / 7) < 1e-12
+    assert abs(float(stats.mean_experts_per_token[0]) - 10 / 7) < 1e-12
+    assert abs(float(stats.max_over_mean_load[0]) - 5 / 2.5) < 1e-12
+    assert stats.l1_reg_loss == 1.0  # mean of the two micro-batch terms
+    d = stats.as_dict()
+    assert d["moe/layer_2/sparsity"] == stats.sparsity
+    # a dead expert is visible as a zero load
+    assert int(stats.tokens_per_expert[0, 3]) == 0
+    # counts are reset after each step
+    assert ctrl.step() is None
+
+
+def test_lambda_moves_with_global_not_per_layer_sparsity():
+    """Two layers, one dense-ish and one sparse: the update uses the pooled fraction of zeros."""
+    ctrl = SparsityController(num_layers=2, num_experts=4, target_sparsity=0.5, coeff_init=1.0,
+                              multiplier=2.0)
+    ctrl.record(1, torch.ones(4, 4, dtype=torch.bool), None, None)   # sparsity 0
+    ctrl.record(2, torch.zeros(4, 4, dtype=torch.bool), None, None)  # sparsity 1
+    stats = ctrl.step()
+    assert stats.sparsity == 0.5 and float(ctrl.coeff) == 0.5  # equality divides
