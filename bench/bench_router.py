@@ -1,0 +1,86 @@
+"""Router forward+backward time, ReLU (with regulariser and statistics) vs megatron-core's TopK (with
+its aux loss), measured side by side in one run, alternating the variants.
+
+    .venv/bin/python bench/bench_router.py [--tokens 8192] [--hidden 768] [--experts 8] [--topk 1]
+
+Prints the configuration, the machine, median times and the ReLU/TopK ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron.remoe.distributed import ParallelConfig, init_distributed
+    from megatron.remoe.model import build_controller, build_transformer_config
+    from megatron.remoe.spec import make_router_builder
+
+    device = init_distributed(ParallelConfig(), seed=0)
+    common = dict(num_experts=args.experts, moe_router_topk=args.topk, num_layers=1,
+                  hidden_size=args.hidden, num_attention_heads=max(1, args.hidden // 64),
+                  ffn_hidden_size=4 * args.hidden, moe_router_dtype="fp32")
+    routers = {}
+    for name in ("relu", "topk"):
+        cfg = build_transformer_config(router=name, **common)
+        ctrl = build_controller(cfg, device)
+        router = make_router_builder(cfg, ctrl)(
+            config=cfg, pg_collection=get_default_pg_collection()).to(device)
+        router.set_layer_number(1)
+        router.train()
+        routers[name] = (router, ctrl)
+
+    x = torch.randn(args.tokens, 1, args.hidden, device=device, requires_grad=True)
+    grad = torch.randn(args.tokens, args.experts, device=device)
+
+    def run(name):
+        router, ctrl = routers[name]
+        probs, _ = router(x)
+        probs.backward(grad)
+        if ctrl is not None:
+            ctrl.step()  # the once-per-step reduction is part of the ReLU router's cost
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {n: [] for n in routers}
+    for i in range(args.warmup + args.repeats):
+        for name in routers:  # alternate so drift affects both equally
+            sync()
+            t0 = time.perf_counter()
+            run(name)
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+          f"torch={torch.__version__} device={device} threads={torch.get_num_threads()}")
+    print(f"config: tokens={args.tokens} hidden={args.hidden} experts={args.experts} "
+          f"topk={args.topk} repeats={args.repeats}")
+    print(f"{'router':<8}{'median fwd+bwd (ms)':>22}{'min (ms)':>12}")
+    for name in routers:
+        print(f"{name:<8}{med[name] * 1e3:>22.3f}{min(times[name]) * 1e3:>12.3f}")
+    print(f"ratio relu/topk: {med['relu'] / med['topk']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
