@@ -49,3 +49,19 @@ def test_lambda_moves_with_global_not_per_layer_sparsity():
     ctrl.record(2, torch.zeros(4, 4, dtype=torch.bool), None, None)  # sparsity 1
     stats = ctrl.step()
     assert stats.sparsity == 0.5 and float(ctrl.coeff) == 0.5  # equality divides
+
+
+def test_dead_experts_over_a_window():
+    from megatron.remoe.regularizer import RoutingWindow
+
+    ctrl = SparsityController(num_layers=1, num_experts=4, target_sparsity=0.75)
+    window = RoutingWindow()
+    ctrl.record(1, MAP, VALID, None)  # expert 3 unused
+    window.add(ctrl.step())
+    assert window.dead_experts() == {1: [3]}
+    ctrl.record(1, torch.tensor([[0, 0, 0, 1]], dtype=torch.bool), None, None)
+    window.add(ctrl.step())
+    assert window.dead_experts() == {1: []} and window.steps == 2
+    assert window.as_dict() == {"moe/layer_1/dead_experts": 0}
+    window.reset()
+    assert window.dead_experts() == {}

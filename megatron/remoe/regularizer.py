@@ -118,6 +118,41 @@ class RoutingStats:
         return out
 
 
+class RoutingWindow:
+    """Sums RoutingStats over a logging window, for metrics that need more than one step
+    (dead experts: no token routed to them during the whole window)."""
+
+    def __init__(self):
+        self.tokens_per_expert = None
+        self.layer_numbers = None
+        self.steps = 0
+
+    def add(self, stats: Optional[RoutingStats]) -> None:
+        if stats is None:
+            return
+        if self.tokens_per_expert is None or self.layer_numbers != stats.layer_numbers:
+            self.tokens_per_expert = stats.tokens_per_expert.clone()
+            self.layer_numbers = list(stats.layer_numbers)
+            self.steps = 1
+        else:
+            self.tokens_per_expert += stats.tokens_per_expert
+            self.steps += 1
+
+    def dead_experts(self) -> dict:
+        """{layer_number: [expert ids that received no token in the window]}."""
+        if self.tokens_per_expert is None:
+            return {}
+        return {layer: [int(e) for e in torch.nonzero(row == 0).flatten()]
+                for layer, row in zip(self.layer_numbers, self.tokens_per_expert)}
+
+    def as_dict(self) -> dict:
+        return {f"moe/layer_{layer}/dead_experts": len(dead)
+                for layer, dead in self.dead_experts().items()}
+
+    def reset(self) -> None:
+        self.__init__()
+
+
 class SparsityController:
     """One fp32 lambda shared by every MoE layer, adapted once per step towards a target sparsity.
 
