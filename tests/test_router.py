@@ -227,3 +227,27 @@ def test_k_larger_than_e_and_bad_granularity_are_rejected():
         build_transformer_config(router="relu", num_experts=4, moe_router_topk=1,
                                  moe_granularity=5, num_layers=1, hidden_size=H,
                                  num_attention_heads=2, ffn_hidden_size=FFN)
+
+
+def test_warmup_bound_limits_dispatch_not_statistics(single_rank):
+    cfg = layer_config(moe_relu_warmup_max_experts=1)
+    ctrl = build_controller(cfg)
+    layer = build_moe_layer(cfg, ctrl)
+    w = canonical_weights()
+    load_canonical(layer, w)
+    layer.train()
+    x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(11))
+    probs, routing_map = layer.router(x)
+    full = torch.relu(x.reshape(-1, H) @ w["router"].T)
+    assert (full > 0).sum(1).max() > 1  # unbounded routing would use several experts
+    assert routing_map.sum(1).max() <= 1
+    kept = routing_map.any(1)
+    torch.testing.assert_close(probs[kept].sum(1), full[kept].max(1).values, rtol=1e-6, atol=1e-6)
+    stats = ctrl.step()
+    assert int(stats.tokens_per_expert.sum()) == int((full > 0).sum())  # stats see every gate
+    # once the target has been reached the bound is lifted
+    ctrl.reached_target = True
+    _, routing_map = layer.router(x)
+    assert torch.equal(routing_map, full > 0)
+    with pytest.raises(ConfigError, match="warmup_max_experts"):
+        layer_config(moe_relu_warmup_max_experts=E + 1)

@@ -44,6 +44,11 @@ class ReMoETransformerConfig(TransformerConfig):
     moe_relu_load_balancing: bool = True
     """Load-balanced L1 (paper Eqs. 10-11). False gives plain L1 (Eq. 9), the paper's ablation."""
 
+    moe_relu_warmup_max_experts: Optional[int] = None
+    """Stage I memory bound: until the global sparsity first reaches the target, dispatch each token
+    to at most this many experts (its largest gates). The regulariser and the sparsity statistics
+    still see every positive gate, so the controller is unaffected. None = no bound (the paper)."""
+
     moe_granularity: int = 1
     """Recorded for reference: num_moe_experts, topk and the expert width already include it."""
 
@@ -119,6 +124,10 @@ def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
         raise ConfigError("moe_z_loss_coeff is not applied by the ReLU router; remove it")
     if cfg.moe_input_jitter_eps:
         raise ConfigError("moe_input_jitter_eps is not applied by the ReLU router; remove it")
+    bound = cfg.moe_relu_warmup_max_experts
+    if bound is not None and not 1 <= bound <= E:
+        raise ConfigError(f"moe_relu_warmup_max_experts={bound} must be in [1, num_moe_experts={E}]"
+                          " (or unset)")
     if not 0.0 <= cfg.target_sparsity < 1.0:
         raise ConfigError(f"moe_relu_target_sparsity={cfg.target_sparsity} must be in [0, 1)")
     if not cfg.moe_relu_l1_reg_coeff_init > 0:

@@ -180,6 +180,9 @@ class SparsityController:
         self.reg_sum = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
         self.reg_group_size = 1  # tokens of one micro-batch are split over this many ranks
         self.steps = 0
+        # True once the global sparsity has reached the target (end of Stage II); ends the optional
+        # Stage I dispatch bound.
+        self.reached_target = False
 
     # ---- called by the routers -------------------------------------------------------------
     def record(self, layer_number: int, routing_map: torch.Tensor,
@@ -242,13 +245,16 @@ class SparsityController:
         else:
             new = self.coeff / self.multiplier
         self.coeff = new.clamp(L1_COEFF_MIN, L1_COEFF_MAX)
+        self.reached_target = self.reached_target or sparsity >= self.target_sparsity
         self.steps += 1
 
     # ---- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"l1_coeff": self.coeff.detach().cpu().clone(), "steps": self.steps,
-                "target_sparsity": self.target_sparsity, "multiplier": self.multiplier}
+                "target_sparsity": self.target_sparsity, "multiplier": self.multiplier,
+                "reached_target": self.reached_target}
 
     def load_state_dict(self, state: dict) -> None:
         self.coeff = state["l1_coeff"].to(device=self.device, dtype=torch.float32).clone()
         self.steps = int(state["steps"])
+        self.reached_target = bool(state.get("reached_target", False))

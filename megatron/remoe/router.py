@@ -35,6 +35,7 @@ class ReLURouter(Router):
         super().__init__(config=config, pg_collection=pg_collection)
         self.topk = config.moe_router_topk
         self.load_balancing = getattr(config, "moe_relu_load_balancing", True)
+        self.warmup_max_experts = getattr(config, "moe_relu_warmup_max_experts", None)
         # Held as a plain attribute list so it is neither a submodule nor cast by Float16Module.
         self._controller = [controller]
 
@@ -67,7 +68,15 @@ class ReLURouter(Router):
                 probs = MoEAuxLossAutoScaler.apply(probs, controller.coeff.to(reg.dtype) * reg)
                 controller.record(self.layer_number, routing_map, valid, reg,
                                   reg_group_size=tp_cp.size() if tp_cp is not None else 1)
+                if self.warmup_max_experts is not None and not controller.reached_target:
+                    probs, routing_map = self._bound_experts(probs, routing_map)
         return probs, routing_map
+
+    def _bound_experts(self, probs, routing_map):
+        """Keep each token's `warmup_max_experts` largest gates for dispatch (Stage I memory)."""
+        top = probs.detach().topk(self.warmup_max_experts, dim=-1).indices
+        keep = torch.zeros_like(routing_map).scatter_(1, top, True) & routing_map
+        return probs * keep.to(probs.dtype), keep
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         logits = self.gating(input)
