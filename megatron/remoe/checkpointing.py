@@ -1,0 +1,214 @@
+"""Checkpoints in megatron-core's dist_checkpointing `torch_dist` format, saved atomically.
+
+Layout of `--save DIR`:
+
+    DIR/iter_0001000/                     one complete checkpoint (dist_checkpointing files)
+    DIR/iter_0001000/config.yaml          the effective training config (loadable with --config)
+    DIR/latest_checkpointed_iteration.txt the tracker, written last
+
+Atomicity: every rank writes into `iter_XXXXXXX.tmp`; only after all ranks finished does rank 0
+rename it to `iter_XXXXXXX` and then replace the tracker (tmp file + rename). A crash at any point
+leaves the previous checkpoint and tracker intact; a leftover `.tmp` directory is ignored (and
+removed by the next save of that iteration).
+
+Contents: the model's and the optimizer's sharded state dicts (re-shardable: a checkpoint loads into
+another TP/PP/EP/DP layout; the distributed optimizer uses the `fully_reshardable` format) plus
+common state saved once: iteration, consumed samples, LR scheduler, the ReMoE sparsity controller
+(lambda), the effective config; and per-rank RNG states (restored when the layout is unchanged).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+# Passed to sharded_state_dict() on save and recorded in the checkpoint (content metadata), so a
+# load builds the matching layout. fully_reshardable: distributed-optimizer state in the canonical
+# per-parameter layout, hence loadable into any TP/PP/EP/DP layout.
+SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                    "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _layout(cfg) -> dict:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {"world_size": world, "tp": cfg.tensor_model_parallel_size,
+            "pp": cfg.pipeline_model_parallel_size, "vp": cfg.virtual_pipeline_model_parallel_size,
+            "ep": cfg.expert_model_parallel_size, "cp": cfg.context_parallel_size}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    try:
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:  # tracker not initialised (no model-parallel RNG in use)
+        state["tracker"] = None
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker") is not None:
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(rng: Optional[dict]):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)
+
+
+def _state_dict(model, optimizer, scheduler, is_loading: bool, with_optimizer: bool,
+                with_rng: bool, metadata: dict) -> dict:
+    """The sharded state dict of this rank (model chunk(s), optimizer, scheduler, RNG)."""
+    from megatron.core.utils import unwrap_model
+
+    model = unwrap_model(model)  # keys of the bare GPTModel, without DDP/Float16Module prefixes
+    sd = {}
+    if len(model) == 1:
+        sd["model"] = model[0].sharded_state_dict(metadata=metadata)
+    else:
+        for i, chunk in enumerate(model):
+            sd[f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+    if with_optimizer:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
+                                                       metadata=metadata)
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        sd["rng_state"] = _rng_sharded(None if is_loading else _rng_state())
+    return sd
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, controller,
+                    consumed_train_samples: int, cfg, config_yaml: str) -> str:
+    """Save atomically into root/iter_XXXXXXX; every rank must call this."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    final, tmp = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
+        os.makedirs(tmp)
+    _barrier()
+    sd = _state_dict(model, optimizer, scheduler, is_loading=False, with_optimizer=True,
+                     with_rng=True, metadata=SHARDED_METADATA)
+    # common (non-sharded) state: written once by rank 0, identical on every rank
+    sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
+              checkpoint_version=CHECKPOINT_VERSION, layout=_layout(cfg), config=cfg.to_dict(),
+              controller=controller.state_dict() if controller is not None else None)
+    dist_checkpointing.save(sd, tmp, get_default_save_sharded_strategy("torch_dist"),
+                            content_metadata=SHARDED_METADATA)
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as fh:
+            fh.write(config_yaml)
+        if os.path.exists(final):  # re-saving the same iteration
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w", encoding="utf-8") as fh:
+            fh.write(f"{iteration}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier()
+    return final
+
+
+def find_latest_checkpoint(root: str, log=print) -> Optional[str]:
+    """The newest complete checkpoint directory in `root`, or None when there is none.
+
+    The tracker names it; if the tracker is missing or stale (a crash between the rename and the
+    tracker update) the newest complete `iter_XXXXXXX` directory is used, and we say so.
+    """
+    if not root or not os.path.isdir(root):
+        return None
+    complete = sorted(int(m.group(1)) for name in os.listdir(root)
+                      if (m := _ITER_DIR.match(name)) and os.path.isdir(os.path.join(root, name)))
+    tracker = os.path.join(root, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker, encoding="utf-8") as fh:
+            text = fh.read().strip()
+        if text.isdigit() and int(text) in complete and int(text) == complete[-1]:
+            return iteration_dir(root, int(text))
+        if complete:
+            log(f"checkpoint: tracker {tracker} says {text!r} but the newest complete checkpoint "
+                f"is iter_{complete[-1]:07d}; loading that one")
+    elif complete:
+        log(f"checkpoint: no tracker in {root}; loading the newest complete checkpoint "
+            f"iter_{complete[-1]:07d}")
+    return iteration_dir(root, complete[-1]) if complete else None
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log=print) -> dict:
+    """Load `path` (a checkpoint directory) into the current layout; returns the common state
+    (iteration, consumed_train_samples, layout, config, ...)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    metadata = dist_checkpointing.load_content_metadata(path) or SHARDED_METADATA
+    same_layout = common.get("layout") == _layout(cfg)
+    with_rng = same_layout and not cfg.no_load_rng
+    if not same_layout and not cfg.no_load_rng:
+        log(f"checkpoint: parallel layout changed ({common.get('layout')} -> {_layout(cfg)}): "
+            "weights and optimizer are re-sharded, RNG states are not restored")
+    with_optimizer = not cfg.no_load_optim
+    sd = _state_dict(model, optimizer, scheduler, is_loading=True, with_optimizer=with_optimizer,
+                     with_rng=with_rng, metadata=metadata)
+    state = dist_checkpointing.load(sd, path, strict="assume_ok_unexpected")
+    model = unwrap_model(model)
+    if len(model) == 1:
+        model[0].load_state_dict(state["model"], strict=True)
+    else:
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(state[f"model{i}"], strict=True)
+    if with_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    else:
+        # fresh optimizer: the fp32 master weights must follow the loaded model weights
+        optimizer.reload_model_params()
+    if with_rng:
+        _set_rng_state(state["rng_state"])
+    if controller is not None:
+        if common.get("controller") is None:
+            raise ValueError(f"{path} has no sparsity-controller state (saved from a run "
+                             "without --router relu?); cannot resume a ReLU-routed run from it")
+        controller.load_state_dict(common["controller"])
+    return common

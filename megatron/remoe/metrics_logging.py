@@ -1,0 +1,132 @@
+"""Metrics sinks: console, JSONL (one JSON object per step, every key), TensorBoard, W&B.
+
+Only rank 0 writes; the trainer reduces everything it logs to rank 0 first. Keys (see
+docs/training.md): `lm_loss`, `lr`, `grad_norm`, `tokens_per_s`, `step_time_s`, `memory_gb`, the
+ReMoE keys of `RoutingStats.as_dict()` (`moe_relu_sparsity`, `moe_relu_l1_reg_coeff`,
+`l1_reg_loss`, `moe/layer_{n}/...`), `load_balancing_loss` for TopK, and `valid/...` for evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+from megatron.remoe.config import ConfigError
+
+
+def check_logging_backends(tensorboard_dir: Optional[str], wandb_project: Optional[str]) -> None:
+    """Fail at start (not after an hour of training) when a requested backend is missing."""
+    import importlib.util
+
+    if tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard-dir needs the tensorboard package; pip install "
+                          "tensorboard (or the [logging] extra), or drop the flag")
+    if wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb-project needs the wandb package; pip install wandb (or the "
+                          "[logging] extra), or drop the flag")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, enabled: bool, metrics_file: Optional[str] = None,
+                 tensorboard_dir: Optional[str] = None, wandb_project: Optional[str] = None,
+                 wandb_exp_name: Optional[str] = None, wandb_save_dir: Optional[str] = None,
+                 config: Optional[dict] = None):
+        self.enabled = enabled
+        self.jsonl = self.tb = self.wandb = None
+        if not enabled:
+            return
+        if metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            # append: a resumed run continues the same file
+            self.jsonl = open(metrics_file, "a", encoding="utf-8")
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, name=wandb_exp_name,
+                                    dir=wandb_save_dir, config=config, resume="allow")
+
+    def console(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def log(self, iteration: int, metrics: dict, split: str = "train") -> None:
+        """One record: JSONL line + TensorBoard scalars + W&B row."""
+        if not self.enabled:
+            return
+        record = {"iteration": iteration, "split": split, "time": round(time.time(), 3)}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k not in ("iteration", "time")}
+        if self.tb:
+            for key, value in scalars.items():  # valid keys already start with "valid/"
+                self.tb.add_scalar(key, value, iteration)
+        if self.wandb:
+            self.wandb.log(scalars, step=iteration)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def format_train_line(it: int, total: int, m: dict, target_sparsity: Optional[float],
+                      eta_s: Optional[float]) -> str:
+    """`[  120/1000  12%] loss 5.123 | lr 4.9e-04 | gnorm 0.85 | sparsity 0.81->0.875 | ...`"""
+    width = len(str(total))
+    parts = [f"[{it:>{width}}/{total} {100.0 * it / total:5.1f}%] loss {m['lm_loss']:.4f}",
+             f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}"]
+    if "moe_relu_sparsity" in m:
+        parts.append(f"sparsity {m['moe_relu_sparsity']:.3f}/{target_sparsity:.3f}")
+        parts.append(f"lambda {m['moe_relu_l1_reg_coeff']:.2e}")
+    if "load_balancing_loss" in m:
+        parts.append(f"aux {m['load_balancing_loss']:.4f}")
+    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{m['step_time_s']:.3f} s/it")
+    parts.append(f"mem {m['memory_gb']:.2f} GB")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def memory_gb(device) -> float:
+    """Peak CUDA memory on GPU; resident set size of this process on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,41 @@
+"""`python -m megatron.remoe.pretrain [flags] [--config FILE.yaml]` (also `remoe train`).
+
+Runs the same on one CPU process, under `torchrun --nproc-per-node N` on CPU (gloo) and on GPUs
+(NCCL). Configuration errors are reported as one line on stderr with exit code 2, before any
+process group, checkpoint directory or log file is created.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+
+def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pretrain") -> int:
+    from megatron.remoe.arguments import parse_config
+    from megatron.remoe.config import ConfigError
+
+    quiet = int(os.environ.get("RANK", "0")) != 0  # one error line per job, not per rank
+    try:
+        cfg = parse_config(argv, prog=prog)
+    except ConfigError as e:
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    from megatron.remoe.distributed import destroy_distributed
+    from megatron.remoe.training import pretrain
+
+    try:
+        pretrain(cfg)
+    except ConfigError as e:  # found while opening data/tokenizer: still nothing written
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":  # checkpoint saving spawns processes: keep this guard
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The pretraining loop: megatron-core GPT with ReMoE routers, on CPU (gloo) or GPUs (NCCL).
+
+Read `train_step` first: one optimizer step is
+
+    forward/backward over the micro-batches (megatron-core pipeline schedule; it calls
+    finalize_model_grads = DP/TP/PP gradient reductions) -> optimizer.step() (clips inside)
+    -> scheduler.step() -> controller.step() (lambda update, once per step on every rank)
+
+Everything else is set-up (`setup`), evaluation (`evaluate`), logging and checkpoints (`pretrain`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.remoe.arguments import (TrainConfig, config_to_yaml, num_micro_batches,
+                                      transformer_config)
+from megatron.remoe.checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron.remoe.datasets import (build_datasets, check_data_matches_tokenizer,
+                                     load_run_tokenizer, make_loader, padded_vocab_size)
+from megatron.remoe.distributed import ParallelConfig, init_distributed, is_rank0
+from megatron.remoe.metrics_logging import (MetricsLogger, check_logging_backends,
+                                            format_train_line, memory_gb)
+from megatron.remoe.model import build_controller, build_gpt_model, count_parameters
+from megatron.remoe.regularizer import RoutingWindow
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    tcfg: object  # ReMoETransformerConfig
+    device: torch.device
+    model: list  # model chunks (DDP-wrapped); >1 with interleaved pipelining
+    optimizer: object
+    scheduler: object
+    controller: object  # SparsityController, or None unless --router relu
+    forward_backward: object
+    num_micro_batches: int
+    dp_rank: int
+    dp_size: int
+    vocab_size: int
+    params: dict
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    loaded_from: Optional[str] = None
+    log: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up
+# ------------------------------------------------------------------------------------------------
+def _seed_everything(seed: int) -> None:
+    """Megatron-LM's seeding: a different stream per pipeline stage (so stages do not initialise
+    identical layers), the same across TP/DP ranks (CPU init then splits identical weights)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, tcfg, vocab_size: int, controller, device) -> list:
+    """GPT model chunk(s) of this pipeline rank, in bf16 if asked, wrapped in megatron DDP."""
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    vp = cfg.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp or 1):
+        chunk = build_gpt_model(
+            tcfg, vocab_size=vocab_size, max_sequence_length=cfg.seq_length,
+            controller=controller, use_transformer_engine=cfg.transformer_impl ==
+            "transformer_engine", vp_stage=vp_stage if vp else None, rotary_base=cfg.rotary_base)
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        chunk.to(device)
+        if cfg.bf16:
+            chunk = Float16Module(tcfg, chunk)
+        chunks.append(chunk)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.use_distributed_optimizer, check_for_nan_in_grad=True)
+    # only the first chunk gets bucketed grad reduction (Megatron-LM does the same)
+    return [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+
+
+def build_optimizer(cfg: TrainConfig, model: list):
+    """Adam (decoupled weight decay, none on norms/biases) + warm-up/decay schedule."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, bf16=cfg.bf16,
+        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, model)
+    decay_iters = cfg.lr_decay_iters or cfg.train_iters
+    if cfg.lr_warmup_fraction is not None:
+        warmup = int(cfg.lr_warmup_fraction * decay_iters)
+    else:
+        warmup = cfg.lr_warmup_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=cfg.lr_warmup_init, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=decay_iters, lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters,
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process groups, model, optimizer, schedule, controller; resume from --load if possible."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    check_logging_backends(cfg.tensorboard_dir, cfg.wandb_project)
+    tokenizer = load_run_tokenizer(cfg)
+    check_data_matches_tokenizer(cfg, tokenizer)
+    device = init_distributed(ParallelConfig(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size),
+        seed=cfg.seed)
+    _seed_everything(cfg.seed)
+    world = dist.get_world_size()
+    tcfg = transformer_config(cfg, use_cpu_initialization=device.type == "cpu")
+    controller = build_controller(tcfg, device)
+    vocab = padded_vocab_size(tokenizer.vocab_size, cfg)
+    model = build_model(cfg, tcfg, vocab, controller, device)
+    optimizer, scheduler = build_optimizer(cfg, model)
+
+    # hooks the pipeline schedules call
+    tcfg.grad_scale_func = optimizer.scale_loss
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    if cfg.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in model]
+        tcfg.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
+        grad_sync = [chunk.start_grad_sync for chunk in model]
+        tcfg.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
+
+    run = Run(cfg=cfg, tcfg=tcfg, device=device, model=model, optimizer=optimizer,
+              scheduler=scheduler, controller=controller,
+              forward_backward=get_forward_backward_func(),
+              num_micro_batches=num_micro_batches(cfg, world),
+              dp_rank=parallel_state.get_data_parallel_rank(),
+              dp_size=parallel_state.get_data_parallel_world_size(), vocab_size=vocab,
+              params=count_parameters(tcfg, vocab))
+    if cfg.load:
+        path = find_latest_checkpoint(cfg.load, log=_print0)
+        if path is None:
+            _print0(f"checkpoint: nothing to resume in {cfg.load}; starting from scratch")
+        else:
+            common = load_checkpoint(path, model, optimizer, scheduler, controller, cfg,
+                                     log=_print0)
+            run.iteration = common["iteration"]
+            run.consumed_train_samples = common["consumed_train_samples"]
+            run.loaded_from = path
+            _print0(f"checkpoint: resumed from {path} (iteration {run.iteration}, "
+                    f"{run.consumed_train_samples:,} samples consumed)")
+    return run
+
+
+def _print0(message: str) -> None:
+    if is_rank0():
+        print(message, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# One step
+# ------------------------------------------------------------------------------------------------
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses, the token count, and [sum, count] for reporting. The schedule
+    divides by the count and the number of micro-batches (calculate_per_token_loss=False)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum().detach()])}
+
+
+def make_forward_step(device: torch.device, cp_size: int):
+    def forward_step(data_iterator, model):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()
+                 if torch.is_tensor(v)}
+        if cp_size > 1:
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            batch = get_batch_on_this_cp_rank(batch)
+        # causal attention without an explicit mask; non-first pipeline stages ignore the tokens
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
+
+    return forward_step
+
+
+def reduce_lm_loss(losses_reduced: list, device) -> float:
+    """Mean token loss of the global batch, on every rank (computed on the last stage)."""
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses_reduced:
+            total += item["lm loss"].to(torch.float64)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def train_step(run: Run, data_iterator) -> dict:
+    """One optimizer step over `num_micro_batches` micro-batches; returns this step's metrics."""
+    for chunk in run.model:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    losses = run.forward_backward(
+        forward_step_func=make_forward_step(run.device, run.cfg.context_parallel_size),
+        data_iterator=data_iterator, model=run.model, num_microbatches=run.num_micro_batches,
+        seq_length=run.cfg.seq_length, micro_batch_size=run.cfg.micro_batch_size,
+        forward_only=False)
+    # finalize_model_grads (DP all-reduce / reduce-scatter, TP/PP shared grads) ran in the schedule
+    update_ok, grad_norm, _ = run.optimizer.step()  # gradient clipping happens inside
+    if update_ok:
+        run.scheduler.step(increment=1)
+    stats = run.controller.step() if run.controller is not None else None  # on EVERY rank
+    metrics = {"lm_loss": reduce_lm_loss(losses, run.device),
+               "lr": run.optimizer.param_groups[0]["lr"],
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "update_skipped": not update_ok}
+    if stats is not None:
+        metrics["_routing"] = stats
+        metrics.update(stats.as_dict())
+    metrics.update(topk_aux_losses(run))
+    return metrics
+
+
+def topk_aux_losses(run: Run) -> dict:
+    """TopK routers log their aux loss through megatron-core's tracker: reduce and clear it."""
+    tcfg = run.tcfg
+    if not tcfg.num_moe_experts or getattr(tcfg, "moe_relu_routing", False):
+        return {}
+    if tcfg.moe_router_load_balancing_type != "aux_loss":
+        return {}
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    out: dict = {}
+    track_moe_metrics(loss_scale=1.0 / run.num_micro_batches, iteration=run.iteration,
+                      total_loss_dict=out, force_initialize=True,
+                      track_names=["load_balancing_loss"], num_layers=tcfg.num_layers,
+                      moe_layer_freq=tcfg.moe_layer_freq)
+    return {k: float(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+def evaluate(run: Run, valid_sets: dict, weights: dict) -> dict:
+    """Mean token loss on the first eval_iters global batches of each validation set."""
+    cfg = run.cfg
+    samples = cfg.eval_iters * cfg.global_batch_size
+    for chunk in run.model:
+        chunk.eval()
+    results = {}
+    with torch.no_grad():
+        for name, dataset in valid_sets.items():
+            iterators = [iter(make_loader(dataset, 0, samples, cfg, run.dp_rank, run.dp_size))
+                         for _ in run.model]
+            total, count = 0.0, 0
+            for _ in range(cfg.eval_iters):
+                losses = run.forward_backward(
+                    forward_step_func=make_forward_step(run.device, cfg.context_parallel_size),
+                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                    model=run.model, num_microbatches=run.num_micro_batches,
+                    seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
+                    forward_only=True)
+                total += reduce_lm_loss(losses, run.device)
+                count += 1
+            results[name] = total / count
+    for chunk in run.model:
+        chunk.train()
+    if run.tcfg.num_moe_experts:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+    out = {}
+    if len(results) == 1:
+        out["valid/loss"] = next(iter(results.values()))
+    elif results:
+        out["valid/loss"] = sum(weights[n] * loss for n, loss in results.items())
+        for name, loss in results.items():
+            out[f"valid/{name}/loss"] = loss
+    if "valid/loss" in out:
+        out["valid/ppl"] = float(np.exp(min(out["valid/loss"], 50.0)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def pretrain(cfg: TrainConfig) -> dict:
+    """Train for cfg.train_iters steps (resuming from --load); returns the run summary (rank 0
+    also writes it as summary.json next to the metrics file)."""
+    wall_start = time.time()
+    run = setup(cfg)
+    if is_rank0():
+        print("effective config:\n" + config_to_yaml(cfg), flush=True)
+        p = run.params
+        print(f"model: {cfg.router} router, {p['total'] / 1e6:.2f}M parameters, "
+              f"{p['active'] / 1e6:.2f}M active per token; world {dist.get_world_size()} = "
+              f"TP{cfg.tensor_model_parallel_size} x PP{cfg.pipeline_model_parallel_size} x "
+              f"CP{cfg.context_parallel_size} x DP{run.dp_size} (EP"
+              f"{cfg.expert_model_parallel_size}); {run.num_micro_batches} micro-batches of "
+              f"{cfg.micro_batch_size} per step; device {run.device}", flush=True)
+    train_ds, valid_sets, weights = build_datasets(cfg, load_run_tokenizer(cfg))
+    if not valid_sets and cfg.eval_iters > 0:
+        _print0("evaluation: off (no --valid-data-path and no --split)")
+    logger = MetricsLogger(is_rank0(), cfg.metrics_file, cfg.tensorboard_dir, cfg.wandb_project,
+                           cfg.wandb_exp_name, cfg.wandb_save_dir, config=cfg.to_dict())
+    total_samples = cfg.train_iters * cfg.global_batch_size
+    loaders = [make_loader(train_ds, run.consumed_train_samples, total_samples, cfg,
+                           run.dp_rank, run.dp_size) for _ in run.model]
+    iterators = [iter(loader) for loader in loaders]
+    data_iterator = iterators if len(iterators) > 1 else iterators[0]
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    window = RoutingWindow()
+    target = run.tcfg.target_sparsity if run.controller is not None else None
+    history, last_eval, last_saved = [], {}, None
+    step_times: list = []
+    config_yaml = config_to_yaml(cfg)
+
+    while run.iteration < cfg.train_iters:
+        t0 = time.perf_counter()
+        metrics = train_step(run, data_iterator)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        run.iteration += 1
+        run.consumed_train_samples += cfg.global_batch_size
+        step_times.append(dt)
+        window.add(metrics.pop("_routing", None))
+        metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                       consumed_samples=run.consumed_train_samples,
+                       consumed_tokens=run.consumed_train_samples * cfg.seq_length,
+                       memory_gb=memory_gb(run.device))
+        history.append(metrics)
+        if run.iteration % cfg.log_interval == 0 or run.iteration == cfg.train_iters:
+            metrics.update(window.as_dict())  # dead experts over the log window
+            window.reset()
+            recent = step_times[-cfg.log_interval:]
+            eta = (cfg.train_iters - run.iteration) * sum(recent) / len(recent)
+            logger.console(format_train_line(run.iteration, cfg.train_iters, metrics, target,
+                                             eta))
+        logger.log(run.iteration, metrics)
+
+        if valid_sets and cfg.eval_interval and run.iteration % cfg.eval_interval == 0:
+            last_eval = evaluate(run, valid_sets, weights)
+            last_eval["eval_iteration"] = run.iteration
+            logger.log(run.iteration, last_eval, split="valid")
+            logger.console(_format_eval(run.iteration, last_eval))
+        stop = cfg.exit_interval and run.iteration % cfg.exit_interval == 0
+        if cfg.save and ((cfg.save_interval and run.iteration % cfg.save_interval == 0)
+                         or run.iteration == cfg.train_iters or stop):
+            last_saved = save_checkpoint(cfg.save, run.iteration, run.model, run.optimizer,
+                                         run.scheduler, run.controller,
+                                         run.consumed_train_samples, cfg, config_yaml)
+            logger.console(f"checkpoint: saved {last_saved}")
+        if stop:
+            logger.console(f"exit: iteration {run.iteration} is a multiple of --exit-interval")
+            break
+
+    if valid_sets and last_eval.get("eval_iteration") != run.iteration:
+        last_eval = evaluate(run, valid_sets, weights)
+        last_eval["eval_iteration"] = run.iteration
+        logger.log(run.iteration, last_eval, split="valid")
+        logger.console(_format_eval(run.iteration, last_eval))
+    summary = _summary(run, history, last_eval, last_saved, step_times, time.time() - wall_start)
+    if is_rank0() and cfg.metrics_file:
+        path = os.path.join(os.path.dirname(os.path.abspath(cfg.metrics_file)), "summary.json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+    logger.close()
+    return summary
+
+
+def _format_eval(iteration: int, ev: dict) -> str:
+    parts = [f"[eval @ {iteration}] valid loss {ev['valid/loss']:.4f} (ppl {ev['valid/ppl']:.1f})"]
+    parts += [f"{k.split('/')[1]} {v:.3f}" for k, v in ev.items()
+              if k.startswith("valid/") and k.endswith("/loss") and k != "valid/loss"]
+    return " | ".join(parts)
+
+
+def _summary(run: Run, history: list, last_eval: dict, last_saved, step_times: list,
+             wall_s: float) -> dict:
+    cfg = run.cfg
+    steady = step_times[1:] or step_times  # the first step includes one-off warm-up work
+    s_per_step = sum(steady) / len(steady) if steady else float("nan")
+    last = history[-1] if history else {}
+    out = {"router": cfg.router, "iterations": run.iteration,
+           "steps_this_run": len(history), "resumed_from": run.loaded_from,
+           "final_train_loss": last.get("lm_loss"),
+           "train_loss_first": history[0]["lm_loss"] if history else None,
+           "s_per_step": s_per_step,
+           "tokens_per_s": cfg.global_batch_size * cfg.seq_length / s_per_step if steady else None,
+           "wall_s": wall_s, "params": run.params,
+           "memory_gb": last.get("memory_gb"),
+           "checkpoint": last_saved, "metrics_file": cfg.metrics_file}
+    out.update({k: v for k, v in last_eval.items()})
+    if run.controller is not None and history:
+        tail = [h["moe_relu_sparsity"] for h in history[-10:] if "moe_relu_sparsity" in h]
+        out.update(final_sparsity=last.get("moe_relu_sparsity"),
+                   sparsity_last10=sum(tail) / len(tail) if tail else None,
+                   sparsity_first=history[0].get("moe_relu_sparsity"),
+                   target_sparsity=run.tcfg.target_sparsity,
+                   final_lambda=float(run.controller.coeff))
+    if "load_balancing_loss" in last:
+        out["final_load_balancing_loss"] = last["load_balancing_loss"]
+    return out
