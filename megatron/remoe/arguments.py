@@ -211,8 +211,9 @@ def build_parser(prog: str = "remoe train") -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} [default: {default}]"
         if kind is bool:
-            groups[f.metadata["group"]].add_argument(
-                flag, action=argparse.BooleanOptionalAction, help=help_text)
+            # --x / --no-x; argparse would read a field named no_* as the negation of "--load-optim"
+            action = "store_true" if name.startswith("no_") else argparse.BooleanOptionalAction
+            groups[f.metadata["group"]].add_argument(flag, action=action, help=help_text)
             continue
         if name == "moe_layer_freq":
             extra["type"] = _parse_layer_freq
@@ -433,9 +434,9 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
                           f"{mbs} * {dp}; use a multiple of {mbs * dp}")
     vp = cfg.virtual_pipeline_model_parallel_size
     if vp is not None:
-        if pp < 2 or vp < 1:
-            raise ConfigError(f"virtual_pipeline_model_parallel_size={vp} needs "
-                              "pipeline_model_parallel_size >= 2; unset it or raise PP")
+        if pp < 2 or vp < 2:
+            raise ConfigError(f"virtual_pipeline_model_parallel_size={vp} needs >= 2 chunks and "
+                              "pipeline_model_parallel_size >= 2; unset it or raise PP/VP")
         if (gbs // (mbs * dp)) % pp:
             raise ConfigError(f"interleaved pipeline needs the number of micro-batches "
                               f"({gbs // (mbs * dp)}) divisible by PP={pp}; change the batch sizes")
