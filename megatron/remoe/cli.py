@@ -1,0 +1,38 @@
+"""The `remoe` console script: `remoe train [flags]` (= python -m megatron.remoe.pretrain) and
+`remoe demo [--compare] [--iters N] [--nproc N] [--out DIR]`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+USAGE = """usage: remoe <command> [options]
+
+commands:
+  train   pretrain a ReMoE / TopK / dense GPT (megatron-style flags or --config FILE.yaml)
+  demo    build the demo corpus and train a small ReMoE GPT on CPU, then print a summary
+
+`remoe <command> --help` lists the options of a command."""
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from megatron.remoe.pretrain import main as train_main
+
+        return train_main(rest, prog="remoe train")
+    if command == "demo":
+        from megatron.remoe.demo import main as demo_main
+
+        return demo_main(rest, prog="remoe demo")
+    print(f"error: unknown command {command!r}; use `remoe train` or `remoe demo`",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # checkpoint saving spawns processes: keep this guard
+    sys.exit(main())
