@@ -32,7 +32,7 @@ DEMO_MODEL = dict(
     lr=1e-3, min_lr=1e-4, lr_warmup_fraction=0.02, lr_decay_style="cosine", weight_decay=0.01,
     clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999, seed=1234, make_vocab_size_divisible_by=128,
     moe_token_dispatcher_type="alltoall", log_interval=25, eval_iters=2)
-DEFAULT_ITERS = 400
+DEFAULT_ITERS = 600
 ROUTER_NAMES = {"relu": "ReMoE", "topk": "TopK MoE", "dense": "Dense"}
 
 
