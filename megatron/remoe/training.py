@@ -15,7 +15,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -55,7 +55,6 @@ class Run:
     iteration: int = 0
     consumed_train_samples: int = 0
     loaded_from: Optional[str] = None
-    log: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
