@@ -320,24 +320,28 @@ def indexed_prefix_texts(prefix: str, decode: Callable, max_docs: int = 1000) ->
     return docs
 
 
-def cap_documents(docs: Sequence[str], max_chars: int) -> list:
-    """The first documents up to `max_chars` characters in all (the last one cut at a line)."""
-    out, total = [], 0
-    for d in docs:
-        if total >= max_chars:
-            break
-        if total + len(d) > max_chars:
-            d = d[:max_chars - total]
+def cap_documents(docs: Sequence[str], max_chars: int, min_doc_chars: int = 1000) -> list:
+    """At most `max_chars` characters of `docs`, spread over as many documents as possible (each
+    gets an equal share, at least `min_doc_chars`; cuts fall on line boundaries), so that the
+    next-line task has several documents to draw from. Deterministic."""
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        return []
+    n = max(1, min(len(docs), max_chars // max(min_doc_chars, 1)))
+    share = max_chars // n
+    out = []
+    for d in docs[:n]:
+        if len(d) > share:
+            d = d[:share]
             cut = d.rfind("\n")
-            d = d[:cut] if cut > 0 else d
+            d = d[:cut] if cut > share // 2 else d
         if d.strip():
             out.append(d)
-            total += len(d)
     return out
 
 
-def _lines(doc: str, min_chars: int) -> list:
-    return [ln.rstrip() for ln in doc.split("\n") if len(ln.strip()) >= min_chars]
+def _nonblank_lines(doc: str) -> list:
+    return [ln.rstrip() for ln in doc.split("\n") if ln.strip()]
 
 
 def build_nextline_items(domain_docs: dict, items_per_domain: int = 50, num_choices: int = 4,
@@ -345,24 +349,29 @@ def build_nextline_items(domain_docs: dict, items_per_domain: int = 50, num_choi
                          max_line_chars: int = 200, seed: int = 1234) -> list:
     """Deterministic next-line multiple-choice items (see the module docstring).
 
-    Each item: {"domain", "context" (lines joined, ending in a newline), "choices", "gold",
-    "distractor_source": "domain" | "other-domains"}. Same inputs and seed -> same items."""
+    Context: `context_lines` consecutive non-blank lines of a document; the true answer: the next
+    non-blank line (if it has `min_line_chars`..`max_line_chars` characters); distractors:
+    distinct lines of the same length range from other documents. Each item: {"domain",
+    "context" (ending in a newline), "choices", "gold", "distractor_source": "domain" |
+    "other-domains"}. Same inputs and seed -> same items."""
     if num_choices < 2:
         raise EvaluationError("num_choices must be >= 2")
-    pools = {}
-    for d, docs in domain_docs.items():
-        pools[d] = [[ln for ln in _lines(doc, min_line_chars) if len(ln) <= max_line_chars]
-                    for doc in docs]
+
+    def ok(line: str) -> bool:
+        return min_line_chars <= len(line.strip()) and len(line) <= max_line_chars
+
+    lines = {d: [_nonblank_lines(doc) for doc in docs] for d, docs in domain_docs.items()}
+    pools = {d: [sorted(set(ln for ln in doc if ok(ln))) for doc in docs]
+             for d, docs in lines.items()}
     items = []
     for domain in sorted(domain_docs):
         rng = random.Random(seed * 1_000_003 + zlib.crc32(domain.encode()))
-        docs = pools[domain]
-        candidates = [(di, li) for di, lines in enumerate(docs)
-                      for li in range(context_lines, len(lines))]
+        docs = lines[domain]
+        candidates = [(di, li) for di, doc in enumerate(docs)
+                      for li in range(context_lines, len(doc)) if ok(doc[li])]
         if not candidates:
             continue
-        own = [di for di in range(len(docs)) if docs[di]]
-        same_domain = len(own) > 1
+        same_domain = sum(1 for p in pools[domain] if p) > 1
         rng.shuffle(candidates)
         made = 0
         for di, li in candidates:
@@ -370,15 +379,14 @@ def build_nextline_items(domain_docs: dict, items_per_domain: int = 50, num_choi
                 break
             gold = docs[di][li]
             if same_domain:
-                others = [ln for dj, lines in enumerate(docs) if dj != di for ln in lines]
+                others = [ln for dj, p in enumerate(pools[domain]) if dj != di for ln in p]
             else:
-                others = [ln for d2 in sorted(pools) if d2 != domain for lines in pools[d2]
-                          for ln in lines]
+                others = [ln for d2 in sorted(pools) if d2 != domain for p in pools[d2]
+                          for ln in p]
             others = sorted(set(x for x in others if x.strip() != gold.strip()))
             if len(others) < num_choices - 1:
                 continue
-            distractors = rng.sample(others, num_choices - 1)
-            choices = distractors + [gold]
+            choices = rng.sample(others, num_choices - 1) + [gold]
             rng.shuffle(choices)
             context = "\n".join(docs[di][li - context_lines:li]) + "\n"
             items.append({"domain": domain, "context": context, "choices": choices,
@@ -623,6 +631,9 @@ def evaluate(sm: ScoringModel, domain_docs: dict, items: Sequence[dict],
     tasks: dict = {}
     skipped: dict = {}
     ppl_names = {PPL_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", d): d for d in domain_docs}
+    if not items:
+        log(f"eval: {MC_TASK}: no items (it needs at least two documents to draw distractors "
+            "from other documents)")
     if backend == "native":
         for name, domain in sorted(ppl_names.items()):
             tasks[name] = {"type": "perplexity", "domain": domain,

@@ -869,14 +869,16 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
         raise ConversionError(f"cannot load the model weights of {path}: "
                               f"{' '.join(str(e).split())[:300]}") from None
     model.eval()
-    controller = common.get("controller") or {}
-    lam = controller.get("coeff") if isinstance(controller, dict) else None
-    if isinstance(lam, torch.Tensor):
-        lam = float(lam)
+    controller = dict(common.get("controller") or {})
+    for key, value in list(controller.items()):
+        if isinstance(value, torch.Tensor):
+            controller[key] = float(value)
+    lam = controller.get("l1_coeff")
     layout = common.get("layout") or {}
     info = {"checkpoint": os.path.abspath(path), "iteration": common.get("iteration"),
             "consumed_train_samples": common.get("consumed_train_samples"),
             "saved_layout": layout, "router": cfg.router, "l1_reg_coeff": lam,
+            "controller": controller or None,
             "vocab_size": vocab, "tokenizer": tok, "tokenizer_name": tokenizer or cfg.tokenizer}
     log(f"convert: loaded {path} ({cfg.router}, {cfg.num_layers} layers, iteration "
         f"{common.get('iteration')}, saved layout TP{layout.get('tp', '?')} "
@@ -1018,10 +1020,10 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
                                      overwrite: bool = False, log: Callable = _log) -> str:
     """HF folder -> trainer checkpoint `save_dir/iter_0000000` (+ tracker) for continued training.
 
-    The checkpoint holds the weights, a fresh optimizer state (Adam moments 0), the LR schedule of
-    the recorded training config at step 0 and, for ReLU routing, lambda from the export's
-    provenance (else lambda_0). Resume it with `remoe train --load SAVE_DIR ...`; pass
-    `--no-load-optim` when the new run uses another parallel layout or optimizer sharding.
+    The checkpoint holds the weights, the LR-schedule state of the recorded training config at
+    step 0 and, for ReLU routing, the sparsity controller of the exported run (lambda, steps,
+    target reached; from remoe_conversion.json, else lambda_0), but no optimizer state (an HF
+    folder has none): resume it with `remoe train --load SAVE_DIR --no-load-optim ...`.
     Needs init_distributed(ParallelConfig()) first (one process)."""
     from megatron.remoe.arguments import config_to_yaml, finalize_config
     from megatron.remoe.checkpointing import save_checkpoint
@@ -1041,14 +1043,18 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
     controller = build_controller(tcfg)
     meta_path = os.path.join(hf_dir, CONVERSION_META)
     if controller is not None and os.path.isfile(meta_path):
+        # continue where the exported run stopped: lambda, its step count, target reached
         with open(meta_path, encoding="utf-8") as fh:
-            lam = json.load(fh).get("l1_reg_coeff")
-        if lam:
-            controller.coeff.fill_(float(lam))
+            saved = json.load(fh).get("controller") or {}
+        if saved.get("l1_coeff"):
+            controller.load_state_dict({**saved,
+                                        "l1_coeff": torch.tensor(float(saved["l1_coeff"]))})
     model = build_model(cfg, tcfg, hf.config.vocab_size, controller, torch.device("cpu"))
     inner = _bare_megatron(model)
     hsd = {k: v.detach().float() for k, v in hf.state_dict().items()}
     _load_into(inner, hf_to_megatron_state_dict(hsd, tcfg, kind), "megatron model")
+    # the trainer's save needs an optimizer; an HF folder has no Adam state to put in it, so
+    # the checkpoint is resumed with --no-load-optim (Adam restarts from zero moments)
     optimizer, scheduler = build_optimizer(cfg, model)
     # The final iter_* rename + tracker write of save_checkpoint is atomic; build next to the
     # target and move it in, so a failure leaves nothing at save_dir.
@@ -1065,5 +1071,5 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"convert: wrote megatron checkpoint {save_dir}/iter_0000000 ({kind} -> router "
-        f"{cfg.router}); resume with `remoe train --load {save_dir} ...`")
+        f"{cfg.router}); resume with `remoe train --load {save_dir} --no-load-optim ...`")
     return save_dir
