@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             for domain, files in texts.items():
                 domain_docs[domain] = [d for f in files for d in ev.read_text_file(f)]
             for domain, pfx in prefixes.items():
-                domain_docs[domain] = [d for p in pfx for d in ev.indexed_prefix_texts(p, sm.decode)]
+                domain_docs[domain] = [d for p in pfx for d in
+                                        ev.indexed_prefix_texts(p, sm.decode, eod=sm.eot_id)]
             full_docs = domain_docs
             domain_docs = {d: ev.cap_documents(docs, args.max_chars_per_domain)
                            for d, docs in full_docs.items()}

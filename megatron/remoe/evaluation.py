@@ -306,8 +306,10 @@ def demo_corpus_texts(corpus_dir: str, split: str = "test") -> dict:
     return out
 
 
-def indexed_prefix_texts(prefix: str, decode: Callable, max_docs: int = 1000) -> list:
-    """Documents of a tokenized Megatron prefix (.bin/.idx), decoded back to text."""
+def indexed_prefix_texts(prefix: str, decode: Callable, max_docs: int = 1000,
+                         eod: Optional[int] = None) -> list:
+    """Documents of a tokenized Megatron prefix (.bin/.idx), decoded back to text (end-of-document
+    tokens `eod` dropped)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
@@ -315,7 +317,7 @@ def indexed_prefix_texts(prefix: str, decode: Callable, max_docs: int = 1000) ->
     ds = IndexedDataset(prefix)
     docs = []
     for i in range(min(len(ds), max_docs)):
-        ids = [int(x) for x in ds[i]]
+        ids = [int(x) for x in ds[i] if eod is None or int(x) != eod]
         docs.append(decode(ids))
     return docs
 
