@@ -126,17 +126,17 @@ def run(args, log) -> str:
     for name in ("tokens_per_domain", "batch_size", "buckets", "top"):
         if getattr(args, name) < 1:
             raise A.AnalysisError(f"--{name.replace('_', '-')} must be >= 1")
-    A.prepare_out_dir(args.out, args.overwrite)
+    # checkpoints and their configs (cheap: common state only)
+    paths = [A.resolve_checkpoint(p) for p in args.load]
+    cpaths = [A.resolve_checkpoint(p) for p in args.compare_load]
     if not args.no_figures:
         A._plt()  # fail now, not after the forward passes
+    A.prepare_out_dir(args.out, args.overwrite)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
 
-    # checkpoints and their configs (cheap: common state only)
-    paths = [A.resolve_checkpoint(p) for p in args.load]
-    cpaths = [A.resolve_checkpoint(p) for p in args.compare_load]
     cfgs = [A.checkpoint_config(p)[0] for p in paths]
     ccfgs = [A.checkpoint_config(p)[0] for p in cpaths]
     labels = _labels(args, cfgs)

@@ -30,12 +30,13 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, backend: str | 
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
         backend = backend or default_backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+        # A lone process needs no rendezvous: an in-memory store, so no port is picked and none can
+        # collide with a MASTER_PORT inherited from a parent still listening on it.
+        store = dist.HashStore() if world == 1 else None
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, store=store,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
@@ -72,14 +73,6 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_rank0() -> bool:
