@@ -11,76 +11,18 @@ Megatron .bin/.idx), real processes (`python -m megatron.remoe.pretrain`, torchr
 import glob
 import json
 import os
-import subprocess
-import sys
-import sysconfig
 
 import pytest
 
-from dist_utils import free_port
+from pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.timeout(170)
-
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-         "--num-query-groups", "2", "--seq-length", "32", "--num-experts", "4",
-         "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
-         "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "1",
-         # lambda_0 large enough that the L1 term matters within a few steps
-         "--moe-relu-l1-reg-coeff-init", "1e-3"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """~300k characters of stdlib code, a 512-token byte-level BPE, train/valid .bin/.idx."""
-    from megatron.remoe.data.preprocess import PreprocessConfig, preprocess_files
-    from megatron.remoe.data.tokenizer import train_bpe_tokenizer
-
-    out = tmp_path_factory.mktemp("data")
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:60]
-    texts = []
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            texts.append(fh.read()[:8000])
-    tok = train_bpe_tokenizer(texts, 512)
-    tok_dir = tok.save(str(out / "tokenizer"))
-    prefixes = {}
-    for split, docs in (("train", texts[:-6]), ("valid", texts[-6:])):
-        path = out / f"{split}.jsonl"
-        with open(path, "w", encoding="utf-8") as fh:
-            for t in docs:
-                fh.write(json.dumps({"text": t}) + "\n")
-        prefixes[split] = str(out / split)
-        preprocess_files([str(path)], prefixes[split], tok,
-                         PreprocessConfig(append_eod=True, progress=False))
-    return {"tokenizer": tok_dir, "train": prefixes["train"], "valid": prefixes["valid"]}
-
-
-def data_args(data):
-    return ["--data-path", data["train"], "--valid-data-path", data["valid"],
-            "--tokenizer", data["tokenizer"], "--data-cache-path",
-            os.path.join(os.path.dirname(data["train"]), "cache")]
-
-
-def run_pretrain(args, nproc=1, timeout=150):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron.remoe.pretrain"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", "megatron.remoe.pretrain"]
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n" \
-                                 f"{proc.stderr[-5000:]}"
-    return proc
-
-
-def read_metrics(path, split="train"):
-    with open(path, encoding="utf-8") as fh:
-        return [r for r in map(json.loads, fh) if r["split"] == split]
+    return build_corpus(tmp_path_factory.mktemp("data"))
 
 
 def test_single_process_trains_and_logs(data, tmp_path):

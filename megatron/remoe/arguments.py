@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -135,6 +136,17 @@ class TrainConfig:
                          "evaluation)", "training")
     exit_interval: Optional[int] = _f(None, "stop (after saving) once the iteration is a "
                                       "multiple of this", "training")
+    exit_duration_in_mins: Optional[float] = _f(None, "stop (after saving) at the first step "
+                                                "boundary after this many minutes of wall time",
+                                                "training")
+    exit_signal_handler: bool = _f(True, "on SIGTERM or SIGUSR1 (SLURM's pre-timeout signal) save "
+                                   "at the next step boundary and exit 0", "training")
+    nan_policy: str = _f("stop", "a non-finite loss or gradient (detected on every rank "
+                         "consistently): 'stop' (exit 3, nothing saved) or 'skip-step' (no "
+                         "update; see --max-skipped-steps)", "training",
+                         choices=["stop", "skip-step"])
+    max_skipped_steps: int = _f(10, "with --nan-policy skip-step: stop once more than this many "
+                                "steps were skipped in total (counted across resumes)", "training")
 
     # ---- data ----
     data_path: list = _f([], "training data: prefix, or Megatron blend 'w1 prefix1 w2 prefix2 "
@@ -159,6 +171,11 @@ class TrainConfig:
                              "directory (nothing there: start fresh)", "checkpoint")
     no_load_optim: bool = _f(False, "do not restore the optimizer state", "checkpoint")
     no_load_rng: bool = _f(False, "do not restore RNG states", "checkpoint")
+    keep_last_n_checkpoints: Optional[int] = _f(None, "keep only the N newest checkpoints that "
+                                                "verify (older ones are deleted after each "
+                                                "save; default: keep all)", "checkpoint")
+    checkpoint_checksums: bool = _f(True, "record CRC32s of the checkpoint files and verify them "
+                                    "before loading (sizes are always checked)", "checkpoint")
 
     # ---- logging ----
     log_interval: int = _f(10, "log every N steps", "logging")
@@ -239,6 +256,11 @@ def _parse_layer_freq(text):
 def _raise_on_error(parser: argparse.ArgumentParser) -> None:
     # argparse prints usage and exits 2 on bad flags; we want our one-line error instead.
     def error(message):
+        m = re.match(r"argument (\S+): invalid (int|float) value: (.*)$", message)
+        if m:
+            kind = "an integer" if m.group(2) == "int" else "a number"
+            raise ConfigError(f"{m.group(1)}={m.group(3)}: invalid {m.group(2)} value; pass "
+                              f"{kind} (see `{parser.prog} --help`)")
         raise ConfigError(f"{message}; see `{parser.prog} --help`")
 
     parser.error = error
@@ -526,11 +548,41 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
                                       "preprocess the data (tools/preprocess_data.py)")
     if cfg.eval_iters < 0 or cfg.eval_interval < 0:
         raise ConfigError("eval_iters and eval_interval must be >= 0")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr={cfg.lr} must be > 0; set --lr to a positive value")
+    if cfg.clip_grad < 0:
+        raise ConfigError(f"clip_grad={cfg.clip_grad} must be >= 0 (0 disables clipping)")
+    # stopping and numerical guards
+    if cfg.exit_interval is not None and cfg.exit_interval < 1:
+        raise ConfigError(f"exit_interval={cfg.exit_interval} must be >= 1; drop --exit-interval "
+                          "to train to --train-iters")
+    if cfg.exit_duration_in_mins is not None and not cfg.exit_duration_in_mins > 0:
+        raise ConfigError(f"exit_duration_in_mins={cfg.exit_duration_in_mins} must be > 0; "
+                          "drop the flag for no time limit")
+    if cfg.max_skipped_steps < 0:
+        raise ConfigError(f"max_skipped_steps={cfg.max_skipped_steps} must be >= 0")
     # checkpoints
     if cfg.save_interval is not None and cfg.save_interval < 1:
         raise ConfigError(f"save_interval={cfg.save_interval} must be >= 1")
     if cfg.save_interval and not cfg.save:
         raise ConfigError("--save-interval without --save; add --save DIR")
+    if cfg.keep_last_n_checkpoints is not None:
+        if cfg.keep_last_n_checkpoints < 1:
+            raise ConfigError(f"keep_last_n_checkpoints={cfg.keep_last_n_checkpoints} must be "
+                              ">= 1 (the last good checkpoint is always kept); drop the flag to "
+                              "keep all")
+        if not cfg.save:
+            raise ConfigError("--keep-last-n-checkpoints without --save; add --save DIR")
+    if cfg.save:
+        check_output_dir(cfg.save, "save")
+    if cfg.metrics_file:
+        if os.path.isdir(cfg.metrics_file):
+            raise ConfigError(f"metrics_file={cfg.metrics_file} is a directory; fix: pass a file "
+                              "path to --metrics-file")
+        check_output_dir(os.path.dirname(os.path.abspath(cfg.metrics_file)), "metrics_file")
+    if cfg.load and os.path.exists(cfg.load) and not os.path.isdir(cfg.load):
+        raise ConfigError(f"load={cfg.load} is not a directory; fix: pass the --save directory "
+                          "of the run to resume (it holds iter_XXXXXXX/ and the tracker)")
     # the model config itself (megatron-core and ReMoE checks), built without any process group
     try:
         transformer_config(cfg, use_cpu_initialization=not cuda)
@@ -539,6 +591,34 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
     except (AssertionError, ValueError, TypeError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(f"invalid model configuration: {msg}") from None
+
+
+def check_output_dir(path: str, name: str) -> None:
+    """ConfigError unless directory `path` exists and is writable or can be created. Writes
+    nothing into an existing `path`; a missing one is probed by creating (and removing) a
+    temporary directory in its nearest existing parent."""
+    import tempfile
+
+    flag = "--" + name.replace("_", "-")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{name}={path} exists and is not a directory; fix: point {flag} at "
+                              "a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{name}={path} is not writable; fix: choose a writable {flag} "
+                              "directory or fix its permissions")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{name}={path} cannot be created: {parent} is a file; fix: choose "
+                          f"another {flag} directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".remoe-write-test-", dir=parent))
+    except OSError as e:
+        raise ConfigError(f"{name}={path} cannot be created: {parent} is not writable "
+                          f"({e.strerror}); fix: choose a writable {flag} directory") from None
 
 
 def parse_blend(items: list, name: str = "data_path") -> tuple[list, Optional[list]]:

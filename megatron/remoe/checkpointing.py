@@ -6,10 +6,21 @@ Layout of `--save DIR`:
     DIR/iter_0001000/config.yaml          the effective training config (loadable with --config)
     DIR/latest_checkpointed_iteration.txt the tracker, written last
 
-Atomicity: every rank writes into `iter_XXXXXXX.tmp`; only after all ranks finished does rank 0
-rename it to `iter_XXXXXXX` and then replace the tracker (tmp file + rename). A crash at any point
-leaves the previous checkpoint and tracker intact; a leftover `.tmp` directory is ignored (and
-removed by the next save of that iteration).
+Atomicity: every rank writes into `iter_XXXXXXX.tmp`; when all ranks are done, rank 0 adds
+`config.yaml` and `checkpoint_manifest.json` (size and CRC32 of every file, hashed in parallel by all
+ranks), renames the directory to `iter_XXXXXXX` and only then replaces the tracker (tmp file +
+rename, fsync'ed). A crash or kill at any point leaves the previous checkpoint and tracker intact; a
+leftover `.tmp` directory is never loaded (and is removed by the next save).
+
+Loading (`find_loadable_checkpoint`): the newest complete directory whose files match its manifest;
+a corrupt one (missing/truncated/altered file, unreadable manifest) is skipped with a warning and the
+previous complete checkpoint is used. Directories without a manifest (written by earlier versions)
+are accepted unverified.
+
+Retention (`--keep-last-n-checkpoints N`): after a successful save, rank 0 deletes complete
+checkpoints older than the N newest *verified* ones (renamed to `*.deleting` first, so a crash while
+deleting never leaves a half-deleted directory that looks complete). With fewer than N verified
+checkpoints nothing is deleted, so the last good one is never removed.
 
 Contents: the model's and the optimizer's sharded state dicts (re-shardable: a checkpoint loads into
 another TP/PP/EP/DP layout; the distributed optimizer uses the `fully_sharded_model_space` format) plus
@@ -19,10 +30,14 @@ common state saved once: iteration, consumed samples, LR scheduler, the ReMoE sp
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import sys
+import time
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -32,8 +47,15 @@ import torch.distributed as dist
 from megatron.remoe.config import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "checkpoint_manifest.json"
 CHECKPOINT_VERSION = 1
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_TMP_DIR = re.compile(r"^iter_(\d{7})\.(tmp|deleting)$")
+# Config fields that fix the shapes of the saved tensors (compared before loading).
+MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                      "ffn_hidden_size", "kv_channels", "router", "num_experts",
+                      "moe_granularity", "moe_layer_freq")
+_MOE_ONLY_FIELDS = ("num_experts", "moe_granularity", "moe_layer_freq")
 
 def sharded_metadata() -> dict:
     """Passed to sharded_state_dict() on save and recorded in the checkpoint (content metadata), so
@@ -145,9 +167,141 @@ def _state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
     return sd
 
 
+# ------------------------------------------------------------------------------------------------
+# Manifest: sizes and CRC32 of every file of a checkpoint
+# ------------------------------------------------------------------------------------------------
+def _list_files(directory: str) -> list:
+    """Relative paths of the regular files under `directory`, sorted."""
+    out = []
+    for base, _, files in os.walk(directory):
+        for name in files:
+            out.append(os.path.relpath(os.path.join(base, name), directory))
+    return sorted(out)
+
+
+def _crc32(path: str, chunk: int = 1 << 24) -> str:
+    crc = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def _my_share(names: list) -> list:
+    """This rank's part of a file list (round robin): ranks hash/verify in parallel."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return names[_rank()::world]
+
+
+def _describe_files(directory: str, names: list, checksums: bool) -> dict:
+    out = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        out[name] = {"size": os.path.getsize(path)}
+        if checksums:
+            out[name]["crc32"] = _crc32(path)
+    return out
+
+
+def _all_gather_dicts(mine: dict) -> dict:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def verify_checkpoint(path: str, checksums: bool = True, names: Optional[list] = None
+                      ) -> Optional[str]:
+    """None if the files of checkpoint `path` match its manifest, else what is wrong.
+
+    `names`: verify only these manifest entries (a rank's share); the manifest itself is always
+    read. Without a manifest (a checkpoint from an earlier version) nothing can be checked: None.
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        return None
+    try:
+        with open(manifest_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        files = manifest["files"]
+        assert isinstance(files, dict) and files
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        return f"{manifest_path} is unreadable ({type(e).__name__})"
+    for name in (sorted(files) if names is None else names):
+        want = files[name]
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{full} is missing"
+        size = os.path.getsize(full)
+        if size != want.get("size"):
+            return f"{full} has {size} bytes, {want.get('size')} were written"
+        if checksums and want.get("crc32") and _crc32(full) != want["crc32"]:
+            return f"{full} does not match its CRC32 recorded at save time"
+    return None
+
+
+def _manifest_names(path: str) -> list:
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
+            return sorted(json.load(fh)["files"])
+    except Exception:  # noqa: BLE001 -- verify_checkpoint reports it
+        return []
+
+
+def verify_checkpoint_distributed(path: str, checksums: bool = True) -> Optional[str]:
+    """verify_checkpoint with the files split over all ranks; every rank gets the same answer."""
+    names = _manifest_names(path)
+    reason = verify_checkpoint(path, checksums, _my_share(names)) if names else \
+        verify_checkpoint(path, checksums)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return reason
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next((r for r in reasons if r), None)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _test_hook_pause(iteration: int, stage: str) -> None:
+    """TEST ONLY. REMOE_TEST_HOOK_SAVE_PAUSE=<iteration>:<stage> stops rank 0 inside the save of
+    that iteration (stage 'shards': shards written into .tmp, no manifest yet; 'rename': directory
+    renamed, tracker not yet updated) so that a test can kill -9 it there."""
+    want = os.environ.get("REMOE_TEST_HOOK_SAVE_PAUSE")
+    if not want or want != f"{iteration}:{stage}" or _rank() != 0:
+        return
+    print(f"test-hook: save of iteration {iteration} paused at stage {stage}", flush=True)
+    time.sleep(600)
+
+
+# ------------------------------------------------------------------------------------------------
+# Save
+# ------------------------------------------------------------------------------------------------
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, controller,
-                    consumed_train_samples: int, cfg, config_yaml: str) -> str:
-    """Save atomically into root/iter_XXXXXXX; every rank must call this."""
+                    consumed_train_samples: int, cfg, config_yaml: str,
+                    extra_common: Optional[dict] = None, log=None) -> str:
+    """Save atomically into root/iter_XXXXXXX; every rank must call this.
+
+    `extra_common`: more common (non-sharded) state, e.g. the padded vocabulary size and the number
+    of skipped steps. With cfg.keep_last_n_checkpoints, older checkpoints are pruned afterwards.
+    """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -165,48 +319,183 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cont
               opt_param_scheduler=scheduler.state_dict(),
               checkpoint_version=CHECKPOINT_VERSION, layout=_layout(cfg), config=cfg.to_dict(),
               controller=controller.state_dict() if controller is not None else None)
+    sd.update(extra_common or {})
     dist_checkpointing.save(sd, tmp, get_default_save_sharded_strategy("torch_dist"),
                             content_metadata=metadata)
     _barrier()
+    _test_hook_pause(iteration, "shards")
     if _rank() == 0:
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as fh:
             fh.write(config_yaml)
-        if os.path.exists(final):  # re-saving the same iteration
-            shutil.rmtree(final)
+    _barrier()
+    # every rank describes (size, CRC32) its share of the files; rank 0 writes the manifest
+    names = [n for n in _list_files(tmp) if n != MANIFEST]
+    checksums = getattr(cfg, "checkpoint_checksums", True)
+    files = _all_gather_dicts(_describe_files(tmp, _my_share(names), checksums))
+    if _rank() == 0:
+        manifest = {"iteration": iteration, "checkpoint_version": CHECKPOINT_VERSION,
+                    "files": {n: files[n] for n in sorted(files)}}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(final):  # re-saving the same iteration: move the old one out first
+            old = final + ".deleting"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_dir(root)
+        _test_hook_pause(iteration, "rename")
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w", encoding="utf-8") as fh:
             fh.write(f"{iteration}\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        _fsync_dir(root)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        keep = getattr(cfg, "keep_last_n_checkpoints", None)
+        if keep:
+            prune_checkpoints(root, keep, log=log or (lambda m: None))
     _barrier()
     return final
 
 
-def find_latest_checkpoint(root: str, log=print) -> Optional[str]:
-    """The newest complete checkpoint directory in `root`, or None when there is none.
+def prune_checkpoints(root: str, keep: int, log=print) -> list:
+    """Delete complete checkpoints older than the `keep` newest ones that verify (sizes against
+    the manifest), plus leftovers of crashed saves/deletions older than the newest checkpoint.
+    Never deletes anything when fewer than `keep` checkpoints verify. Returns the deleted paths."""
+    if keep < 1 or not os.path.isdir(root):
+        return []
+    complete = _complete_iterations(root)
+    kept = []
+    for it in reversed(complete):
+        if verify_checkpoint(iteration_dir(root, it), checksums=False) is None:
+            kept.append(it)
+            if len(kept) == keep:
+                break
+    deleted = []
+    if len(kept) == keep:
+        oldest_kept = kept[-1]
+        for it in complete:
+            if it < oldest_kept:
+                path = iteration_dir(root, it)
+                doomed = path + ".deleting"
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.replace(path, doomed)  # no longer a complete checkpoint from here on
+                shutil.rmtree(doomed, ignore_errors=True)
+                deleted.append(path)
+    newest = complete[-1] if complete else None
+    for name in os.listdir(root):
+        m = _TMP_DIR.match(name)
+        if m and newest is not None and (int(m.group(1)) < newest or m.group(2) == "deleting"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if deleted:
+        log(f"checkpoint: removed {len(deleted)} old checkpoint(s) "
+            f"({', '.join(os.path.basename(d) for d in deleted)}); keeping the last {keep}")
+    return deleted
 
-    The tracker names it; if the tracker is missing or stale (a crash between the rename and the
-    tracker update) the newest complete `iter_XXXXXXX` directory is used, and we say so.
-    """
+
+# ------------------------------------------------------------------------------------------------
+# Find
+# ------------------------------------------------------------------------------------------------
+def _complete_iterations(root: str) -> list:
+    return sorted(int(m.group(1)) for name in os.listdir(root)
+                  if (m := _ITER_DIR.match(name)) and os.path.isdir(os.path.join(root, name)))
+
+
+def checkpoint_candidates(root: str, log=print) -> list:
+    """Complete checkpoint directories in `root`, newest first (tracker inconsistencies noted)."""
     if not root or not os.path.isdir(root):
-        return None
-    complete = sorted(int(m.group(1)) for name in os.listdir(root)
-                      if (m := _ITER_DIR.match(name)) and os.path.isdir(os.path.join(root, name)))
+        return []
+    complete = _complete_iterations(root)
     tracker = os.path.join(root, TRACKER)
     if os.path.isfile(tracker):
         with open(tracker, encoding="utf-8") as fh:
             text = fh.read().strip()
-        if text.isdigit() and int(text) in complete and int(text) == complete[-1]:
-            return iteration_dir(root, int(text))
-        if complete:
+        if complete and not (text.isdigit() and int(text) == complete[-1]):
             log(f"checkpoint: tracker {tracker} says {text!r} but the newest complete checkpoint "
                 f"is iter_{complete[-1]:07d}; loading that one")
     elif complete:
         log(f"checkpoint: no tracker in {root}; loading the newest complete checkpoint "
             f"iter_{complete[-1]:07d}")
-    return iteration_dir(root, complete[-1]) if complete else None
+    return [iteration_dir(root, it) for it in reversed(complete)]
+
+
+def _warn_corrupt(log, path: str, reason: str) -> None:
+    log(f"checkpoint: WARNING: {os.path.basename(path)} in {os.path.dirname(path)} is not "
+        f"loadable ({reason}); falling back to the previous checkpoint")
+
+
+def find_latest_checkpoint(root: str, log=print, checksums: bool = False) -> Optional[str]:
+    """The newest complete checkpoint directory in `root` that verifies, or None.
+
+    The tracker names the newest; if it is missing or stale (a crash between the rename and the
+    tracker update) the newest complete `iter_XXXXXXX` directory is used, and we say so. A
+    checkpoint whose files do not match its manifest (sizes; CRC32 too with `checksums`) is
+    skipped with a warning.
+    """
+    for path in checkpoint_candidates(root, log):
+        reason = verify_checkpoint(path, checksums=checksums)
+        if reason is None:
+            return path
+        _warn_corrupt(log, path, reason)
+    return None
+
+
+def find_loadable_checkpoint(root: str, log=print, checksums: bool = True,
+                             skip: tuple = ()) -> Optional[str]:
+    """find_latest_checkpoint for a running job: the files are verified in parallel by all ranks
+    and every rank returns the same directory. `skip`: directories known not to load."""
+    for path in checkpoint_candidates(root, log if _rank() == 0 else (lambda m: None)):
+        if path in skip:
+            continue
+        reason = verify_checkpoint_distributed(path, checksums)
+        if reason is None:
+            return path
+        if _rank() == 0:
+            _warn_corrupt(log, path, reason)
+    return None
+
+
+def saved_config(path: str) -> Optional[dict]:
+    """The config.yaml of checkpoint directory `path` as a dict (None if absent/unreadable)."""
+    import yaml
+
+    try:
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+        return data if isinstance(data, dict) else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _norm_freq(value):
+    if isinstance(value, str):
+        value = [int(x) for x in value.strip("[]").split(",") if x.strip()] if "," in value \
+            else int(value)
+    return value
+
+
+def check_model_shape(path: str, saved: dict, cfg) -> None:
+    """ConfigError (one line, with the fix) when checkpoint `path` holds another model shape."""
+    fields = [f for f in MODEL_SHAPE_FIELDS
+              if not (f in _MOE_ONLY_FIELDS and "dense" in (saved.get("router"), cfg.router))]
+    for name in fields:
+        if name not in saved:
+            continue
+        then, now = saved[name], getattr(cfg, name)
+        if name == "moe_layer_freq":
+            then, now = _norm_freq(then), _norm_freq(now)
+        if then != now:
+            flag_value = ",".join(map(str, then)) if isinstance(then, list) else then
+            raise ConfigError(
+                f"--load checkpoint {path} holds a different model: {name}={then!r} there, "
+                f"{now!r} in this run; fix: set --{name.replace('_', '-')} {flag_value} (or "
+                f"--config {os.path.join(path, 'config.yaml')}), or use another --load directory")
 
 
 def _check_optimizer_reshardable(path, saved: dict, now: dict, saved_cfg: dict, cfg,
@@ -232,13 +521,23 @@ def _check_optimizer_reshardable(path, saved: dict, now: dict, saved_cfg: dict, 
                          f"optimizers (experts get their own with EP > 1); {fix}")
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log=print) -> dict:
+def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log=print,
+                    vocab_size: Optional[int] = None) -> dict:
     """Load `path` (a checkpoint directory) into the current layout; returns the common state
-    (iteration, consumed_train_samples, layout, config, ...)."""
+    (iteration, consumed_train_samples, layout, config, ...). A checkpoint of another model shape
+    (or padded vocabulary, `vocab_size`) raises ConfigError before any tensor is read."""
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
 
     common = dist_checkpointing.load_common_state_dict(path)
+    check_model_shape(path, common.get("config") or {}, cfg)
+    saved_vocab = common.get("padded_vocab_size")
+    if vocab_size is not None and saved_vocab is not None and saved_vocab != vocab_size:
+        raise ConfigError(
+            f"--load checkpoint {path} has a padded vocabulary of {saved_vocab}, this run "
+            f"{vocab_size} (tokenizer / --make-vocab-size-divisible-by / TP differ); fix: use the "
+            f"tokenizer and --make-vocab-size-divisible-by of the saved run, or another --load "
+            f"directory")
     metadata = dist_checkpointing.load_content_metadata(path) or sharded_metadata()
     saved, now = common.get("layout") or {}, _layout(cfg)
     same_layout = saved == now

@@ -2,7 +2,9 @@
 
 Runs the same on one CPU process, under `torchrun --nproc-per-node N` on CPU (gloo) and on GPUs
 (NCCL). Configuration errors are reported as one line on stderr with exit code 2, before any
-process group, checkpoint directory or log file is created.
+checkpoint directory or log file is created. Exit code 3: stopped on a non-finite loss or gradient
+(--nan-policy), nothing saved. Exit code 0 also after SIGTERM/SIGUSR1 or --exit-duration-in-mins
+(a checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pret
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     from megatron.remoe.distributed import destroy_distributed
-    from megatron.remoe.training import pretrain
+    from megatron.remoe.training import EXIT_NONFINITE, NonFiniteError, pretrain
 
     try:
         pretrain(cfg)
-    except ConfigError as e:  # found while opening data/tokenizer: still nothing written
+    except ConfigError as e:  # found while opening data/tokenizer/checkpoint: nothing written
         if not quiet:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteError as e:  # --nan-policy: stopped without saving
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
     finally:
         destroy_distributed()
-    return 0
+    return 0  # also after a preemption signal or --exit-duration-in-mins (checkpoint saved)
 
 
 if __name__ == "__main__":  # checkpoint saving spawns processes: keep this guard

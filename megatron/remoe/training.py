@@ -6,14 +6,21 @@ Read `train_step` first: one optimizer step is
     finalize_model_grads = DP/TP/PP gradient reductions) -> optimizer.step() (clips inside)
     -> scheduler.step() -> controller.step() (lambda update, once per step on every rank)
 
+Between the backward pass and the optimizer step, one all-reduce (MAX over all ranks) of a few flags
+makes every rank take the same decision: a non-finite loss or gradient on any rank (policy
+`--nan-policy stop|skip-step`), a preemption signal received by any rank, the wall-clock budget
+(`--exit-duration-in-mins`) used up on any rank (see `megatron.remoe.signals`).
+
 Everything else is set-up (`setup`), evaluation (`evaluate`), logging and checkpoints (`pretrain`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +32,10 @@ import torch.distributed as dist
 
 from megatron.remoe.arguments import (TrainConfig, config_to_yaml, num_micro_batches,
                                       transformer_config)
-from megatron.remoe.checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron.remoe.checkpointing import (check_model_shape, checkpoint_candidates,
+                                          find_loadable_checkpoint, load_checkpoint,
+                                          save_checkpoint, saved_config)
+from megatron.remoe.config import ConfigError
 from megatron.remoe.datasets import (build_datasets, check_data_matches_tokenizer,
                                      load_run_tokenizer, make_loader, padded_vocab_size)
 from megatron.remoe.distributed import ParallelConfig, init_distributed, is_rank0
@@ -33,6 +43,15 @@ from megatron.remoe.metrics_logging import (MetricsLogger, check_logging_backend
                                             format_train_line, memory_gb)
 from megatron.remoe.model import build_controller, build_gpt_model, count_parameters
 from megatron.remoe.regularizer import RoutingWindow
+from megatron.remoe.signals import ExitSignalHandler, agree
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient under --nan-policy stop (or too many skipped steps): the run
+    stops without saving; the message names the iteration and the per-layer statistics."""
+
+
+EXIT_NONFINITE = 3  # process exit code for NonFiniteError (2 is configuration errors)
 
 
 @dataclass
@@ -55,6 +74,7 @@ class Run:
     iteration: int = 0
     consumed_train_samples: int = 0
     loaded_from: Optional[str] = None
+    skipped_steps: int = 0  # steps skipped for a non-finite loss/gradient (kept across resumes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +114,10 @@ def build_model(cfg: TrainConfig, tcfg, vocab_size: int, controller, device) -> 
         chunks.append(chunk)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.use_distributed_optimizer, check_for_nan_in_grad=True)
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        # megatron-core's check raises on the one rank that sees a NaN (the others then hang in
+        # the next collective); train_step checks after the reduction and all ranks agree
+        check_for_nan_in_grad=False)
     # only the first chunk gets bucketed grad reduction (Megatron-LM does the same)
     return [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
@@ -132,8 +155,13 @@ def setup(cfg: TrainConfig) -> Run:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     check_logging_backends(cfg.tensorboard_dir, cfg.wandb_project)
-    tokenizer = load_run_tokenizer(cfg)
+    tokenizer = _load_tokenizer(cfg)
     check_data_matches_tokenizer(cfg, tokenizer)
+    if cfg.load:  # a checkpoint of another model shape: say so before any process group exists
+        candidates = checkpoint_candidates(cfg.load, log=lambda message: None)
+        saved = saved_config(candidates[0]) if candidates else None
+        if saved:
+            check_model_shape(candidates[0], saved, cfg)
     device = init_distributed(ParallelConfig(
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
@@ -167,18 +195,67 @@ def setup(cfg: TrainConfig) -> Run:
               dp_size=parallel_state.get_data_parallel_world_size(), vocab_size=vocab,
               params=count_parameters(tcfg, vocab))
     if cfg.load:
-        path = find_latest_checkpoint(cfg.load, log=_print0)
+        _resume(run)
+    return run
+
+
+def _load_tokenizer(cfg: TrainConfig):
+    from megatron.remoe.data.errors import DataError
+    from megatron.remoe.datasets import MockTokenizer
+
+    try:
+        tokenizer = load_run_tokenizer(cfg)
+    except DataError as e:  # missing / unreadable tokenizer directory
+        raise ConfigError(f"tokenizer: {e}") from None
+    if cfg.vocab_size and not isinstance(tokenizer, MockTokenizer) and \
+            cfg.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} does not match the tokenizer "
+                          f"{cfg.tokenizer!r} ({tokenizer.vocab_size} tokens); fix: drop "
+                          "--vocab-size (it comes from the tokenizer) or use the matching "
+                          "tokenizer")
+    return tokenizer
+
+
+def _resume(run: Run) -> None:
+    """Load the newest loadable checkpoint of --load. Corrupt ones (files not matching their
+    manifest) and ones whose loading fails on any rank are skipped with a warning, falling back to
+    the previous one; a checkpoint of another model shape is a ConfigError (no fallback)."""
+    cfg = run.cfg
+    failed: list = []
+    while True:
+        path = find_loadable_checkpoint(cfg.load, log=_print0, checksums=cfg.checkpoint_checksums,
+                                        skip=tuple(failed))
         if path is None:
-            _print0(f"checkpoint: nothing to resume in {cfg.load}; starting from scratch")
-        else:
-            common = load_checkpoint(path, model, optimizer, scheduler, controller, cfg,
-                                     log=_print0)
+            break
+        error = None
+        try:
+            common = load_checkpoint(path, run.model, run.optimizer, run.scheduler,
+                                     run.controller, cfg, log=_print0, vocab_size=run.vocab_size)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- unreadable file: fall back, all ranks together
+            error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        errors = [error]
+        if dist.get_world_size() > 1:
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+        if error is None:
             run.iteration = common["iteration"]
             run.consumed_train_samples = common["consumed_train_samples"]
+            run.skipped_steps = int(common.get("skipped_steps") or 0)
             run.loaded_from = path
             _print0(f"checkpoint: resumed from {path} (iteration {run.iteration}, "
                     f"{run.consumed_train_samples:,} samples consumed)")
-    return run
+            return
+        _print0(f"checkpoint: WARNING: loading {path} failed ({error}); falling back to the "
+                "previous checkpoint")
+        failed.append(path)
+    if checkpoint_candidates(cfg.load, log=lambda message: None):
+        raise ConfigError(f"--load {cfg.load}: no checkpoint there is loadable (see the warnings "
+                          "above); fix: move the corrupt iter_* directories away or point --load "
+                          "at another directory")
+    _print0(f"checkpoint: nothing to resume in {cfg.load}; starting from scratch")
 
 
 def _print0(message: str) -> None:
@@ -230,8 +307,15 @@ def reduce_lm_loss(losses_reduced: list, device) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def train_step(run: Run, data_iterator) -> dict:
-    """One optimizer step over `num_micro_batches` micro-batches; returns this step's metrics."""
+def train_step(run: Run, data_iterator, stop_flags=None) -> dict:
+    """One optimizer step over `num_micro_batches` micro-batches; returns this step's metrics.
+
+    Before the optimizer step all ranks agree (one all-reduce, MAX) on whether the loss or any
+    gradient is non-finite anywhere, together with the local `stop_flags()` (preemption signal
+    number, wall-clock budget used up); the agreed stop flags come back as `metrics["_stop"]`.
+    On a non-finite step nothing is updated (no optimizer, scheduler or lambda step) and the
+    metrics say `nonfinite: True`; the caller applies --nan-policy.
+    """
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
@@ -241,11 +325,19 @@ def train_step(run: Run, data_iterator) -> dict:
         seq_length=run.cfg.seq_length, micro_batch_size=run.cfg.micro_batch_size,
         forward_only=False)
     # finalize_model_grads (DP all-reduce / reduce-scatter, TP/PP shared grads) ran in the schedule
+    _test_hook_inject_nan(run)
+    lm_loss = reduce_lm_loss(losses, run.device)
+    local_bad = _grads_nonfinite(run.model)
+    if not math.isfinite(lm_loss):
+        local_bad = torch.ones_like(local_bad)
+    bad, *stop = agree([local_bad, *(stop_flags() if stop_flags else [])], run.device)
+    if bad:
+        return _nonfinite_metrics(run, lm_loss, stop)
     update_ok, grad_norm, _ = run.optimizer.step()  # gradient clipping happens inside
     if update_ok:
         run.scheduler.step(increment=1)
     stats = run.controller.step() if run.controller is not None else None  # on EVERY rank
-    metrics = {"lm_loss": reduce_lm_loss(losses, run.device),
+    metrics = {"lm_loss": lm_loss,
                "lr": run.optimizer.param_groups[0]["lr"],
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                "update_skipped": not update_ok}
@@ -253,7 +345,105 @@ def train_step(run: Run, data_iterator) -> dict:
         metrics["_routing"] = stats
         metrics.update(stats.as_dict())
     metrics.update(topk_aux_losses(run))
+    # finite gradients can still overflow the norm (fp32 sum of squares): that is reported too
+    if update_ok and grad_norm is not None and not math.isfinite(float(grad_norm)):
+        metrics["nonfinite"] = True
+    metrics["_stop"] = stop
     return metrics
+
+
+def _grad_buffers(model: list):
+    for chunk in model:
+        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers",
+                                                               []):
+            yield buffer.grad_data
+
+
+def _grads_nonfinite(model: list) -> torch.Tensor:
+    """1.0 (a device scalar, no host sync) if any local gradient is NaN or inf, else 0.0."""
+    flags = [(~torch.isfinite(g)).any() for g in _grad_buffers(model) if g.numel()]
+    if not flags:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack(flags).any().float()
+
+
+def _nonfinite_metrics(run: Run, lm_loss: float, stop: list) -> dict:
+    """Metrics of a step that is not applied: the routing statistics are reduced (all ranks, as
+    usual) but lambda keeps its value; the scheduler does not advance."""
+    stats = None
+    if run.controller is not None:
+        kept = run.controller.state_dict()
+        stats = run.controller.step()
+        run.controller.load_state_dict(kept)
+    metrics = {"lm_loss": lm_loss, "lr": run.optimizer.param_groups[0]["lr"],
+               "grad_norm": float("nan"), "update_skipped": True, "nonfinite": True}
+    if stats is not None:
+        metrics["_routing"] = stats
+        metrics.update(stats.as_dict())
+    metrics.update(topk_aux_losses(run))
+    metrics["_stop"] = stop
+    return metrics
+
+
+def _test_hook_inject_nan(run: Run) -> None:
+    """TEST ONLY. REMOE_TEST_HOOK_NAN_AT=3,5 puts a NaN into one gradient (the first router
+    weight, else the first parameter) at those iterations, after the data-parallel reduction;
+    REMOE_TEST_HOOK_NAN_RANK=r restricts it to global rank r."""
+    steps = os.environ.get("REMOE_TEST_HOOK_NAN_AT")
+    if not steps or run.iteration + 1 not in {int(x) for x in steps.split(",") if x.strip()}:
+        return
+    rank = os.environ.get("REMOE_TEST_HOOK_NAN_RANK")
+    if rank is not None and int(rank) != dist.get_rank():
+        return
+    from megatron.core.utils import unwrap_model
+
+    params = list(unwrap_model(run.model)[0].named_parameters())
+    name, param = next(((n, p) for n, p in params if "router" in n), params[0])
+    grad = getattr(param, "main_grad", None)
+    (grad if grad is not None else param.grad).view(-1)[0] = float("nan")
+
+
+def nonfinite_report(run: Run, metrics: dict) -> str:
+    """Where the non-finite values are: parameters with NaN/inf gradients (over all ranks), by
+    transformer layer, with the layer's routing statistics. A collective: call on every rank."""
+    from megatron.core.utils import unwrap_model
+
+    local, numbers = {}, set()
+    for chunk in unwrap_model(run.model):
+        layer_of = {id(p): layer.layer_number
+                    for layer in getattr(getattr(chunk, "decoder", None), "layers", [])
+                    for p in layer.parameters()}
+        numbers.update(layer_of.values())
+        for name, param in chunk.named_parameters():
+            grad = getattr(param, "main_grad", None)
+            grad = grad if grad is not None else param.grad
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                local[name] = layer_of.get(id(param))
+    parts = [(local, numbers)]
+    if dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (local, numbers))
+    by_layer: dict = {}
+    layers = set()
+    for rank, (part, part_layers) in enumerate(parts):
+        layers.update(part_layers)
+        for name, layer in part.items():
+            by_layer.setdefault(layer, {}).setdefault(name, []).append(rank)
+    layers = sorted(layers | {k for k in by_layer if k is not None})
+    lines = []
+    for layer in layers:
+        stats = [f"{key} {metrics[f'moe/layer_{layer}/{key}']:.3g}"
+                 for key in ("sparsity", "experts_per_token", "zero_expert_tokens",
+                             "max_mean_load") if f"moe/layer_{layer}/{key}" in metrics]
+        bad = by_layer.get(layer, {})
+        grads = ("non-finite grads in " + ", ".join(
+            f"{n} (rank {','.join(map(str, r))})" for n, r in sorted(bad.items()))
+                 if bad else "grads finite")
+        lines.append(f"layer {layer}: {grads}" + (f"; {', '.join(stats)}" if stats else ""))
+    if None in by_layer:
+        lines.append("outside the layers: non-finite grads in " + ", ".join(
+            f"{n} (rank {','.join(map(str, r))})" for n, r in sorted(by_layer[None].items())))
+    return "\n".join(lines)
 
 
 def topk_aux_losses(run: Run) -> dict:
@@ -321,8 +511,28 @@ def evaluate(run: Run, valid_sets: dict, weights: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 def pretrain(cfg: TrainConfig) -> dict:
     """Train for cfg.train_iters steps (resuming from --load); returns the run summary (rank 0
-    also writes it as summary.json next to the metrics file)."""
+    also writes it as summary.json next to the metrics file).
+
+    Stops early, after saving, at --exit-interval, after --exit-duration-in-mins, or on SIGTERM /
+    SIGUSR1 (with --exit-signal-handler, the default). Raises NonFiniteError (nothing saved) on a
+    non-finite loss or gradient under --nan-policy stop, or after more than --max-skipped-steps
+    skipped steps under --nan-policy skip-step.
+    """
     wall_start = time.time()
+    handler = None
+    if cfg.exit_signal_handler and threading.current_thread() is threading.main_thread():
+        handler = ExitSignalHandler()
+        handler.install()  # before set-up: a signal during loading is acted on at step 1
+    try:
+        return _pretrain(cfg, wall_start, handler)
+    finally:
+        if handler is not None:
+            handler.restore()
+
+
+def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
+    import signal
+
     run = setup(cfg)
     if is_rank0():
         print("effective config:\n" + config_to_yaml(cfg), flush=True)
@@ -349,59 +559,131 @@ def pretrain(cfg: TrainConfig) -> dict:
     history, last_eval, last_saved = [], {}, None
     step_times: list = []
     config_yaml = config_to_yaml(cfg)
+    exit_reason = None
+    step_delay = float(os.environ.get("REMOE_TEST_HOOK_STEP_SLEEP_S", "0"))  # TEST ONLY
 
-    while run.iteration < cfg.train_iters:
-        t0 = time.perf_counter()
-        metrics = train_step(run, data_iterator)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        run.iteration += 1
-        run.consumed_train_samples += cfg.global_batch_size
-        step_times.append(dt)
-        window.add(metrics.pop("_routing", None))
-        metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                       consumed_samples=run.consumed_train_samples,
-                       consumed_tokens=run.consumed_train_samples * cfg.seq_length,
-                       memory_gb=memory_gb(run.device))
-        history.append(metrics)
-        if run.iteration % cfg.log_interval == 0 or run.iteration == cfg.train_iters:
-            metrics.update(window.as_dict())  # dead experts over the log window
-            window.reset()
-            recent = step_times[-cfg.log_interval:]
-            eta = (cfg.train_iters - run.iteration) * sum(recent) / len(recent)
-            logger.console(format_train_line(run.iteration, cfg.train_iters, metrics, target,
-                                             eta))
-        logger.log(run.iteration, metrics)
+    def stop_flags():
+        """Local reasons to stop now: signal number received, wall-clock budget used up."""
+        signum = float(signal.Signals[handler.received]) if handler and handler.pending else 0.0
+        budget = cfg.exit_duration_in_mins
+        return [signum, float(bool(budget) and time.time() - wall_start > 60.0 * budget)]
 
-        if valid_sets and cfg.eval_interval and run.iteration % cfg.eval_interval == 0:
+    try:
+        while run.iteration < cfg.train_iters:
+            t0 = time.perf_counter()
+            metrics = train_step(run, data_iterator, stop_flags)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            if step_delay:
+                time.sleep(step_delay)
+            dt = time.perf_counter() - t0
+            signum, time_up = metrics.pop("_stop")
+            if metrics.get("nonfinite"):
+                _apply_nan_policy(run, metrics, last_saved)
+            run.iteration += 1
+            run.consumed_train_samples += cfg.global_batch_size
+            step_times.append(dt)
+            window.add(metrics.pop("_routing", None))
+            metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                           consumed_samples=run.consumed_train_samples,
+                           consumed_tokens=run.consumed_train_samples * cfg.seq_length,
+                           memory_gb=memory_gb(run.device))
+            if metrics.get("nonfinite"):
+                metrics["skipped_steps"] = run.skipped_steps
+            history.append(metrics)
+            if run.iteration % cfg.log_interval == 0 or run.iteration == cfg.train_iters:
+                metrics.update(window.as_dict())  # dead experts over the log window
+                window.reset()
+                recent = step_times[-cfg.log_interval:]
+                eta = (cfg.train_iters - run.iteration) * sum(recent) / len(recent)
+                logger.console(format_train_line(run.iteration, cfg.train_iters, metrics, target,
+                                                 eta))
+            logger.log(run.iteration, metrics)
+
+            if signum:
+                exit_reason = signal.Signals(int(signum)).name
+                where = "" if handler and handler.received == exit_reason else " (on another rank)"
+                logger.console(f"exit: {exit_reason} received{where}; saving and stopping after "
+                               f"iteration {run.iteration}")
+            elif time_up:
+                exit_reason = "exit_duration_in_mins"
+                logger.console(f"exit: --exit-duration-in-mins {cfg.exit_duration_in_mins} "
+                               f"reached after iteration {run.iteration}")
+            preempted = exit_reason is not None
+            if not preempted and valid_sets and cfg.eval_interval and \
+                    run.iteration % cfg.eval_interval == 0:
+                last_eval = evaluate(run, valid_sets, weights)
+                last_eval["eval_iteration"] = run.iteration
+                logger.log(run.iteration, last_eval, split="valid")
+                logger.console(_format_eval(run.iteration, last_eval))
+            if not preempted and cfg.exit_interval and run.iteration % cfg.exit_interval == 0:
+                exit_reason = "exit_interval"
+            stop = exit_reason is not None
+            if cfg.save and ((cfg.save_interval and run.iteration % cfg.save_interval == 0)
+                             or run.iteration == cfg.train_iters or stop):
+                last_saved = save_checkpoint(
+                    cfg.save, run.iteration, run.model, run.optimizer, run.scheduler,
+                    run.controller, run.consumed_train_samples, cfg, config_yaml,
+                    extra_common={"padded_vocab_size": run.vocab_size,
+                                  "skipped_steps": run.skipped_steps},
+                    log=logger.console)
+                logger.console(f"checkpoint: saved {last_saved}")
+            if stop:
+                if exit_reason == "exit_interval":
+                    logger.console(f"exit: iteration {run.iteration} is a multiple of "
+                                   "--exit-interval")
+                elif not cfg.save:
+                    logger.console("exit: no --save directory, nothing saved")
+                break
+
+        if exit_reason in (None, "exit_interval") and valid_sets and \
+                last_eval.get("eval_iteration") != run.iteration:
             last_eval = evaluate(run, valid_sets, weights)
             last_eval["eval_iteration"] = run.iteration
             logger.log(run.iteration, last_eval, split="valid")
             logger.console(_format_eval(run.iteration, last_eval))
-        stop = cfg.exit_interval and run.iteration % cfg.exit_interval == 0
-        if cfg.save and ((cfg.save_interval and run.iteration % cfg.save_interval == 0)
-                         or run.iteration == cfg.train_iters or stop):
-            last_saved = save_checkpoint(cfg.save, run.iteration, run.model, run.optimizer,
-                                         run.scheduler, run.controller,
-                                         run.consumed_train_samples, cfg, config_yaml)
-            logger.console(f"checkpoint: saved {last_saved}")
-        if stop:
-            logger.console(f"exit: iteration {run.iteration} is a multiple of --exit-interval")
-            break
-
-    if valid_sets and last_eval.get("eval_iteration") != run.iteration:
-        last_eval = evaluate(run, valid_sets, weights)
-        last_eval["eval_iteration"] = run.iteration
-        logger.log(run.iteration, last_eval, split="valid")
-        logger.console(_format_eval(run.iteration, last_eval))
-    summary = _summary(run, history, last_eval, last_saved, step_times, time.time() - wall_start)
-    if is_rank0() and cfg.metrics_file:
-        path = os.path.join(os.path.dirname(os.path.abspath(cfg.metrics_file)), "summary.json")
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
-    logger.close()
+        summary = _summary(run, history, last_eval, last_saved, step_times,
+                           time.time() - wall_start)
+        summary.update(exit_reason=exit_reason or "train_iters", skipped_steps=run.skipped_steps)
+        if is_rank0() and cfg.metrics_file:
+            path = os.path.join(os.path.dirname(os.path.abspath(cfg.metrics_file)),
+                                "summary.json")
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump(summary, fh, indent=2)
+    finally:
+        logger.close()
     return summary
+
+
+def _apply_nan_policy(run: Run, metrics: dict, last_saved) -> None:
+    """--nan-policy for a step whose loss or gradients were non-finite on some rank (every rank
+    calls this together): count it as skipped, or raise NonFiniteError (nothing is saved)."""
+    cfg = run.cfg
+    step = run.iteration + 1
+    applied = not metrics.get("update_skipped")  # grad norm overflow found after the update
+    if cfg.nan_policy == "skip-step" and not applied and \
+            run.skipped_steps < cfg.max_skipped_steps:
+        run.skipped_steps += 1
+        _print0(f"warning: non-finite loss or gradient at iteration {step} (lm_loss "
+                f"{metrics['lm_loss']:.4g}); step skipped (no update), {run.skipped_steps} of at "
+                f"most {cfg.max_skipped_steps} skipped (--max-skipped-steps)")
+        return
+    report = nonfinite_report(run, metrics)
+    if cfg.nan_policy == "skip-step" and not applied:
+        why = (f"a step would be skipped beyond --max-skipped-steps {cfg.max_skipped_steps} "
+               f"({run.skipped_steps} skipped already)")
+        fix = "find the cause (data, --lr, --clip-grad) or raise --max-skipped-steps"
+    else:
+        why = "--nan-policy stop" if not applied else "the gradient norm overflowed"
+        fix = ("lower --lr or --clip-grad, check the data, or resume with --nan-policy skip-step")
+    saved = f"last checkpoint {last_saved}" if last_saved else (
+        f"resume from {run.loaded_from}" if run.loaded_from else "no checkpoint of this run")
+    grad_norm = metrics.get("grad_norm", float("nan"))
+    raise NonFiniteError(
+        f"non-finite loss or gradient at iteration {step} (lm_loss {metrics['lm_loss']:.4g}, "
+        f"grad_norm {grad_norm:.4g}); stopped: {why}; nothing saved for this iteration "
+        f"({saved}); fix: {fix}\nlayer statistics at iteration {step}:\n  "
+        + report.replace("\n", "\n  "))
 
 
 def _format_eval(iteration: int, ev: dict) -> str:
