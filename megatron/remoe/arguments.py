@@ -512,6 +512,10 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise ConfigError("context parallel needs Transformer Engine attention; use "
                           "--transformer-impl transformer_engine or --context-parallel-size 1")
     # optimizer / schedule
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr={cfg.lr} must be > 0; set --lr to a positive value")
+    if cfg.clip_grad < 0:
+        raise ConfigError(f"clip_grad={cfg.clip_grad} must be >= 0 (0 disables clipping)")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr={cfg.min_lr} is above lr={cfg.lr}; lower --min-lr")
     if cfg.lr_warmup_fraction is not None and cfg.lr_warmup_iters:
@@ -548,10 +552,6 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
                                       "preprocess the data (tools/preprocess_data.py)")
     if cfg.eval_iters < 0 or cfg.eval_interval < 0:
         raise ConfigError("eval_iters and eval_interval must be >= 0")
-    if cfg.lr <= 0:
-        raise ConfigError(f"lr={cfg.lr} must be > 0; set --lr to a positive value")
-    if cfg.clip_grad < 0:
-        raise ConfigError(f"clip_grad={cfg.clip_grad} must be >= 0 (0 disables clipping)")
     # stopping and numerical guards
     if cfg.exit_interval is not None and cfg.exit_interval < 1:
         raise ConfigError(f"exit_interval={cfg.exit_interval} must be >= 1; drop --exit-interval "
@@ -560,7 +560,8 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise ConfigError(f"exit_duration_in_mins={cfg.exit_duration_in_mins} must be > 0; "
                           "drop the flag for no time limit")
     if cfg.max_skipped_steps < 0:
-        raise ConfigError(f"max_skipped_steps={cfg.max_skipped_steps} must be >= 0")
+        raise ConfigError(f"max_skipped_steps={cfg.max_skipped_steps} must be >= 0; set "
+                          "--max-skipped-steps 0 (stop at the first non-finite step) or more")
     # checkpoints
     if cfg.save_interval is not None and cfg.save_interval < 1:
         raise ConfigError(f"save_interval={cfg.save_interval} must be >= 1")

@@ -461,23 +461,24 @@ def find_loadable_checkpoint(root: str, log=print, checksums: bool = True,
     return None
 
 
-def saved_config(path: str) -> Optional[dict]:
-    """The config.yaml of checkpoint directory `path` as a dict (None if absent/unreadable)."""
-    import yaml
-
-    try:
-        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-        return data if isinstance(data, dict) else None
-    except (OSError, yaml.YAMLError):
-        return None
-
-
 def _norm_freq(value):
     if isinstance(value, str):
         value = [int(x) for x in value.strip("[]").split(",") if x.strip()] if "," in value \
             else int(value)
     return value
+
+
+def check_checkpoint_matches(path: str, common: dict, cfg, vocab_size: Optional[int]) -> None:
+    """ConfigError (one line, with the fix) when the common state of checkpoint `path` belongs to
+    another model shape or padded vocabulary than this run's."""
+    check_model_shape(path, common.get("config") or {}, cfg)
+    saved_vocab = common.get("padded_vocab_size")
+    if vocab_size is not None and saved_vocab is not None and saved_vocab != vocab_size:
+        raise ConfigError(
+            f"--load checkpoint {path} has a padded vocabulary of {saved_vocab}, this run "
+            f"{vocab_size} (tokenizer, --vocab-size, --make-vocab-size-divisible-by or TP "
+            f"differ); fix: use the tokenizer/vocabulary of the saved run, or another --load "
+            f"directory")
 
 
 def check_model_shape(path: str, saved: dict, cfg) -> None:
@@ -530,14 +531,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
     from megatron.core.utils import unwrap_model
 
     common = dist_checkpointing.load_common_state_dict(path)
-    check_model_shape(path, common.get("config") or {}, cfg)
-    saved_vocab = common.get("padded_vocab_size")
-    if vocab_size is not None and saved_vocab is not None and saved_vocab != vocab_size:
-        raise ConfigError(
-            f"--load checkpoint {path} has a padded vocabulary of {saved_vocab}, this run "
-            f"{vocab_size} (tokenizer / --make-vocab-size-divisible-by / TP differ); fix: use the "
-            f"tokenizer and --make-vocab-size-divisible-by of the saved run, or another --load "
-            f"directory")
+    check_checkpoint_matches(path, common, cfg, vocab_size)
     metadata = dist_checkpointing.load_content_metadata(path) or sharded_metadata()
     saved, now = common.get("layout") or {}, _layout(cfg)
     same_layout = saved == now

@@ -32,9 +32,9 @@ import torch.distributed as dist
 
 from megatron.remoe.arguments import (TrainConfig, config_to_yaml, num_micro_batches,
                                       transformer_config)
-from megatron.remoe.checkpointing import (check_model_shape, checkpoint_candidates,
+from megatron.remoe.checkpointing import (check_checkpoint_matches, checkpoint_candidates,
                                           find_loadable_checkpoint, load_checkpoint,
-                                          save_checkpoint, saved_config)
+                                          save_checkpoint)
 from megatron.remoe.config import ConfigError
 from megatron.remoe.datasets import (build_datasets, check_data_matches_tokenizer,
                                      load_run_tokenizer, make_loader, padded_vocab_size)
@@ -158,10 +158,7 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = _load_tokenizer(cfg)
     check_data_matches_tokenizer(cfg, tokenizer)
     if cfg.load:  # a checkpoint of another model shape: say so before any process group exists
-        candidates = checkpoint_candidates(cfg.load, log=lambda message: None)
-        saved = saved_config(candidates[0]) if candidates else None
-        if saved:
-            check_model_shape(candidates[0], saved, cfg)
+        _check_resume_target(cfg, padded_vocab_size(tokenizer.vocab_size, cfg))
     device = init_distributed(ParallelConfig(
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
@@ -206,7 +203,7 @@ def _load_tokenizer(cfg: TrainConfig):
     try:
         tokenizer = load_run_tokenizer(cfg)
     except DataError as e:  # missing / unreadable tokenizer directory
-        raise ConfigError(f"tokenizer: {e}") from None
+        raise ConfigError(f"--tokenizer: {e}") from None
     if cfg.vocab_size and not isinstance(tokenizer, MockTokenizer) and \
             cfg.vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"vocab_size={cfg.vocab_size} does not match the tokenizer "
@@ -214,6 +211,21 @@ def _load_tokenizer(cfg: TrainConfig):
                           "--vocab-size (it comes from the tokenizer) or use the matching "
                           "tokenizer")
     return tokenizer
+
+
+def _check_resume_target(cfg: TrainConfig, vocab_size: int) -> None:
+    """Model shape and vocabulary of the newest checkpoint in --load against this run (from its
+    small common state; an unreadable one is left to the verified load, which falls back)."""
+    from megatron.core import dist_checkpointing
+
+    candidates = checkpoint_candidates(cfg.load, log=lambda message: None)
+    if not candidates:
+        return
+    try:
+        common = dist_checkpointing.load_common_state_dict(candidates[0])
+    except Exception:  # noqa: BLE001 -- corrupt: _resume warns and falls back
+        return
+    check_checkpoint_matches(candidates[0], common, cfg, vocab_size)
 
 
 def _resume(run: Run) -> None:
