@@ -13,6 +13,7 @@ gradient norms at every iteration (CPU is bit-exact).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -240,8 +241,8 @@ def test_nan_skip_step_skips_and_continues(reference, tmp_path):
 
 def test_nan_on_one_rank_is_seen_by_all_and_skips_are_bounded(tmp_path):
     """NaN gradients on rank 1 only (after the DP reduction, so rank 0's are finite): both ranks
-    skip iteration 2 together; at iteration 4 the bound (--max-skipped-steps 1) stops both,
-    without a hang and without saving."""
+    skip iteration 2 together; at iteration 4 the bound (--max-skipped-steps 1) stops both
+    (rank 0 reports it), without a hang and without saving."""
     save, log = str(tmp_path / "ckpt"), str(tmp_path / "nan2.log")
     proc = start_pretrain(BASE + ["--save", save, "--nan-policy", "skip-step",
                                   "--max-skipped-steps", "1"], log, nproc=2,
@@ -253,8 +254,11 @@ def test_nan_on_one_rank_is_seen_by_all_and_skips_are_bounded(tmp_path):
     assert "error: non-finite loss or gradient at iteration 4" in text, text[-3000:]
     assert "beyond --max-skipped-steps 1 (1 skipped already)" in text
     assert "non-finite grads in decoder.layers.0.mlp.router.weight (rank 1)" in text
-    # both workers left with the NaN exit code (torchrun's failure summary lists each)
-    assert text.count("exitcode  : 3") == 2 or "exitcode: 3" in text, text[-3000:]
+    # rank 0 (finite gradients of its own) skipped iteration 2 and stopped at 4 with rank 1: it
+    # printed both lines above. torchrun reports the first worker to exit (code 3) and then
+    # terminates the other one, which may still be tearing down (SIGTERM, -15).
+    codes = re.findall(r"exitcode\s+: (-?\d+)", text)
+    assert "3" in codes and set(codes) <= {"3", "-15"}, text[-3000:]
     got = by_iteration(os.path.join(save, "metrics.jsonl"))
     assert sorted(got) == [1, 2, 3] and got[2]["nonfinite"] is True
     assert tracker(save) == 2
