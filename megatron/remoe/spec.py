@@ -18,16 +18,26 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megatron.remoe.compat import call_with_supported_kwargs
 from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.router import ReLURouter
 
 
 def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when Transformer Engine (and megatron-core's TE extension) import.
+
+    TE wheels fail on machines without CUDA libraries with OSError/RuntimeError rather than
+    ImportError, so any exception means "not usable".
+    """
+    from megatron.remoe.compat import transformer_engine_usable
+
+    return transformer_engine_usable()
+
+
+def default_use_transformer_engine() -> bool:
+    """TE layers by default only where they can run: TE imports and a GPU is present. A CPU-only
+    machine with TE installed keeps megatron-core's local modules (TE kernels need CUDA)."""
+    return have_transformer_engine() and torch.cuda.is_available()
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -61,14 +71,21 @@ def get_block_spec(config, controller: Optional[SparsityController] = None,
                    ) -> TransformerBlockSubmodules:
     """GPT decoder block spec with the configured router in every MoE layer.
 
-    Transformer Engine modules are used when TE imports (override with `use_transformer_engine`);
-    otherwise megatron-core's local modules with our RMSNorm.
+    With `use_transformer_engine` (default: TE importable and CUDA present) the layers are
+    megatron-core's TE spec: fused norm+QKV (`TELayerNormColumnParallelLinear`), `TENorm` before
+    each MoE block, TE attention, and `TEGroupedMLP` experts when `config.moe_grouped_gemm` (TE
+    `SequentialMLP` otherwise). Without TE: megatron-core's local modules with our RMSNorm (the
+    only expert implementation that runs on CPU is the local `SequentialMLP`).
+    Only the router slot is ours in either case.
     """
     if use_transformer_engine is None:
-        use_transformer_engine = have_transformer_engine()
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
-                                       normalization=config.normalization, vp_stage=vp_stage,
-                                       pp_rank=pp_rank)
+        use_transformer_engine = default_use_transformer_engine()
+    elif use_transformer_engine and not have_transformer_engine():
+        raise RuntimeError("use_transformer_engine=True but Transformer Engine does not import; "
+                           "pip install the [gpu] extra or build with the local spec")
+    block = call_with_supported_kwargs(
+        get_gpt_decoder_block_spec, config, use_transformer_engine=use_transformer_engine,
+        normalization=config.normalization, vp_stage=vp_stage, pp_rank=pp_rank)
     block = copy.deepcopy(block)
     router = make_router_builder(config, controller)
     local_norm = not use_transformer_engine and config.normalization == "RMSNorm"

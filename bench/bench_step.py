@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""Training step time, tokens/s and peak memory: ReMoE (ReLU router) vs TopK vs a dense MLP with the
+same active parameters, at Stage III (sparsity settled at its target) and during Stage I (the dense
+warm-up), measured side by side with the trainer's own `setup` / `train_step`.
+
+    .venv/bin/python bench/bench_step.py                      # demo model (CPU, ~10 min on 2 cores)
+    .venv/bin/python bench/bench_step.py --quick              # fewer steps, for a smoke run
+    .venv/bin/python bench/bench_step.py --stages 3 --steps 40 --json out.json
+    .venv/bin/python bench/bench_step.py -- --num-layers 4 --hidden-size 768 \\
+        --num-attention-heads 12 --num-query-groups 4 --ffn-hidden-size 3072 --seq-length 1024 \\
+        --micro-batch-size 8 --global-batch-size 8 --vocab-size 50304 --bf16 \\
+        --transformer-impl transformer_engine --moe-grouped-gemm      # 182M-shaped, on a GPU
+
+Everything after `--` is passed to the trainer's flag parser and overrides the demo model
+(examples/remoe/cpu-demo.yaml shape, synthetic data).
+
+How it measures:
+* Time: one process builds every variant with `megatron.remoe.training.setup` and runs
+  `train_step` in rotated order (ABC, BCA, CAB, ...), so load drift on a shared machine hits every
+  variant alike. Reported: median, quartiles, and the median of the per-round ratios.
+* Stage III: a ReMoE run is first trained by the trainer itself (`pretrain`, synthetic data) with
+  a large lambda_0 (`--settle-lambda`, default 1e-3: the value lambda settles at in the demo) until
+  its sparsity has reached the target, and saved; the timed ReMoE model resumes from that
+  checkpoint and keeps training (controller active). Its measured sparsity is printed next to the
+  time. TopK and dense have no stages and start from initialisation.
+* Stage I: every variant starts from initialisation with the paper's lambda_0 = 1e-8; the ReMoE
+  routers then activate about E/2 experts per token (printed).
+* Memory: each variant in its own process. On CPU, peak resident set size while the measured steps
+  run (VmHWM reset after the warm-up steps; glibc's mmap threshold is pinned to 64 KiB so freed
+  tensors return to the OS and RSS follows live tensor memory); on CUDA `max_memory_allocated`.
+  "step peak" is the peak minus the memory held just before the measured steps (weights, grads,
+  optimizer state), i.e. activations and temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+# The demo model (examples/remoe/cpu-demo.yaml) on synthetic data. Constant learning rate: the
+# steps measured late in a run must not differ from early ones only by the schedule.
+DEMO_FLAGS = [
+    "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+    "--num-query-groups", "2", "--ffn-hidden-size", "1024", "--seq-length", "256",
+    "--micro-batch-size", "4", "--global-batch-size", "4", "--num-experts", "8",
+    "--moe-router-topk", "1", "--mock-data", "--vocab-size", "8192", "--lr", "1e-3",
+    "--min-lr", "1e-3", "--lr-decay-style", "constant", "--train-iters", "2000",
+    "--eval-iters", "0", "--eval-interval", "0", "--log-interval", "1000000", "--seed", "1234",
+]
+
+VARIANT_FLAGS = {
+    "relu": ["--router", "relu"],
+    "topk": ["--router", "topk"],
+    "dense": ["--router", "dense"],
+    "relu-recompute": ["--router", "relu", "--recompute-granularity", "selective",
+                       "--recompute-modules", "moe"],
+}
+
+
+def variant_flags(name: str) -> list:
+    if name.startswith("relu-bound"):  # relu-bound<M>: Stage I dispatch bound of M experts
+        return ["--router", "relu", "--moe-relu-warmup-max-experts", name[len("relu-bound"):]]
+    return list(VARIANT_FLAGS[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers (run in subprocesses)
+# ------------------------------------------------------------------------------------------------
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(flags: list):
+    """A trainer Run and its training data iterator, exactly as `pretrain` builds them."""
+    from megatron.remoe.arguments import parse_config
+    from megatron.remoe.datasets import build_datasets, load_run_tokenizer, make_loader
+    from megatron.remoe.training import setup
+
+    cfg = parse_config(flags)
+    run = setup(cfg)
+    train_ds, _, _ = build_datasets(cfg, load_run_tokenizer(cfg))
+    loader = make_loader(train_ds, run.consumed_train_samples,
+                         cfg.train_iters * cfg.global_batch_size, cfg, run.dp_rank, run.dp_size)
+    return run, iter(loader)
+
+
+def _routing(metrics: dict) -> dict:
+    out = {}
+    if "moe_relu_sparsity" in metrics:
+        out["sparsity"] = metrics["moe_relu_sparsity"]
+        ept = [v for k, v in metrics.items() if k.endswith("/experts_per_token")]
+        out["experts_per_token"] = sum(ept) / len(ept) if ept else None
+    return out
+
+
+def worker_time(spec: dict) -> dict:
+    from megatron.remoe.training import train_step
+
+    runs = {name: _build(flags) for name, flags in spec["variants"].items()}
+    device = next(iter(runs.values()))[0].device
+    names = list(runs)
+    times = {n: [] for n in names}
+    routing = {n: [] for n in names}
+    for i in range(spec["warmup"] + spec["steps"]):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:  # rotate: ABC, BCA, CAB, ...
+            run, it = runs[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            metrics = train_step(run, it)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if i >= spec["warmup"]:
+                times[name].append(dt)
+                r = _routing(metrics)
+                if r:
+                    routing[name].append(r)
+    cfg = next(iter(runs.values()))[0].cfg
+    return {"times": times, "routing": routing, "device": str(device),
+            "tokens_per_step": cfg.global_batch_size * cfg.seq_length,
+            "params": {n: r.params for n, (r, _) in runs.items()}}
+
+
+def _proc_status_mib(key: str) -> float:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def worker_memory(spec: dict) -> dict:
+    import resource
+
+    import torch
+
+    from megatron.remoe.training import train_step
+
+    run, it = _build(spec["flags"])
+    device = run.device
+    routing = []
+    for _ in range(spec["warmup"]):  # allocates optimizer state, warms caches
+        train_step(run, it)
+    _sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        reset = True
+    else:
+        base = _proc_status_mib("VmRSS")
+        reset = _reset_peak_rss()
+    for _ in range(spec["steps"]):
+        r = _routing(train_step(run, it))
+        if r:
+            routing.append(r)
+    _sync(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        kind = "cuda max_memory_allocated"
+    else:
+        peak = _proc_status_mib("VmHWM") if reset else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        kind = "peak RSS (VmHWM)" if reset else "ru_maxrss (whole process)"
+    return {"base_mib": base, "peak_mib": peak, "step_peak_mib": peak - base, "kind": kind,
+            "routing": routing, "device": str(device)}
+
+
+def worker_settle(spec: dict) -> dict:
+    from megatron.remoe.arguments import parse_config
+    from megatron.remoe.training import pretrain
+
+    summary = pretrain(parse_config(spec["flags"]))
+    return {k: summary.get(k) for k in ("iterations", "sparsity_last10", "final_sparsity",
+                                        "target_sparsity", "final_lambda", "checkpoint",
+                                        "s_per_step")}
+
+
+WORKERS = {"time": worker_time, "memory": worker_memory, "settle": worker_settle}
+
+
+def run_worker(kind: str, spec: dict, log_path: str, env_extra: dict | None = None) -> dict:
+    """Run one worker in a fresh process; its chatter goes to log_path, its result is returned."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as out:
+        result_path = out.name
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "--_spec",
+           json.dumps(spec), "--_result", result_path]
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {kind} {json.dumps(spec)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} worker failed (exit {proc.returncode}); see {log_path}")
+        with open(result_path, encoding="utf-8") as f:
+            return json.load(f)
+    finally:
+        os.unlink(result_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------
+def _quantiles(xs):
+    xs = sorted(xs)
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
+
+
+def summarise_time(res: dict, baseline: str = "topk") -> dict:
+    out = {}
+    times = res["times"]
+    for name, ts in times.items():
+        q1, med, q3 = _quantiles(ts)
+        row = {"median_s": med, "q1_s": q1, "q3_s": q3, "n": len(ts),
+               "tokens_per_s": res["tokens_per_step"] / med}
+        if baseline in times and name != baseline:
+            ratios = [a / b for a, b in zip(ts, times[baseline])]
+            rq1, rmed, rq3 = _quantiles(ratios)
+            row.update(ratio_of_medians=med / statistics.median(times[baseline]),
+                       ratio_median=rmed, ratio_q1=rq1, ratio_q3=rq3)
+        r = res["routing"].get(name)
+        if r:
+            row["sparsity"] = statistics.mean(x["sparsity"] for x in r)
+            row["experts_per_token"] = statistics.mean(x["experts_per_token"] for x in r)
+        out[name] = row
+    return out
+
+
+def print_time_table(title: str, table: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'variant':<16}{'median s/step':>14}{'IQR':>18}{'tokens/s':>10}{'vs topk':>9}"
+          f"{'per-round ratio (IQR)':>26}{'sparsity':>10}{'exp/tok':>8}")
+    for name, r in table.items():
+        ratio = f"{r['ratio_of_medians']:.3f}" if "ratio_of_medians" in r else "1"
+        per_round = (f"{r['ratio_median']:.3f} ({r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})"
+                     if "ratio_median" in r else "")
+        sp = f"{r['sparsity']:.3f}" if "sparsity" in r else ""
+        ept = f"{r['experts_per_token']:.2f}" if "experts_per_token" in r else ""
+        print(f"{name:<16}{r['median_s']:>14.4f}{r['q1_s']:>9.4f}-{r['q3_s']:<8.4f}"
+              f"{r['tokens_per_s']:>10,.0f}{ratio:>9}{per_round:>26}{sp:>10}{ept:>8}")
+
+
+def print_memory_table(title: str, table: dict, baseline: str = "topk") -> None:
+    print(f"\n{title}")
+    kind = next(iter(table.values()))["kind"] if table else ""
+    print(f"({kind}; MiB)")
+    print(f"{'variant':<16}{'before steps':>13}{'peak':>10}{'step peak':>11}{'peak vs topk':>13}"
+          f"{'step peak vs topk':>19}{'sparsity':>10}{'exp/tok':>8}")
+    base = table.get(baseline)
+    for name, r in table.items():
+        rp = f"{r['peak_mib'] / base['peak_mib']:.3f}" if base else ""
+        rs = f"{r['step_peak_mib'] / base['step_peak_mib']:.3f}" if base and \
+            base["step_peak_mib"] > 0 else ""
+        sp = ept = ""
+        if r["routing"]:
+            sp = f"{statistics.mean(x['sparsity'] for x in r['routing']):.3f}"
+            ept = f"{statistics.mean(x['experts_per_token'] for x in r['routing']):.2f}"
+        print(f"{name:<16}{r['base_mib']:>13.1f}{r['peak_mib']:>10.1f}{r['step_peak_mib']:>11.1f}"
+              f"{rp:>13}{rs:>19}{sp:>10}{ept:>8}")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", nargs="+", type=int, default=[3, 1], choices=[1, 3])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--mem-steps", type=int, default=3, help="steps measured for memory")
+    p.add_argument("--stage1-variants", nargs="+",
+                   default=["relu", "relu-bound1", "relu-recompute", "topk", "dense"])
+    p.add_argument("--stage1-memory-variants", nargs="+",
+                   default=["relu", "relu-bound1", "relu-bound2", "relu-recompute", "topk",
+                            "dense"])
+    p.add_argument("--settle-iters", type=int, default=200,
+                   help="Stage III: steps the ReMoE run trains before it is timed")
+    p.add_argument("--settle-lambda", type=float, default=1e-4,
+                   help="Stage III: lambda_0 of that run (large, so that it settles quickly)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-time", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: 5 steps, 1 warm-up")
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench_step"),
+                   help="settled checkpoint cache and worker logs")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--_worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--_spec", help=argparse.SUPPRESS)
+    p.add_argument("--_result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._worker:
+        result = WORKERS[args._worker](json.loads(args._spec))
+        with open(args._result, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        return 0
+
+    if args.quick:
+        args.steps, args.warmup, args.mem_steps = 5, 1, 2
+        args.settle_iters = min(args.settle_iters, 40)
+    import torch
+
+    from machine import format_machine, machine_info
+
+    cuda = torch.cuda.is_available()
+    base = DEMO_FLAGS + extra
+    os.makedirs(args.workdir, exist_ok=True)
+    log_path = os.path.join(args.workdir, "workers.log")
+    info_start = machine_info()
+    print(f"machine: {format_machine(info_start)}")
+    print(f"config:  {' '.join(base)}")
+    print(f"         steps={args.steps} warmup={args.warmup} mem_steps={args.mem_steps} "
+          f"settle_iters={args.settle_iters} settle_lambda={args.settle_lambda:g} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"worker logs: {log_path}")
+    results = {"machine_start": info_start, "config": base, "args": {
+        k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    mem_env = {} if cuda else {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+    if 3 in args.stages:
+        settle_flags = base + variant_flags("relu") + [
+            "--moe-relu-l1-reg-coeff-init", str(args.settle_lambda)]
+        key = hashlib.sha1(json.dumps([settle_flags, args.settle_iters]).encode()).hexdigest()[:10]
+        ckpt = os.path.join(args.workdir, f"settled-{key}")
+        settled_file = os.path.join(ckpt, "settled.json")
+        if os.path.isfile(settled_file):
+            with open(settled_file, encoding="utf-8") as f:
+                settled = json.load(f)
+            print(f"\nStage III: reusing settled ReMoE checkpoint {ckpt}")
+        else:
+            print(f"\nStage III: training ReMoE for {args.settle_iters} steps (lambda_0 "
+                  f"{args.settle_lambda:g}) to settle its sparsity -> {ckpt}", flush=True)
+            t0 = time.time()
+            settled = run_worker("settle", {"flags": settle_flags + [
+                "--save", ckpt, "--exit-interval", str(args.settle_iters),
+                "--metrics-file", os.path.join(ckpt, "metrics.jsonl")]}, log_path)
+            settled["seconds"] = time.time() - t0
+            with open(settled_file, "w", encoding="utf-8") as f:
+                json.dump(settled, f)
+        print(f"  after {settled['iterations']} steps: sparsity {settled['final_sparsity']:.3f} "
+              f"(last 10 steps {settled['sparsity_last10']:.3f}, target "
+              f"{settled['target_sparsity']:.3f}), lambda {settled['final_lambda']:.2e}")
+        if abs(settled["sparsity_last10"] - settled["target_sparsity"]) > 0.03:
+            print("  WARNING: sparsity not settled at the target; raise --settle-iters")
+        results["settled"] = settled
+        stage3 = {"relu": settle_flags + ["--load", ckpt]}
+        stage3.update({n: base + variant_flags(n) for n in ("topk", "dense")})
+        if not args.no_time:
+            print("Stage III timing ...", flush=True)
+            res = run_worker("time", {"variants": stage3, "steps": args.steps,
+                                      "warmup": args.warmup}, log_path)
+            table = summarise_time(res)
+            results["stage3_time"] = {"raw": res, "summary": table}
+            print_time_table(f"Stage III step time ({res['device']}, {res['tokens_per_step']} "
+                             f"tokens/step, load average now {_load()})", table)
+        if not args.no_memory:
+            mem = {}
+            for name, flags in stage3.items():
+                print(f"Stage III memory: {name} ...", flush=True)
+                mem[name] = run_worker("memory", {"flags": flags, "warmup": 2,
+                                                  "steps": args.mem_steps}, log_path, mem_env)
+            results["stage3_memory"] = mem
+            print_memory_table("Stage III peak memory (one process per variant)", mem)
+
+    if 1 in args.stages:
+        stage1 = {n: base + variant_flags(n) for n in args.stage1_variants}
+        if not args.no_time:
+            print("\nStage I timing ...", flush=True)
+            res = run_worker("time", {"variants": stage1, "steps": args.steps,
+                                      "warmup": args.warmup}, log_path)
+            table = summarise_time(res)
+            results["stage1_time"] = {"raw": res, "summary": table}
+            print_time_table(f"Stage I step time ({res['device']}, {res['tokens_per_step']} "
+                             f"tokens/step, load average now {_load()})", table)
+        if not args.no_memory:
+            mem = {}
+            for name in args.stage1_memory_variants:
+                print(f"Stage I memory: {name} ...", flush=True)
+                mem[name] = run_worker("memory", {"flags": base + variant_flags(name),
+                                                  "warmup": 1, "steps": args.mem_steps},
+                                       log_path, mem_env)
+            results["stage1_memory"] = mem
+            print_memory_table("Stage I peak memory (one process per variant, first steps from "
+                               "initialisation)", mem)
+
+    results["machine_end"] = machine_info()
+    print(f"\nload average at the end: {results['machine_end']['load_average_1_5_15']}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        print(f"results: {args.json}")
+    return 0
+
+
+def _load() -> str:
+    from machine import load_average
+
+    return load_average()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""GPU path: bf16 with the router in fp32, Transformer Engine spec (TE layers, TEGroupedMLP, fused
+permutation) with variable-k ReLU routing, and a few training steps on one GPU.
+
+Every test here is skipped without CUDA (and the TE ones without Transformer Engine), so the CPU
+suite is unaffected. `scripts/gpu_check.sh` runs this file on a single-GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_reference import canonical_weights, dense_reference
+
+from megatron.remoe.compat import (fused_permute_available, gpu_fast_path_fields,
+                                   grouped_gemm_available, transformer_engine_usable)
+from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.timeout(600),
+]
+needs_te = pytest.mark.skipif(not transformer_engine_usable(),
+                              reason="needs Transformer Engine")
+
+H, FFN, E, K = 64, 96, 8, 1
+
+
+@pytest.fixture(scope="module")
+def gpu_rank():
+    """A one-process NCCL world with megatron-core's parallel state on cuda:0."""
+    from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
+
+    destroy_distributed()
+    os.environ.pop("MASTER_PORT", None)
+    device = init_distributed(ParallelConfig(), seed=1234)
+    assert device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield device
+    destroy_distributed()
+
+
+def _relu_config(**kw):
+    fields = dict(num_layers=1, hidden_size=H, num_attention_heads=4, ffn_hidden_size=FFN,
+                  moe_router_dtype="fp32")
+    fields.update(kw)
+    return build_transformer_config(router="relu", num_experts=E, moe_router_topk=K, **fields)
+
+
+# ---- router precision ---------------------------------------------------------------------------
+
+def test_relu_router_bf16_model_routes_like_fp32(gpu_rank):
+    """bf16 model, router math in fp32: the routing map equals the fp32 model's on the same
+    (bf16-representable) weights and inputs, except for gates within rounding of zero."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron.remoe.router import ReLURouter
+
+    torch.manual_seed(0)
+    routers = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = _relu_config(params_dtype=dtype, bf16=dtype == torch.bfloat16)
+        r = ReLURouter(config=cfg, pg_collection=get_default_pg_collection()).cuda()
+        r.set_layer_number(1)
+        r.eval()
+        routers[name] = r
+    with torch.no_grad():
+        w = routers["bf16"].weight
+        assert w.dtype == torch.bfloat16
+        routers["fp32"].weight.copy_(w.float())
+    x16 = torch.randn(2048, 2, H, device="cuda", dtype=torch.bfloat16)
+    probs16, map16 = routers["bf16"](x16)
+    probs32, map32 = routers["fp32"](x16.float())
+    assert probs16.dtype == torch.float32, "moe_router_dtype=fp32 must give fp32 gates"
+    ref = torch.relu(x16.double().reshape(-1, H) @ w.double().T)
+    logits = x16.double().reshape(-1, H) @ w.double().T
+    near_zero = logits.abs() < 1e-5 * logits.abs().max()
+    assert torch.equal(map16 | near_zero, map32 | near_zero)
+    assert torch.equal(map16 | near_zero, (ref > 0) | near_zero)
+    torch.testing.assert_close(probs16.double(), ref, rtol=1e-5, atol=1e-6)
+    flips = (map16 != map32).float().mean().item()
+    assert flips < 1e-3, f"{flips:.2e} of the routing entries differ between bf16 and fp32"
+
+
+def test_controller_and_regulariser_stay_fp32_in_bf16(gpu_rank):
+    cfg = _relu_config(params_dtype=torch.bfloat16, bf16=True, moe_relu_l1_reg_coeff_init=0.5)
+    ctrl = build_controller(cfg, gpu_rank)
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron.remoe.router import ReLURouter
+
+    r = ReLURouter(config=cfg, pg_collection=get_default_pg_collection(), controller=ctrl).cuda()
+    r.set_layer_number(1)
+    r.train()
+    x = torch.randn(256, 2, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    probs, _ = r(x)
+    probs.sum().backward()
+    assert ctrl.coeff.dtype == torch.float32 and ctrl.coeff.device.type == "cuda"
+    assert r.weight.grad is not None and torch.isfinite(r.weight.grad).all()
+    stats = ctrl.step()
+    assert stats is not None and 0.0 <= stats.sparsity <= 1.0 and stats.l1_reg_loss > 0
+
+
+# ---- Transformer Engine spec, variable k --------------------------------------------------------
+
+def _te_moe_layer(cfg, ctrl=None):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron.remoe.spec import get_block_spec
+
+    spec = get_block_spec(cfg, ctrl, use_transformer_engine=True)
+    layer = build_module(spec.layer_specs[0].submodules.mlp, config=cfg).cuda()
+    layer.set_layer_number(1)
+    return layer
+
+
+def _load_weights(layer, w):
+    """Canonical weights into TEGroupedMLP (weight{i}) or a SequentialMLP (local_experts)."""
+    experts = layer.experts
+    with torch.no_grad():
+        layer.router.weight.copy_(w["router"])
+        if hasattr(experts, "local_experts"):
+            for e, expert in enumerate(experts.local_experts):
+                expert.linear_fc1.weight.copy_(torch.cat([w["gate"][e], w["up"][e]]))
+                expert.linear_fc2.weight.copy_(w["down"][e])
+        else:
+            for e in range(w["router"].shape[0]):
+                getattr(experts.linear_fc1, f"weight{e}").copy_(
+                    torch.cat([w["gate"][e], w["up"][e]]))
+                getattr(experts.linear_fc2, f"weight{e}").copy_(w["down"][e])
+
+
+def _te_cases():
+    cases = [("alltoall", False, False), ("allgather", False, False)]
+    if grouped_gemm_available():
+        cases += [("alltoall", True, False), ("allgather", True, False)]
+    if fused_permute_available():
+        cases += [("alltoall", False, True)]
+        if grouped_gemm_available():
+            cases += [("alltoall", True, True)]
+    return cases
+
+
+@needs_te
+@pytest.mark.parametrize("dispatcher,grouped,fused", _te_cases())
+def test_te_moe_layer_is_exact_with_variable_k(gpu_rank, dispatcher, grouped, fused):
+    """Tokens with 0..E experts: the TE MoE layer (grouped GEMM / fused permutation) equals the
+    dense reference sum_e ReLU(x W)_e FFN_e(x); with fused permutation this needs the capacity
+    factor E/topk that the config sets (megatron-core sizes the buffer as tokens * topk)."""
+    cfg = _relu_config(moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=grouped,
+                       moe_permute_fusion=fused, params_dtype=torch.float32)
+    if fused and dispatcher == "alltoall":
+        assert cfg.moe_expert_capacity_factor == E / K
+    layer = _te_moe_layer(cfg)
+    w = {k: v.cuda() for k, v in canonical_weights(num_experts=E, hidden=H, ffn=FFN).items()}
+    _load_weights(layer, w)
+    x = torch.randn(64, 4, H, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    out, _ = layer(x)
+    ref, gates = dense_reference(x, w)
+    per_token = (gates > 0).sum(1)
+    assert per_token.max() > K, "test data should give some tokens several experts"
+    torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3)
+    out.sum().backward()
+    assert layer.router.weight.grad is not None
+
+
+@needs_te
+def test_te_spec_gpt_forward_backward_bf16(gpu_rank):
+    from megatron.core.transformer.module import Float16Module
+
+    fields = gpu_fast_path_fields(num_experts=E)
+    cfg = build_transformer_config(
+        router="relu", num_experts=E, moe_router_topk=K, num_layers=2, hidden_size=128,
+        num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
+        moe_token_dispatcher_type="alltoall", moe_relu_l1_reg_coeff_init=1e-2, **fields)
+    ctrl = build_controller(cfg, gpu_rank)
+    model = build_gpt_model(cfg, vocab_size=1024, max_sequence_length=64, controller=ctrl,
+                            use_transformer_engine=True).cuda()
+    names = {type(m).__name__ for m in model.modules()}
+    assert "TELayerNormColumnParallelLinear" in names and "ReLURouter" in names
+    if fields["moe_grouped_gemm"]:
+        assert "TEGroupedMLP" in names
+    model = Float16Module(cfg, model)
+    model.train()
+    ids = torch.randint(0, 1024, (2, 64), device="cuda")
+    pos = torch.arange(64, device="cuda").unsqueeze(0).expand(2, -1)
+    loss = model(ids, pos, None, labels=ids).float().mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    router_grads = [p.grad for n, p in model.named_parameters() if n.endswith("router.weight")]
+    assert router_grads and all(g is not None and g.abs().sum() > 0 for g in router_grads)
+    stats = ctrl.step()
+    assert stats is not None and len(stats.layer_numbers) == 2
+    assert 0.0 < stats.sparsity < 1.0
+
+
+# ---- a few training steps with the trainer (TP1, 1 GPU) -----------------------------------------
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_train_steps_single_gpu(tmp_path, impl):
+    if impl == "transformer_engine" and not transformer_engine_usable():
+        pytest.skip("needs Transformer Engine")
+    flags = ["--num-layers", "2", "--hidden-size", "256", "--num-attention-heads", "4",
+             "--num-query-groups", "2", "--ffn-hidden-size", "512", "--seq-length", "256",
+             "--micro-batch-size", "4", "--global-batch-size", "8", "--num-experts", "8",
+             "--moe-router-topk", "1", "--mock-data", "--vocab-size", "4096", "--lr", "1e-3",
+             "--train-iters", "8", "--eval-iters", "0", "--log-interval", "1", "--bf16",
+             "--transformer-impl", impl, "--moe-relu-l1-reg-coeff-init", "1e-3",
+             "--metrics-file", str(tmp_path / "metrics.jsonl")]
+    if impl == "transformer_engine" and grouped_gemm_available():
+        flags.append("--moe-grouped-gemm")
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "megatron.remoe.pretrain", *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+        records = [r for r in map(json.loads, f) if r.get("split") == "train"]
+    assert len(records) == 8
+    losses = [r["lm_loss"] for r in records]
+    assert all(x == x for x in losses) and min(losses[-3:]) < losses[0]
+    assert all(0.0 <= r["moe_relu_sparsity"] <= 1.0 for r in records)
+    assert records[-1]["memory_gb"] > 0
