@@ -24,7 +24,7 @@ import pytest
 
 from pretrain_utils import MODEL, ROOT, read_metrics, run_pretrain, start_pretrain
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(300)
 
 ITERS = 8
 BASE = MODEL + ["--mock-data", "--vocab-size", "256", "--eval-iters", "0",
@@ -58,7 +58,7 @@ def tracker(save):
         return int(fh.read())
 
 
-def wait_for(predicate, proc, timeout=90.0, what="condition"):
+def wait_for(predicate, proc, timeout=150.0, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -69,7 +69,7 @@ def wait_for(predicate, proc, timeout=90.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def finish(proc, timeout=90.0) -> int:
+def finish(proc, timeout=150.0) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -202,6 +202,44 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(reference, tmp_path):
     from megatron.remoe.checkpointing import verify_checkpoint
 
     assert verify_checkpoint(newest) is None  # saved again, whole
+
+
+def test_unloadable_checkpoints_fall_back_or_stop_with_exit_2(reference, tmp_path):
+    """A checkpoint without manifest (older format) whose load fails is skipped like a corrupt
+    one; when no checkpoint is loadable the run stops with exit 2 and touches nothing (it does not
+    silently start from scratch over them)."""
+    from megatron.remoe.checkpointing import MANIFEST
+
+    save = str(tmp_path / "ckpt")
+    shutil.copytree(reference["save"], save)
+    newest, previous = (os.path.join(save, f"iter_{i:07d}") for i in (8, 6))
+    os.remove(os.path.join(newest, MANIFEST))  # unverifiable: only loading can tell
+    shard = max((os.path.join(newest, n) for n in os.listdir(newest) if n.endswith(".distcp")),
+                key=os.path.getsize)
+    with open(shard, "r+b") as fh:
+        fh.truncate(os.path.getsize(shard) // 2)
+    os.rename(previous, previous + ".bak")
+    shutil.copytree(previous + ".bak", previous)
+    with open(os.path.join(previous, "common.pt"), "r+b") as fh:
+        fh.truncate(100)
+
+    def state():
+        return sorted((base, n, os.path.getsize(os.path.join(base, n)))
+                      for base, _, files in os.walk(save) for n in files)
+
+    before = state()
+    proc = run_pretrain(BASE + ["--save", save, "--load", save], expect_rc=2)
+    assert "loading " + newest + " failed" in proc.stdout, proc.stdout[-2000:]
+    assert "WARNING: iter_0000006" in proc.stdout and "has 100 bytes" in proc.stdout
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "no checkpoint there is loadable" in err[0], proc.stderr[-2000:]
+    assert state() == before
+    shutil.rmtree(previous)
+    os.rename(previous + ".bak", previous)  # the previous checkpoint intact again
+    out = run_pretrain(BASE + ["--save", save, "--load", save])
+    assert "loading " + newest + " failed" in out.stdout
+    assert f"resumed from {previous}" in out.stdout
+    assert_same_as_reference(save, reference)
 
 
 def test_nan_stop_policy_exits_3_naming_step_and_layers(tmp_path):

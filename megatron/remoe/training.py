@@ -228,6 +228,25 @@ def _check_resume_target(cfg: TrainConfig, vocab_size: int) -> None:
     check_checkpoint_matches(candidates[0], common, cfg, vocab_size)
 
 
+def _load_errors() -> tuple:
+    # torch.distributed.checkpoint wraps the per-rank errors of a load in CheckpointException,
+    # which derives from BaseException
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+_LOAD_ERRORS = _load_errors()
+
+
+def _last_line(error: BaseException) -> str:
+    """The innermost message of a (possibly multi-line, multi-rank) exception, on one line."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
 def _resume(run: Run) -> None:
     """Load the newest loadable checkpoint of --load. Corrupt ones (files not matching their
     manifest) and ones whose loading fails on any rank are skipped with a warning, falling back to
@@ -245,8 +264,8 @@ def _resume(run: Run) -> None:
                                      run.controller, cfg, log=_print0, vocab_size=run.vocab_size)
         except ConfigError:
             raise
-        except Exception as e:  # noqa: BLE001 -- unreadable file: fall back, all ranks together
-            error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        except _LOAD_ERRORS as e:  # unreadable file: fall back, all ranks together
+            error = f"{type(e).__name__}: {_last_line(e)}"
         errors = [error]
         if dist.get_world_size() > 1:
             errors = [None] * dist.get_world_size()
