@@ -35,7 +35,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 import zlib
 from typing import Optional
