@@ -1,5 +1,5 @@
 """The `remoe` console script: `remoe train [flags]` (= python -m megatron.remoe.pretrain) and
-`remoe demo [--compare] [--iters N] [--nproc N] [--out DIR]`."""
+`remoe demo [--compare] [--iters N] [--nproc N] [--out DIR]` and `remoe ablate GRID.yaml`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ USAGE = """usage: remoe <command> [options]
 commands:
   train   pretrain a ReMoE / TopK / dense GPT (megatron-style flags or --config FILE.yaml)
   demo    build the demo corpus and train a small ReMoE GPT on CPU, then print a summary
+  ablate  run a YAML grid of TopK / ReLU / dense runs, skip finished ones, collect tables/plots
 
 `remoe <command> --help` lists the options of a command."""
 
@@ -29,7 +30,11 @@ def main(argv: Optional[list] = None) -> int:
         from megatron.remoe.demo import main as demo_main
 
         return demo_main(rest, prog="remoe demo")
-    print(f"error: unknown command {command!r}; use `remoe train` or `remoe demo`",
+    if command == "ablate":
+        from megatron.remoe.ablation import main as ablate_main
+
+        return ablate_main(rest, prog="remoe ablate")
+    print(f"error: unknown command {command!r}; use `remoe train`, `remoe demo` or `remoe ablate`",
           file=sys.stderr)
     return 2
 

@@ -40,18 +40,23 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_config(router: str, data, out_dir: str, iters: int) -> dict:
-    """The TrainConfig fields of one demo run (written as YAML and passed with --config)."""
+def demo_data_fields(data, cache_path: str) -> dict:
+    """TrainConfig fields that point a run at the demo corpus: train/valid blends weighted by
+    tokens, the tokenizer, and where GPTDataset index caches go (shared by `remoe ablate`)."""
     train_prefixes, train_weights = data.blend("train")
     valid_prefixes, valid_weights = data.blend("valid")
     blend = lambda ps, ws: [x for w, p in zip(ws, ps) for x in (f"{w:.6f}", p)]  # noqa: E731
+    return dict(data_path=blend(train_prefixes, train_weights),
+                valid_data_path=blend(valid_prefixes, valid_weights),
+                tokenizer=data.tokenizer_dir, data_cache_path=cache_path)
+
+
+def run_config(router: str, data, out_dir: str, iters: int) -> dict:
+    """The TrainConfig fields of one demo run (written as YAML and passed with --config)."""
     run_dir = os.path.join(out_dir, router)
     cfg = dict(DEMO_MODEL)
     cfg.update(router=router, train_iters=iters, eval_interval=max(iters // 4, 1),
-               data_path=blend(train_prefixes, train_weights),
-               valid_data_path=blend(valid_prefixes, valid_weights),
-               tokenizer=data.tokenizer_dir, data_cache_path=os.path.join(out_dir, "data",
-                                                                        "index-cache"),
+               **demo_data_fields(data, os.path.join(out_dir, "data", "index-cache")),
                save=os.path.join(run_dir, "checkpoints"),
                metrics_file=os.path.join(run_dir, "metrics.jsonl"))
     if router == "dense":
@@ -69,31 +74,16 @@ def train(router: str, data, out_dir: str, iters: int, nproc: int) -> dict:
     config_path = os.path.join(run_dir, "config.yaml")
     with open(config_path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(run_config(router, data, out_dir, iters), fh, sort_keys=False)
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", "megatron.remoe.pretrain"]
-    else:
-        cmd = [sys.executable, "-m", "megatron.remoe.pretrain"]
-    cmd += ["--config", config_path]
+    cmd = training_command(config_path, nproc)
     ckpt = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpt):  # from an earlier demo: start over rather than resume
         import shutil
 
         shutil.rmtree(ckpt)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else str(os.cpu_count() or 1))
-    env["PYTHONWARNINGS"] = "ignore"
     _log(f"\n=== training {ROUTER_NAMES[router]} ({iters} steps, {nproc} process"
          f"{'es' if nproc > 1 else ''}): {' '.join(cmd)}")
     log_path = os.path.join(run_dir, "train.log")
-    with open(log_path, "w", encoding="utf-8") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, bufsize=1)
-        for line in proc.stdout:
-            log_file.write(line)
-            if _interesting(line):
-                print("  " + line.rstrip(), flush=True)
-        rc = proc.wait()
+    rc = run_logged(cmd, log_path, nproc)
     if rc != 0:
         raise SystemExit(f"demo: training {router} failed (exit code {rc}); see {log_path}")
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as fh:
@@ -101,6 +91,36 @@ def train(router: str, data, out_dir: str, iters: int, nproc: int) -> dict:
     summary["log"] = log_path
     summary["config"] = config_path
     return summary
+
+
+def training_command(config_path: str, nproc: int) -> list:
+    """`python -m megatron.remoe.pretrain --config FILE` (under torchrun when nproc > 1)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port()), "-m", "megatron.remoe.pretrain"]
+    else:
+        cmd = [sys.executable, "-m", "megatron.remoe.pretrain"]
+    return cmd + ["--config", config_path]
+
+
+def run_logged(cmd: list, log_path: str, nproc: int, echo=None, mode: str = "w",
+               extra_env: Optional[dict] = None) -> int:
+    """Run a training command, teeing its output into `log_path` and echoing the lines that
+    `echo` accepts (default: progress, eval, checkpoint and error lines), indented; returns the
+    exit code. OMP threads default to 1 per process under torchrun, all cores for one process."""
+    echo = echo or _interesting
+    env = dict(os.environ, **(extra_env or {}))
+    env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else str(os.cpu_count() or 1))
+    env["PYTHONWARNINGS"] = "ignore"
+    with open(log_path, mode, encoding="utf-8") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, bufsize=1)
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()  # the log can be followed with tail -f
+            if echo(line):
+                print("  " + line.rstrip(), flush=True)
+        return proc.wait()
 
 
 def _interesting(line: str) -> bool:
