@@ -402,9 +402,10 @@ def sparsity_stages(sparsity: list, target: float, tol: float = 0.01, window: in
       * reach  = first step with |m - target| <= tol: Stage III starts here;
       * settle = first step from which |m - target| <= tol holds until the end of the trace
                  (the settling time); None if the last step is outside the band;
-      * stage2 = Stage II start: after the lowest m before `reach` (lo), the last step before
-                 `reach` with m <= lo + 0.1 * (target - lo), plus one (the rise begins);
-                 Stage I is [first_step, stage2).
+      * stage2 = Stage II start, read from a short centred mean m' (min(window, 5) steps: the
+                 Stage I dip lasts only a few steps): after the lowest m' before `reach` (lo),
+                 the last step before `reach` with m' <= lo + 0.1 * (target - lo), plus one (the
+                 rise begins); Stage I is [first_step, stage2).
     Without `reach`, stage2 is computed over the whole trace and Stage III is absent.
     """
     if not sparsity:
@@ -420,10 +421,11 @@ def sparsity_stages(sparsity: list, target: float, tol: float = 0.01, window: in
     end = reach if reach is not None else len(m)
     stage2 = None
     if end > 0:
-        lo_at = min(range(end), key=lambda t: m[t])
-        lo = m[lo_at]
+        short = smooth(list(sparsity), min(window, 5))
+        lo_at = min(range(end), key=lambda t: short[t])
+        lo = short[lo_at]
         level = lo + 0.1 * (target - lo)
-        below = [t for t in range(lo_at, end) if m[t] <= level]
+        below = [t for t in range(lo_at, end) if short[t] <= level]
         stage2 = (below[-1] + 1) if below else lo_at
         stage2 = min(stage2, end)
     shift = lambda t: None if t is None else t + first_step  # noqa: E731
