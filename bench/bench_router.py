@@ -3,18 +3,25 @@ its aux loss), measured side by side in one run, alternating the variants.
 
     .venv/bin/python bench/bench_router.py [--tokens 8192] [--hidden 768] [--experts 8] [--topk 1]
 
-Prints the configuration, the machine, median times and the ReLU/TopK ratio.
+Prints the configuration, the machine, median times and the ReLU/TopK ratio. The ReLU side is
+what a training step pays: ReLU gating in fp32, the load-balanced L1 term attached through
+MoEAuxLossAutoScaler, on-device statistics (`controller.record`) and the once-per-step reduction
+and lambda update (`controller.step()`); the TopK side is megatron-core's TopKRouter with its
+aux loss and loss tracking.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -72,14 +79,18 @@ def main():
                 times[name].append(time.perf_counter() - t0)
 
     med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"torch={torch.__version__} device={device} threads={torch.get_num_threads()}")
+    from machine import format_machine, machine_info
+
+    print(f"machine: {format_machine(machine_info(device))}")
     print(f"config: tokens={args.tokens} hidden={args.hidden} experts={args.experts} "
           f"topk={args.topk} repeats={args.repeats}")
     print(f"{'router':<8}{'median fwd+bwd (ms)':>22}{'min (ms)':>12}")
     for name in routers:
         print(f"{name:<8}{med[name] * 1e3:>22.3f}{min(times[name]) * 1e3:>12.3f}")
-    print(f"ratio relu/topk: {med['relu'] / med['topk']:.3f}")
+    ratios = sorted(a / b for a, b in zip(times["relu"], times["topk"]))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    print(f"ratio relu/topk: {med['relu'] / med['topk']:.3f} (median of per-round ratios "
+          f"{q[1]:.3f}, IQR {q[0]:.3f}-{q[2]:.3f})")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ How it measures:
   `train_step` in rotated order (ABC, BCA, CAB, ...), so load drift on a shared machine hits every
   variant alike. Reported: median, quartiles, and the median of the per-round ratios.
 * Stage III: a ReMoE run is first trained by the trainer itself (`pretrain`, synthetic data) with
-  a large lambda_0 (`--settle-lambda`, default 1e-3: the value lambda settles at in the demo) until
-  its sparsity has reached the target, and saved; the timed ReMoE model resumes from that
+  a raised lambda_0 (`--settle-lambda`, default 1e-4, i.e. 1e4 x the paper's, which the paper
+  reports settling in 55 steps at 182M) for `--settle-iters` (200) steps, past the point where its
+  sparsity reached the target, and saved; the timed ReMoE model resumes from that
   checkpoint and keeps training (controller active). Its measured sparsity is printed next to the
   time. TopK and dense have no stages and start from initialisation.
 * Stage I: every variant starts from initialisation with the paper's lambda_0 = 1e-8; the ReMoE
