@@ -1,8 +1,9 @@
 """GPU path: bf16 with the router in fp32, Transformer Engine spec (TE layers, TEGroupedMLP, fused
 permutation) with variable-k ReLU routing, and a few training steps on one GPU.
 
-Every test here is skipped without CUDA (and the TE ones without Transformer Engine), so the CPU
-suite is unaffected. `scripts/gpu_check.sh` runs this file on a single-GPU machine.
+The GPU tests are skipped without CUDA (the TE ones also without Transformer Engine), so the CPU
+suite is unaffected; the first section checks, on any machine, that the spec/compat logic never
+picks TE where it cannot run. `scripts/gpu_check.sh` runs this file on a single-GPU machine.
 """
 
 from __future__ import annotations
@@ -23,14 +24,62 @@ from megatron.remoe.model import build_controller, build_gpt_model, build_transf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.timeout(600),
-]
-needs_te = pytest.mark.skipif(not transformer_engine_usable(),
-                              reason="needs Transformer Engine")
+pytestmark = pytest.mark.timeout(600)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_te = pytest.mark.skipif(not (torch.cuda.is_available() and transformer_engine_usable()),
+                              reason="needs a CUDA GPU and Transformer Engine")
 
 H, FFN, E, K = 64, 96, 8, 1
+
+
+# ---- any machine: TE is chosen only where it can run ------------------------------------------
+
+def _local_only_names(block):
+    return {getattr(s.submodules, "pre_mlp_layernorm", None).__name__
+            for s in block.layer_specs}
+
+
+def test_default_spec_is_local_without_cuda(monkeypatch, single_rank):
+    """Even if TE imports (simulated), a machine without CUDA gets the local spec by default."""
+    from megatron.remoe import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert spec_mod.default_use_transformer_engine() is False
+    cfg = _relu_config(use_cpu_initialization=True)
+    block = spec_mod.get_block_spec(cfg)
+    assert _local_only_names(block) == {"RMSNorm"}  # our CPU RMSNorm, not TENorm
+
+
+def test_explicit_te_without_te_is_a_clear_error():
+    if transformer_engine_usable():
+        pytest.skip("Transformer Engine is installed here")
+    from megatron.remoe.spec import get_block_spec
+
+    with pytest.raises(RuntimeError, match="Transformer Engine"):
+        get_block_spec(_relu_config(use_cpu_initialization=True), use_transformer_engine=True)
+
+
+def test_gpu_fast_path_fields_follow_what_is_installed():
+    fields = gpu_fast_path_fields(num_experts=8)
+    assert fields["bf16"] and fields["params_dtype"] == torch.bfloat16
+    assert fields["moe_router_dtype"] == "fp32"
+    assert fields["moe_grouped_gemm"] == grouped_gemm_available()
+    assert fields["moe_permute_fusion"] == fused_permute_available()
+    assert "moe_router_dtype" not in gpu_fast_path_fields(num_experts=None)
+
+
+def test_call_with_supported_kwargs_drops_unknown_keywords():
+    from megatron.remoe.compat import call_with_supported_kwargs
+
+    def old_api(a, b=1):
+        return a, b
+
+    def new_api(a, **kwargs):
+        return a, kwargs
+
+    assert call_with_supported_kwargs(old_api, 1, b=2, pp_rank=3) == (1, 2)
+    assert call_with_supported_kwargs(new_api, 1, pp_rank=3) == (1, {"pp_rank": 3})
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +106,7 @@ def _relu_config(**kw):
 
 # ---- router precision ---------------------------------------------------------------------------
 
+@needs_cuda
 def test_relu_router_bf16_model_routes_like_fp32(gpu_rank):
     """bf16 model, router math in fp32: the routing map equals the fp32 model's on the same
     (bf16-representable) weights and inputs, except for gates within rounding of zero."""
@@ -90,6 +140,7 @@ def test_relu_router_bf16_model_routes_like_fp32(gpu_rank):
     assert flips < 1e-3, f"{flips:.2e} of the routing entries differ between bf16 and fp32"
 
 
+@needs_cuda
 def test_controller_and_regulariser_stay_fp32_in_bf16(gpu_rank):
     cfg = _relu_config(params_dtype=torch.bfloat16, bf16=True, moe_relu_l1_reg_coeff_init=0.5)
     ctrl = build_controller(cfg, gpu_rank)
@@ -204,6 +255,7 @@ def test_te_spec_gpt_forward_backward_bf16(gpu_rank):
 
 # ---- a few training steps with the trainer (TP1, 1 GPU) -----------------------------------------
 
+@needs_cuda
 @pytest.mark.parametrize("impl", ["local", "transformer_engine"])
 def test_train_steps_single_gpu(tmp_path, impl):
     if impl == "transformer_engine" and not transformer_engine_usable():
