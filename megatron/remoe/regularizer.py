@@ -31,6 +31,7 @@ def l1_reg_loss(
     load_balancing: bool = True,
     valid_mask: Optional[torch.Tensor] = None,
     reduce_group: Optional[dist.ProcessGroup] = None,
+    local_counts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One layer's (load-balanced) L1 term for the local tokens.
 
@@ -42,19 +43,27 @@ def l1_reg_loss(
         load_balancing: Eq. 10-11 when True, plain L1 (Eq. 9) when False.
         valid_mask: [T_local] bool, False for padding tokens (they are excluded from T and f).
         reduce_group: group over which tokens are split (TP*CP with sequence/context parallel).
+        local_counts: [E] active tokens per expert on this rank, when the caller already has them;
+            it requires that `probs`/`routing_map` are already zero for padding tokens (the router
+            masks them), so neither the mask nor the counts are recomputed here.
 
     Returns a scalar whose sum over `reduce_group` is the term for the whole micro-batch.
     """
     num_experts = probs.shape[-1]
-    if valid_mask is None:
-        local_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+    if valid_mask is None or local_counts is not None:
+        # torch.full is a device fill; torch.tensor(..., device=cuda) would be a synchronous
+        # host-to-device copy, i.e. one host-device sync per layer and micro-batch.
+        local_tokens = (torch.full((), float(probs.shape[0]), dtype=torch.float32,
+                                   device=probs.device) if valid_mask is None
+                        else valid_mask.sum().to(torch.float32))
         active = routing_map
     else:
         local_tokens = valid_mask.sum().to(torch.float32)
         active = routing_map & valid_mask.unsqueeze(-1)
         probs = probs * valid_mask.unsqueeze(-1)
     with torch.no_grad():
-        counts = torch.cat([active.sum(dim=0).to(torch.float32), local_tokens.reshape(1)])
+        per_expert_local = active.sum(dim=0) if local_counts is None else local_counts
+        counts = torch.cat([per_expert_local.to(torch.float32), local_tokens.reshape(1)])
         if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
             dist.all_reduce(counts, group=reduce_group)
         tokens_per_expert, total_tokens = counts[:num_experts], counts[num_experts]
@@ -187,13 +196,18 @@ class SparsityController:
     # ---- called by the routers -------------------------------------------------------------
     def record(self, layer_number: int, routing_map: torch.Tensor,
                valid_mask: Optional[torch.Tensor], reg_term: Optional[torch.Tensor],
-               reg_group_size: int = 1) -> None:
-        """Accumulate one layer's routing on one micro-batch (layer_number is 1-based, global)."""
+               reg_group_size: int = 1,
+               tokens_per_expert: Optional[torch.Tensor] = None) -> None:
+        """Accumulate one layer's routing on one micro-batch (layer_number is 1-based, global).
+
+        `tokens_per_expert` ([E], this rank's counts) may be passed when the caller computed it;
+        `routing_map` must then already be False for padding tokens."""
         E = self.num_experts
         # Only fixed-shape device ops here (no bincount, no boolean indexing): both would force a
         # host-device synchronisation per layer on GPUs.
         with torch.no_grad():
-            active = routing_map if valid_mask is None else routing_map & valid_mask.unsqueeze(-1)
+            premasked = valid_mask is None or tokens_per_expert is not None
+            active = routing_map if premasked else routing_map & valid_mask.unsqueeze(-1)
             per_token = active.sum(dim=1)
             row = self.counts[layer_number - 1]
             if valid_mask is None:
@@ -203,7 +217,7 @@ class SparsityController:
                 # padding tokens add 0 to bin 0
                 row[E:2 * E + 1].scatter_add_(0, per_token, valid_mask.to(per_token.dtype))
                 row[2 * E + 1] += valid_mask.sum()
-            row[:E] += active.sum(dim=0)
+            row[:E] += active.sum(dim=0) if tokens_per_expert is None else tokens_per_expert
             row[2 * E + 2] += 1
             if reg_term is not None:
                 self.reg_sum[layer_number - 1] += reg_term.detach().to(torch.float64)

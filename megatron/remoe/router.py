@@ -61,13 +61,18 @@ class ReLURouter(Router):
         # runs without grad and the recomputation with grad, so count only when grad is enabled.
         if self.training and torch.is_grad_enabled():
             tp_cp = self.tp_cp_group
+            # One count per expert, shared by the regulariser and the statistics; probs and the
+            # map already exclude padding tokens, so neither recomputes a mask.
+            with torch.no_grad():
+                local_counts = routing_map.sum(dim=0)
             reg = l1_reg_loss(probs, routing_map, self.topk, self.load_balancing, valid,
-                              reduce_group=tp_cp)
+                              reduce_group=tp_cp, local_counts=local_counts)
             controller = self.controller
             if controller is not None:
                 probs = MoEAuxLossAutoScaler.apply(probs, controller.coeff.to(reg.dtype) * reg)
                 controller.record(self.layer_number, routing_map, valid, reg,
-                                  reg_group_size=tp_cp.size() if tp_cp is not None else 1)
+                                  reg_group_size=tp_cp.size() if tp_cp is not None else 1,
+                                  tokens_per_expert=local_counts)
                 if self.warmup_max_experts is not None and not controller.reached_target:
                     probs, routing_map = self._bound_experts(probs, routing_map)
         return probs, routing_map
