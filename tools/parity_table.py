@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Parallel-layout parity table: the same tiny GPT, seed and data trained under every layout and
+compared with the 1-process run (LM loss, grad norm, global sparsity, lambda per step), lambda
+across the ranks of each run, re-sharded checkpoints and exact resume.
+
+    OMP_NUM_THREADS=1 python tools/parity_table.py              # the reduced matrix (what CI runs)
+    OMP_NUM_THREADS=1 python tools/parity_table.py --full       # everything (long: see --help)
+
+Every job is the real trainer in real processes (torchrun + gloo on CPU); the harness and the
+tolerances are in tests/parity_utils.py, the method in docs/parity.md. Progress goes to stderr,
+the table (Markdown) to stdout and, with --out, to a file. Exit code 1 if any check fails (the
+negative-control rows are expected to fail their parity checks and count as passing if they do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import parity_utils as P  # noqa: E402
+from pretrain_utils import build_corpus  # noqa: E402
+
+# the reduced matrix = the CI set of tests/test_parity.py
+REDUCED = {
+    "parity": {"relu": [n for n in P.LAYOUTS if n != "1proc"], "topk": ["tp2_sp", "pp2_ep2"]},
+    "reshard": {"relu": [("tp2_sp", "pp2"), ("pp2_ep2", "ep2_allgather"), ("1proc", "tp2_ep2")],
+                "topk": []},
+    "resume": {"relu": ["tp2_ep2", "dp2_distopt"], "topk": []},
+    "negative": [("relu", "tp2_sp", "tp")],
+}
+
+
+def full_matrix() -> dict:
+    names = list(P.LAYOUTS)
+    others = [n for n in names if n != "1proc"]
+    return {
+        "parity": {"relu": others, "topk": others},
+        # ReLU: every ordered pair; TopK: 1 process -> every layout and back
+        "reshard": {"relu": [(a, b) for a in names for b in names if a != b],
+                    "topk": [("1proc", b) for b in others] + [(a, "1proc") for a in others]},
+        "resume": {"relu": names, "topk": names},
+        "negative": [("relu", "tp2_sp", "tp"), ("relu", "pp2", "pp"), ("relu", "dp2", "dp"),
+                     ("relu", "tp2_ep2", "dp"), ("relu", "pp2_ep2", "pp")],
+    }
+
+
+def fmt(x, spec=".1e"):
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return format(x, spec)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true",
+                        help="all layouts for both routers, every re-sharding pair for ReLU (and "
+                             "1 process <-> every layout for TopK), resume for every layout, five "
+                             "negative controls: 136 trainer jobs, ~25-35 min on 2 cores "
+                             "(default: the reduced CI matrix, 21 jobs)")
+    parser.add_argument("--routers", default="relu,topk", help="comma list (default relu,topk)")
+    parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory, "
+                                           "deleted at the end)")
+    parser.add_argument("--out", help="also write the table (Markdown) to this file")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per trainer job")
+    args = parser.parse_args(argv)
+    matrix = full_matrix() if args.full else REDUCED
+    routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+    for r in routers:
+        if r not in P.ROUTERS:
+            parser.error(f"--routers: unknown router {r!r} (choose from {', '.join(P.ROUTERS)})")
+
+    t_start = time.time()
+
+    def progress(message):
+        print(f"[{time.time() - t_start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    tmp = None
+    if args.work_dir:
+        work = os.path.abspath(args.work_dir)
+        os.makedirs(work, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="parity_")
+        work = tmp.name
+    progress(f"{'full' if args.full else 'reduced'} matrix, routers {','.join(routers)}, "
+             f"work dir {work}")
+    data_dir = os.path.join(work, "data")
+    if os.path.isfile(os.path.join(data_dir, "train.idx")):
+        data = {"tokenizer": os.path.join(data_dir, "tokenizer"),
+                "train": os.path.join(data_dir, "train"), "valid": os.path.join(data_dir, "valid")}
+    else:
+        progress("building the test corpus (stdlib .py files, 512-token BPE)")
+        data = build_corpus(data_dir)
+    runs = P.Runs(data, os.path.join(work, "runs"), timeout=args.timeout, progress=progress)
+
+    rows, failures = [], []
+    for router in routers:
+        layouts = ["1proc"] + matrix["parity"][router]
+        for layout in layouts:
+            row = {"router": router, "layout": layout, "procs": procs(layout)}
+            par = P.parity(runs, router, layout)
+            row.update(dev=par["dev"], lambda_same=par["lambda_same"],
+                       eval_init=par["eval_init_delta"], ok=not par["violations"],
+                       notes=list(par["violations"]))
+            rows.append(row)
+        by_layout = {r["layout"]: r for r in rows if r["router"] == router}
+        for source, target in matrix["reshard"][router]:
+            res = P.reshard(runs, router, source, target)
+            row = by_layout.setdefault(target, {"router": router, "layout": target,
+                                                "procs": procs(target), "notes": [],
+                                                "ok": True})
+            row.setdefault("reshard", []).append((source, res))
+            if res["violations"]:
+                row["ok"] = False
+                row["notes"].append(f"from {source}: " + "; ".join(res["violations"]))
+        for layout in matrix["resume"][router]:
+            res = P.resume(runs, router, layout)
+            row = by_layout[layout] if layout in by_layout else None
+            if row is None:
+                continue
+            row["resume"] = res["bitwise"]
+            if not res["bitwise"]:
+                row["ok"] = False
+                row["notes"].append("resume: " + "; ".join(res["violations"]))
+    negatives = []
+    for router, layout, dim in matrix["negative"]:
+        if router not in routers:
+            continue
+        neg = P.negative_control(runs, router, layout, dim)
+        negatives.append((router, layout, dim, neg))
+
+    lines = ["| router | layout | procs | max abs dloss | max rel dgrad_norm | max abs dsparsity "
+             "| max rel dlambda | lambda same on all ranks | re-shard: max abs deval at load "
+             "| re-shard: next step ok | resume bitwise | result |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        dev = row.get("dev")
+        shard = row.get("reshard", [])
+        evals = [row["eval_init"]] + [res["eval_delta"] for _, res in shard]
+        next_ok = sum(1 for _, res in shard if not res["violations"])
+        lam = row.get("lambda_same")
+        lines.append(
+            f"| {row['router']} | {row['layout']} | {row['procs']} | "
+            f"{fmt(dev['loss'])} | {fmt(dev['grad_norm_rel'])} | {fmt(dev['sparsity'])} | "
+            f"{fmt(dev['lambda_rel']) if row['router'] == 'relu' else '-'} | "
+            f"{'-' if lam is None else ('yes' if lam else 'NO')} | "
+            f"{fmt(max(evals))} ({len(evals)} load{'s' if len(evals) > 1 else ''}) | "
+            f"{f'{next_ok}/{len(shard)}' if shard else '-'} | "
+            f"{'-' if 'resume' not in row else ('yes' if row['resume'] else 'NO')} | "
+            f"{'pass' if row['ok'] else 'FAIL'} |")
+        if not row["ok"]:
+            failures.append(f"{row['router']} {row['layout']}: " + "; ".join(row["notes"]))
+    for router, layout, dim, neg in negatives:
+        dev = neg["dev"]
+        caught = bool(neg["violations"])
+        lines.append(
+            f"| {router} | {layout}, controller all-reduce without {dim.upper()} peers "
+            f"(negative control) | {procs(layout)} | {fmt(dev['loss'])} | "
+            f"{fmt(dev['grad_norm_rel'])} | {fmt(dev['sparsity'])} | {fmt(dev['lambda_rel'])} | "
+            f"{'-' if neg['lambda_same'] is None else ('yes' if neg['lambda_same'] else 'NO')} "
+            f"| - | - | - | {'caught' if caught else 'NOT CAUGHT'} |")
+        if not caught:
+            failures.append(f"negative control {router} {layout} without {dim}: not caught")
+    table = "\n".join(lines)
+    summary = (f"{runs.jobs} trainer jobs, {runs.job_seconds:.0f} s in jobs, "
+               f"{time.time() - t_start:.0f} s in all. Tolerances vs 1 process: |dloss| <= "
+               f"{P.TOL_LOSS}, rel dgrad_norm <= {P.TOL_GRAD_NORM}, dsparsity <= "
+               f"{P.TOL_SPARSITY}, rel dlambda <= {P.TOL_LAMBDA_REL}, |deval| <= {P.TOL_EVAL}. "
+               f"deval at load: the initial checkpoint (1 process, iteration 0) and the step-"
+               f"{P.HALF} checkpoints re-sharded into this layout.")
+    print(table)
+    print()
+    print(summary)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(table + "\n\n" + summary + "\n")
+    if failures:
+        print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+    if tmp is not None:
+        tmp.cleanup()
+    return 1 if failures else 0
+
+
+def procs(layout: str) -> int:
+    return P.LAYOUTS[layout][0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
