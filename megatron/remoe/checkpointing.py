@@ -144,6 +144,29 @@ def _prime_empty_optimizer_state(optimizer) -> None:
                                           "step": torch.tensor(0.0)}
 
 
+def _restore_torch_adam_steps(optimizer, loaded) -> None:
+    """Without Transformer Engine / Apex, megatron-core 0.16's DistributedOptimizer loads torch
+    Adam's 'step' as ONE tensor shared by every parameter and leaves it at a stale value (0 after
+    loading a step-3 checkpoint), so the updates after a resume used the wrong Adam bias
+    correction (found by tests/test_parity.py, exact resume). Give every parameter its own step
+    tensor holding the saved count."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(opts) == 1 else [loaded[i] for i in range(len(opts))]
+    for opt, saved in zip(opts, states):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        steps = {float(g["step"]) for g in saved["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = steps.pop()
+        for param_state in opt.optimizer.state.values():
+            param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def _state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
                 with_rng: bool, metadata: dict) -> dict:
     """The sharded state dict of this rank (model chunk(s), optimizer, RNG)."""
@@ -552,7 +575,11 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
             chunk.load_state_dict(state[f"model{i}"], strict=True)
     scheduler.load_state_dict(common["opt_param_scheduler"])
     if with_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
+        # no_grad: megatron-core's distributed optimizer copies into fp32 main params that are views
+        # of the (grad-requiring) model params; autograd refuses that in-place copy otherwise
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_torch_adam_steps(optimizer, state["optimizer"])
     else:
         # fresh optimizer: the fp32 master weights must follow the loaded model weights
         optimizer.reload_model_params()
