@@ -19,9 +19,10 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import parity_utils as P  # noqa: E402
 from pretrain_utils import build_corpus  # noqa: E402
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per trainer job")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")  # megatron-core's 'no Transformer Engine' notes
     matrix = full_matrix() if args.full else REDUCED
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     for r in routers:
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
         lam = row.get("lambda_same")
         lines.append(
             f"| {row['router']} | {row['layout']} | {row['procs']} | "
-            f"{fmt(dev['loss'])} | {fmt(dev['grad_norm_rel'])} | {fmt(dev['sparsity'])} | "
+            f"{fmt(dev['loss'])} | {fmt(dev['grad_norm_rel'])} | "
+            f"{fmt(dev['sparsity']) if row['router'] == 'relu' else '-'} | "
             f"{fmt(dev['lambda_rel']) if row['router'] == 'relu' else '-'} | "
             f"{'-' if lam is None else ('yes' if lam else 'NO')} | "
             f"{fmt(max(evals))} ({len(evals)} load{'s' if len(evals) > 1 else ''}) | "
