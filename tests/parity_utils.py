@@ -326,14 +326,14 @@ def parity(runs, router: str, layout: str) -> dict:
 def reshard(runs, router: str, source: str, target: str) -> dict:
     """`source`'s step-HALF checkpoint loaded under `target`: the evaluation loss at load against
     the source run's evaluation at HALF, and step HALF+1 against the uninterrupted 1-process run
-    (or, where the optimizer state cannot move, against 1 process loading the same checkpoint
-    with --no-load-optim)."""
+    (or, where the optimizer state cannot move, against the saving layout loading its own
+    checkpoint with --no-load-optim: the same weights, lambda and data position, Adam restarted)."""
     moves = optimizer_moves(source, target)
     loaded = runs.load_half(router, source, target, no_load_optim=not moves, steps=HALF + 1)
     if moves:
         ref = runs.train(router, "1proc")
     else:
-        ref = runs.load_half(router, source, "1proc", no_load_optim=True, steps=HALF + 1)
+        ref = runs.load_half(router, source, source, no_load_optim=True, steps=HALF + 1)
     eval_delta = abs(eval_at(loaded, HALF) - eval_at(runs.train(router, source), HALF))
     dev = deviations(ref, loaded, iterations=[HALF + 1])
     bad = within_tolerance(dev)
