@@ -2,6 +2,7 @@
 stage/settling detection, FLOPs and compute matching against hand-computed values, and the whole
 tool on real tiny runs (collector, tables, plots, resume-skip)."""
 
+import glob
 import json
 import math
 import os
@@ -305,3 +306,12 @@ def test_plots_vs_E_and_G(tmp_path):
     names = sorted(os.path.basename(p) for p in written)
     assert names == ["loss_vs_E.png", "loss_vs_G.png", "valid_loss.png"]
     assert all(os.path.getsize(p) > 5000 for p in written)
+
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "remoe",
+                                                              "ablations", "*.yaml"))))
+def test_shipped_grids_expand(path):
+    """Every shipped grid loads and expands into uniquely named, validated runs."""
+    runs = ab.expand(ab.load_grid(path))
+    assert runs and len({r.name for r in runs}) == len(runs)
