@@ -127,8 +127,10 @@ def run(args, log) -> str:
         if getattr(args, name) < 1:
             raise A.AnalysisError(f"--{name.replace('_', '-')} must be >= 1")
     # checkpoints and their configs (cheap: common state only)
-    paths = [A.resolve_checkpoint(p) for p in args.load]
-    cpaths = [A.resolve_checkpoint(p) for p in args.compare_load]
+    from megatron.remoe.checkpointing import read_checkpoint_config, resolve_checkpoint
+
+    paths = [resolve_checkpoint(p, log=log) for p in args.load]
+    cpaths = [resolve_checkpoint(p, log=log) for p in args.compare_load]
     if not args.no_figures:
         A._plt()  # fail now, not after the forward passes
     A.prepare_out_dir(args.out, args.overwrite)
@@ -137,8 +139,8 @@ def run(args, log) -> str:
 
         torch.set_num_threads(args.threads)
 
-    cfgs = [A.checkpoint_config(p)[0] for p in paths]
-    ccfgs = [A.checkpoint_config(p)[0] for p in cpaths]
+    cfgs = [read_checkpoint_config(p)[0] for p in paths]
+    ccfgs = [read_checkpoint_config(p)[0] for p in cpaths]
     labels = _labels(args, cfgs)
     for p, cfg in zip(paths + cpaths, cfgs + ccfgs):
         if not cfg.moe:

@@ -1022,41 +1022,6 @@ def analyze(models: Sequence, eval_tokens: EvalTokens, out_dir: str, tokenizer=N
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str) -> str:
-    """An `iter_XXXXXXX` directory: `path` itself, or the latest complete one under `path`."""
-    from megatron.remoe.checkpointing import find_latest_checkpoint
-
-    if not path or not os.path.exists(path):
-        raise AnalysisError(f"checkpoint {path} not found")
-    if os.path.isfile(os.path.join(path, "metadata.json")) or \
-            os.path.isfile(os.path.join(path, "common.pt")):
-        return path
-    found = find_latest_checkpoint(path, log=_default_log)
-    if found is None:
-        raise AnalysisError(f"no checkpoint in {path} (expected iter_XXXXXXX/ directories or "
-                            "latest_checkpointed_iteration.txt)")
-    return found
-
-
-def checkpoint_config(path: str):
-    """(TrainConfig saved with the checkpoint, common state dict) of an iter_XXXXXXX dir."""
-    from megatron.core import dist_checkpointing
-
-    from megatron.remoe.arguments import FIELDS, TrainConfig
-
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as e:  # noqa: BLE001 - report any unreadable checkpoint in one line
-        raise AnalysisError(f"cannot read checkpoint {path}: "
-                            f"{' '.join(str(e).split()) or type(e).__name__}") from None
-    saved = common.get("config")
-    if not saved:
-        raise AnalysisError(f"checkpoint {path} holds no training config (not written by "
-                            "megatron.remoe?)")
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in FIELDS})
-    return cfg, common
-
-
 def load_checkpoint_model(path: str, tokenizer=None, log: Callable = _default_log):
     """Build the checkpoint's model as a single-process fp32 model (TP=PP=EP=CP=1, no DDP) and
     load its weights: dist_checkpointing re-shards whatever layout it was saved in.
@@ -1071,18 +1036,16 @@ def load_checkpoint_model(path: str, tokenizer=None, log: Callable = _default_lo
     from megatron.remoe.datasets import padded_vocab_size
     from megatron.remoe.model import build_gpt_model
 
-    path = resolve_checkpoint(path)
-    cfg, common = checkpoint_config(path)
+    from megatron.remoe.checkpointing import (read_checkpoint_config, resolve_checkpoint,
+                                              single_process_config)
+
+    path = resolve_checkpoint(path, log=log)
+    cfg, common = read_checkpoint_config(path)
     if not cfg.moe:
         raise AnalysisError(f"checkpoint {path} is a dense model (router=dense): no routing to "
                             "analyse")
     saved_layout = common.get("layout") or {}
-    single = dataclasses.replace(
-        cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
-        expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
-        recompute_granularity=None, recompute_modules=[], transformer_impl="local",
-        moe_grouped_gemm=False)
+    single = single_process_config(cfg)
     if tokenizer is None:
         tokenizer = load_analysis_tokenizer(cfg)
     # the padded vocabulary of the TRAINING layout (padding depends on TP)

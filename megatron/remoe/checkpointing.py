@@ -30,6 +30,7 @@ common state saved once: iteration, consumed samples, LR scheduler, the ReMoE sp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -468,6 +469,60 @@ def find_latest_checkpoint(root: str, log=print, checksums: bool = False) -> Opt
     return None
 
 
+def resolve_checkpoint(load: str, iteration: Optional[int] = None, log=print) -> str:
+    """The iter_XXXXXXX directory an offline tool reads: `load` itself if it is one, iteration N
+    under `load`, or the latest complete checkpoint under `load`."""
+    if not load or not os.path.isdir(load):
+        raise ConfigError(f"checkpoint {load} not found (no such directory); fix the --load path")
+    if os.path.isfile(os.path.join(load, "metadata.json")) or \
+            os.path.isfile(os.path.join(load, "common.pt")):
+        if iteration is not None:
+            raise ConfigError(f"{load} is already one checkpoint; drop --iteration or pass its "
+                              "parent directory")
+        return load
+    if iteration is not None:
+        path = iteration_dir(load, iteration)
+        if not os.path.isdir(path):
+            have = [os.path.basename(iteration_dir(load, it)) for it in _complete_iterations(load)]
+            raise ConfigError(f"no checkpoint for iteration {iteration} in {load} "
+                              f"(have: {', '.join(have) or 'none'})")
+        return path
+    path = find_latest_checkpoint(load, log=log)
+    if path is None:
+        raise ConfigError(f"no checkpoint in {load} (expected iter_XXXXXXX/ directories and "
+                          f"{TRACKER})")
+    return path
+
+
+def read_checkpoint_config(path: str):
+    """(TrainConfig saved with checkpoint directory `path`, its common state dict)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.remoe.arguments import FIELDS, TrainConfig
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one line
+        raise ConfigError(f"cannot read checkpoint {path}: "
+                          f"{' '.join(str(e).split())[:300] or type(e).__name__}") from None
+    saved = common.get("config")
+    if not saved:
+        raise ConfigError(f"checkpoint {path} holds no training config (not written by "
+                          "megatron.remoe?)")
+    return TrainConfig(**{k: v for k, v in saved.items() if k in FIELDS}), common
+
+
+def single_process_config(cfg):
+    """The TrainConfig of the same model on one process (no model parallelism, fp32, local):
+    what offline tools (conversion, analysis) rebuild a checkpoint's model with."""
+    return dataclasses.replace(
+        cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
+        recompute_granularity=None, recompute_modules=[], transformer_impl="local",
+        moe_grouped_gemm=False, bf16=False, use_distributed_optimizer=False)
+
+
 def find_loadable_checkpoint(root: str, log=print, checksums: bool = True,
                              skip: tuple = ()) -> Optional[str]:
     """find_latest_checkpoint for a running job: the files are verified in parallel by all ranks
@@ -513,6 +568,10 @@ def check_model_shape(path: str, saved: dict, cfg) -> None:
         then, now = saved[name], getattr(cfg, name)
         if name == "moe_layer_freq":
             then, now = _norm_freq(then), _norm_freq(now)
+        elif name == "kv_channels":  # None means hidden / heads: compare the head widths
+            then = then or saved.get("hidden_size", 0) // max(saved.get("num_attention_heads")
+                                                                or 1, 1)
+            now = now or cfg.hidden_size // max(cfg.num_attention_heads or 1, 1)
         if then != now:
             flag_value = ",".join(map(str, then)) if isinstance(then, list) else then
             raise ConfigError(

@@ -758,62 +758,6 @@ def load_hf_folder(hf_dir: str, dtype: torch.dtype = torch.float32):
 # ------------------------------------------------------------------------------------------------
 # Checkpoint front ends
 # ------------------------------------------------------------------------------------------------
-def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> str:
-    """The iter_XXXXXXX directory to read: `load` itself if it is one, iteration N under `load`,
-    or the latest complete checkpoint under `load`."""
-    from megatron.remoe.checkpointing import find_latest_checkpoint, iteration_dir
-
-    if not load or not os.path.isdir(load):
-        raise ConversionError(f"checkpoint directory {load} does not exist")
-    if os.path.isfile(os.path.join(load, "metadata.json")) or \
-            os.path.isfile(os.path.join(load, "common.pt")):
-        if iteration is not None:
-            raise ConversionError(f"{load} is already one checkpoint; drop --iteration or pass "
-                                  "its parent directory")
-        return load
-    if iteration is not None:
-        path = iteration_dir(load, iteration)
-        if not os.path.isdir(path):
-            have = sorted(n for n in os.listdir(load) if n.startswith("iter_") and
-                          not n.endswith(".tmp"))
-            raise ConversionError(f"no checkpoint for iteration {iteration} in {load} "
-                                  f"(have: {', '.join(have) or 'none'})")
-        return path
-    path = find_latest_checkpoint(load, log=_log)
-    if path is None:
-        raise ConversionError(f"no checkpoint in {load} (expected iter_XXXXXXX/ directories and "
-                              "latest_checkpointed_iteration.txt)")
-    return path
-
-
-def checkpoint_train_config(path: str):
-    """(TrainConfig, common state) saved with checkpoint directory `path`."""
-    from megatron.core import dist_checkpointing
-
-    from megatron.remoe.arguments import FIELDS, TrainConfig
-
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"cannot read checkpoint {path}: "
-                              f"{' '.join(str(e).split())[:300] or type(e).__name__}") from None
-    saved = common.get("config")
-    if not saved:
-        raise ConversionError(f"checkpoint {path} holds no training config (not written by "
-                              "megatron.remoe?)")
-    return TrainConfig(**{k: v for k, v in saved.items() if k in FIELDS}), common
-
-
-def single_process_config(cfg):
-    """The TrainConfig of the same model on one process (no model parallelism, fp32, local)."""
-    return dataclasses.replace(
-        cfg, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
-        expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
-        recompute_granularity=None, recompute_modules=[], transformer_impl="local",
-        moe_grouped_gemm=False, bf16=False, use_distributed_optimizer=False)
-
-
 def _run_tokenizer(cfg, tokenizer_override: Optional[str] = None):
     name = tokenizer_override or cfg.tokenizer
     if not name:
@@ -839,8 +783,11 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
     from megatron.remoe.datasets import padded_vocab_size
     from megatron.remoe.model import build_gpt_model
 
-    path = resolve_checkpoint(load, iteration)
-    cfg, common = checkpoint_train_config(path)
+    from megatron.remoe.checkpointing import (read_checkpoint_config, resolve_checkpoint,
+                                              single_process_config)
+
+    path = resolve_checkpoint(load, iteration, log=_log)
+    cfg, common = read_checkpoint_config(path)
     if cfg.virtual_pipeline_model_parallel_size:
         raise ConversionError(f"{path}: virtual-pipeline checkpoints are not supported by the "
                               "converter; re-save without interleaving")
