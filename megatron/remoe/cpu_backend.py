@@ -323,12 +323,13 @@ def _patch_type_name_checks() -> None:
             setattr(cls, name, _with_cuda_type_names(fn))
 
 
-def _patch_router_gemm() -> None:
+def _patch_router_gemm(on_cpu: bool) -> None:
     # mcore 0.16 calls `te_general_gemm` in router_gating_linear but only defines it when Transformer
-    # Engine imports; without TE the name is missing. None selects the torch.mm path.
+    # Engine imports; without TE the name is missing, and with TE (on a CPU-only machine) it would
+    # run a CUDA GEMM on CPU tensors. None selects the torch.mm path.
     from megatron.core.transformer.moe import moe_utils
 
-    if not hasattr(moe_utils, "te_general_gemm"):
+    if on_cpu or not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
 
@@ -342,7 +343,7 @@ def apply_cpu_backend(force: bool = False) -> bool:
     A no-op on machines with CUDA (unless `force`). Idempotent.
     """
     global _APPLIED, _TORCH_PROXY
-    _patch_router_gemm()  # also needed on GPUs without TE
+    _patch_router_gemm(on_cpu=_APPLIED or force or cpu_backend_needed())  # GPUs without TE too
     if _APPLIED:
         _patch_loaded_modules()  # pick up megatron.core modules imported since the last call
         return True
