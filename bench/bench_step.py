@@ -348,6 +348,16 @@ def main(argv=None) -> int:
         k: v for k, v in vars(args).items() if not k.startswith("_")}}
     mem_env = {} if cuda else {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
+    def time_stage(stage: str, variants: dict) -> dict:
+        """Alternate the variants' steps in one worker; print and return the summary."""
+        print(f"{stage} timing ...", flush=True)
+        res = run_worker("time", {"variants": variants, "steps": args.steps,
+                                  "warmup": args.warmup}, log_path)
+        table = summarise_time(res)
+        print_time_table(f"{stage} step time ({res['device']}, {res['tokens_per_step']} "
+                         f"tokens/step, load average now {_load()})", table)
+        return {"raw": res, "summary": table}
+
     if 3 in args.stages:
         settle_flags = base + variant_flags("relu") + [
             "--moe-relu-l1-reg-coeff-init", str(args.settle_lambda)]
@@ -377,13 +387,7 @@ def main(argv=None) -> int:
         stage3 = {"relu": settle_flags + ["--load", ckpt]}
         stage3.update({n: base + variant_flags(n) for n in ("topk", "dense")})
         if not args.no_time:
-            print("Stage III timing ...", flush=True)
-            res = run_worker("time", {"variants": stage3, "steps": args.steps,
-                                      "warmup": args.warmup}, log_path)
-            table = summarise_time(res)
-            results["stage3_time"] = {"raw": res, "summary": table}
-            print_time_table(f"Stage III step time ({res['device']}, {res['tokens_per_step']} "
-                             f"tokens/step, load average now {_load()})", table)
+            results["stage3_time"] = time_stage("Stage III", stage3)
         if not args.no_memory:
             mem = {}
             for name, flags in stage3.items():
@@ -396,13 +400,8 @@ def main(argv=None) -> int:
     if 1 in args.stages:
         stage1 = {n: base + variant_flags(n) for n in args.stage1_variants}
         if not args.no_time:
-            print("\nStage I timing ...", flush=True)
-            res = run_worker("time", {"variants": stage1, "steps": args.steps,
-                                      "warmup": args.warmup}, log_path)
-            table = summarise_time(res)
-            results["stage1_time"] = {"raw": res, "summary": table}
-            print_time_table(f"Stage I step time ({res['device']}, {res['tokens_per_step']} "
-                             f"tokens/step, load average now {_load()})", table)
+            print()
+            results["stage1_time"] = time_stage("Stage I", stage1)
         if not args.no_memory:
             mem = {}
             for name in args.stage1_memory_variants:
