@@ -201,17 +201,9 @@ def _apply_axes(base: dict, router: str, axes: dict) -> dict:
 
 def load_grid(path: str, out: Optional[str] = None, overrides: Optional[dict] = None) -> Grid:
     """Read and expand a grid file. Raises GridError (one line) on any problem; writes nothing."""
-    from megatron.remoe.arguments import _coerce, load_yaml_config
+    from megatron.remoe.arguments import _coerce, load_yaml_config, read_yaml_mapping
 
-    if not os.path.isfile(path):
-        raise GridError(f"grid file {path} does not exist; fix the path")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as e:
-        raise GridError(f"grid {path}: invalid YAML ({getattr(e, 'problem', e)}); fix the file")
-    if not isinstance(raw, dict):
-        raise GridError(f"grid {path}: expected a mapping at top level")
+    raw = read_yaml_mapping(path, what="grid", fix="fix the path", error=GridError)
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise GridError(f"grid {path}: unknown key {unknown[0]!r}; allowed: {', '.join(GRID_KEYS)}")

@@ -269,6 +269,23 @@ def _raise_on_error(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------
 # YAML
 # ------------------------------------------------------------------------------------------------
+def read_yaml_mapping(path: str, what: str = "config", fix: str = "fix the --config path",
+                      error=ConfigError) -> dict:
+    """The top-level mapping of YAML file `path`; `error` (one line, naming the file) otherwise."""
+    if not os.path.isfile(path):
+        raise error(f"{what} file {path} does not exist; {fix}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise error(f"{what} {path}{where}: invalid YAML ({getattr(e, 'problem', e)}); fix the file")
+    if not isinstance(raw, dict):
+        raise error(f"{what} {path}: expected a mapping of keys to values at top level")
+    return raw
+
+
 def load_yaml_config(path: str, _seen: Optional[set] = None) -> dict:
     """Read a config file, following `base:` (a path relative to the file, or a list of them,
     applied in order; the file's own keys win). Keys are normalised to underscores."""
@@ -277,17 +294,7 @@ def load_yaml_config(path: str, _seen: Optional[set] = None) -> dict:
     if real in _seen:
         raise ConfigError(f"config {path}: `base:` chain loops back to itself; fix the base keys")
     _seen = _seen | {real}
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist; fix the --config path")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config {path}{where}: invalid YAML ({getattr(e, 'problem', e)})")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path}: expected a mapping of keys to values at top level")
+    raw = read_yaml_mapping(path)
     raw = {str(k).replace("-", "_"): v for k, v in raw.items()}
     merged: dict = {}
     bases = raw.pop("base", None)
