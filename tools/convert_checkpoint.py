@@ -11,6 +11,8 @@ Megatron -> HF (any saved TP/PP/EP layout; the model is rebuilt in this one proc
     routing is Mixtral's (post-softmax top-k), otherwise `ReMoEForCausalLM` with router_type topk.
     --verify runs the parity check (logits within 1e-4, routing maps, per-layer sparsity, greedy
     decoding) in fp32 BEFORE writing; on failure nothing is written and the exit code is 1.
+    --dial DIAL_JSON (from `remoe dial`) exports a dialled model: the thresholds go into
+    config.json (router_dial) and --verify compares the dialled megatron and HF models.
 
 HF -> Megatron (a trainer checkpoint for continued training, iteration 0, fresh optimizer):
 
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="override the run's tokenizer ('gpt2' or a directory)")
     p.add_argument("--verify", action="store_true",
                    help="parity check megatron vs HF before writing; exit 1 on failure")
+    p.add_argument("--dial", metavar="DIAL_JSON",
+                   help="write this compute dial (remoe dial's dial.json: thresholds, form, "
+                        "max_experts) into config.json as router_dial; --verify then compares "
+                        "the dialled models")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max |logit diff| accepted by --verify (fp32)")
     p.add_argument("--report", help="also write the conversion summary / parity numbers as JSON")
@@ -69,7 +75,8 @@ def _check_args(args) -> None:
     if args.hf_to_megatron:
         if not args.hf or not args.save:
             raise UsageError("--hf-to-megatron needs --hf HF_DIR and --save CKPT_DIR")
-        bad = [f for f in ("load", "out", "iteration", "tokenizer") if getattr(args, f) is not None]
+        bad = [f for f in ("load", "out", "iteration", "tokenizer", "dial")
+               if getattr(args, f) is not None]
         if bad:
             raise UsageError(f"--{bad[0]} does not apply to --hf-to-megatron")
         if args.dtype != "fp32":
@@ -89,6 +96,15 @@ def _check_args(args) -> None:
             raise UsageError(f"--load {args.load}: no such directory")
         if args.iteration is not None and args.iteration < 0:
             raise UsageError("--iteration must be >= 0")
+        if args.dial is not None:
+            try:
+                with open(args.dial, encoding="utf-8") as fh:
+                    args.dial_dict = json.load(fh)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"--dial {args.dial}: cannot read JSON ({e})") from None
+            if not isinstance(args.dial_dict, dict) or "thresholds" not in args.dial_dict:
+                raise UsageError(f"--dial {args.dial}: no 'thresholds' (write it with "
+                                 "`remoe dial`)")
     if not args.tolerance > 0:
         raise UsageError("--tolerance must be > 0")
 
@@ -153,7 +169,7 @@ def main(argv=None) -> int:
                 summary = megatron_checkpoint_to_hf(
                     args.load, args.out, iteration=args.iteration, dtype=args.dtype,
                     verify=args.verify, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                    tolerance=args.tolerance)
+                    tolerance=args.tolerance, dial=getattr(args, "dial_dict", None))
                 ok = summary.get("verify", {}).get("ok", True)
                 if not ok:
                     print(f"error: parity check failed; nothing written to {args.out}",

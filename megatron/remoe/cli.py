@@ -1,5 +1,6 @@
 """The `remoe` console script: `remoe train [flags]` (= python -m megatron.remoe.pretrain) and
-`remoe demo [--compare] [--iters N] [--nproc N] [--out DIR]` and `remoe ablate GRID.yaml`."""
+`remoe demo [--compare] [--iters N] [--nproc N] [--out DIR]`, `remoe ablate GRID.yaml` and
+`remoe dial --load CKPT (--target-experts-per-token X | --thresholds T | --sweep) --out DIR`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ commands:
   train   pretrain a ReMoE / TopK / dense GPT (megatron-style flags or --config FILE.yaml)
   demo    build the demo corpus and train a small ReMoE GPT on CPU, then print a summary
   ablate  run a YAML grid of TopK / ReLU / dense runs, skip finished ones, collect tables/plots
+  dial    inference-time compute dial of a ReLU-routed model: calibrate gate thresholds to a
+          target number of experts per token, or sweep quality vs compute against TopK
 
 `remoe <command> --help` lists the options of a command."""
 
@@ -34,7 +37,12 @@ def main(argv: Optional[list] = None) -> int:
         from megatron.remoe.ablation import main as ablate_main
 
         return ablate_main(rest, prog="remoe ablate")
-    print(f"error: unknown command {command!r}; use `remoe train`, `remoe demo` or `remoe ablate`",
+    if command == "dial":
+        from megatron.remoe.dial_calibration import main as dial_main
+
+        return dial_main(rest, prog="remoe dial")
+    print(f"error: unknown command {command!r}; use `remoe train`, `remoe demo`, `remoe ablate` or "
+          "`remoe dial`",
           file=sys.stderr)
     return 2
 

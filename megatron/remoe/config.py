@@ -52,12 +52,21 @@ class ReMoETransformerConfig(TransformerConfig):
     moe_granularity: int = 1
     """Recorded for reference: num_moe_experts, topk and the expert width already include it."""
 
+    moe_relu_dial: Optional[object] = None
+    """Inference-time compute dial (`megatron.remoe.dial.ComputeDial` or its dict form): per-MoE-
+    layer gate thresholds and an optional per-token cap. None = the trained model. Inference only:
+    a router in training mode refuses it."""
+
     def __post_init__(self):
         if self.moe_relu_routing:
             self._prepare_relu_routing()
         super().__post_init__()
         if self.moe_relu_routing:
             validate_relu_routing(self)
+        if self.moe_relu_dial is not None:
+            from megatron.remoe.dial import check_config_dial
+
+            check_config_dial(self)
 
     def _prepare_relu_routing(self) -> None:
         # The TopK-only knobs are irrelevant for ReLU routing; set them so megatron-core's own

@@ -14,6 +14,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
 
+from megatron.remoe.dial import dialled_gates
 from megatron.remoe.regularizer import SparsityController, l1_reg_loss
 
 
@@ -51,6 +52,9 @@ class ReLURouter(Router):
         """
         logits = logits.view(-1, self.config.num_moe_experts)
         probs = torch.relu(logits)
+        dial = getattr(self.config, "moe_relu_dial", None)
+        if dial is not None:  # inference-time compute dial (megatron/remoe/dial.py)
+            probs = dialled_gates(logits, probs, dial, self.layer_number, self.training)
         valid = None
         if padding_mask is not None:
             valid = ~padding_mask.reshape(-1).bool()

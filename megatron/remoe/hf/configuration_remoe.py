@@ -15,9 +15,18 @@ Routers (``router_type``):
   (top-k logits, then softmax over those k); "sigmoid" scores with an optional per-expert routing
   bias (``router_expert_bias``, selection only) and renormalisation when k > 1;
   ``router_topk_scaling_factor`` multiplies the weights.
+
+Inference-time compute dial (ReLU routers only), ``router_dial``: None (the trained model) or
+``{"thresholds": [tau per MoE layer], "form": "cut" | "shift", "max_experts": m | None}``. Per
+MoE layer l, "cut" keeps ``gates * [gates > tau_l]``, "shift" uses ``ReLU(x W^T - tau_l)``;
+``max_experts`` keeps each token's m largest gates. All thresholds 0 and no cap is the trained model exactly. A
+dialled model refuses to run in training mode. Written by ``remoe dial`` / the converter's
+``--dial`` (see docs/compute-dial.md).
 """
 
 from __future__ import annotations
+
+import math
 
 try:  # transformers >= 4.56 spells it PreTrainedConfig; PretrainedConfig stays as an alias
     from transformers import PretrainedConfig
@@ -56,6 +65,7 @@ class ReMoEConfig(PretrainedConfig):
         router_expert_bias: bool = False,
         moe_granularity: int = 1,
         target_sparsity: float | None = None,
+        router_dial: dict | None = None,
         output_router_logits: bool = False,
         initializer_range: float = 0.01,
         use_cache: bool = True,
@@ -86,6 +96,7 @@ class ReMoEConfig(PretrainedConfig):
         self.router_expert_bias = bool(router_expert_bias)
         self.moe_granularity = moe_granularity
         self.target_sparsity = target_sparsity
+        self.router_dial = dict(router_dial) if router_dial is not None else None
         self.output_router_logits = output_router_logits
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -106,7 +117,31 @@ class ReMoEConfig(PretrainedConfig):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.router_dial is not None:
+            self._validate_dial()
         if self.router_type == "topk" and any(self.moe_layers) and \
                 not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                              f"[1, num_experts={self.num_experts}]")
+
+    def _validate_dial(self) -> None:
+        dial, n = self.router_dial, sum(self.moe_layers)
+        if self.router_type != "relu":
+            raise ValueError("router_dial applies to router_type 'relu' only")
+        unknown = set(dial) - {"thresholds", "form", "max_experts"}
+        if unknown:
+            raise ValueError(f"router_dial has unknown keys {sorted(unknown)}")
+        taus = dial.get("thresholds")
+        if not isinstance(taus, list) or len(taus) != n:
+            raise ValueError(f"router_dial thresholds must be a list of {n} numbers (one per MoE "
+                             f"layer), got {taus!r}")
+        for i, t in enumerate(taus):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+                    or t < 0:
+                raise ValueError(f"router_dial threshold {i} = {t!r} must be a finite number >= 0")
+        if dial.get("form", "cut") not in ("cut", "shift"):
+            raise ValueError(f"router_dial form {dial.get('form')!r} is not 'cut' or 'shift'")
+        m = dial.get("max_experts")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int)
+                              or not 1 <= m <= self.num_experts):
+            raise ValueError(f"router_dial max_experts={m!r} must be in [1, {self.num_experts}]")

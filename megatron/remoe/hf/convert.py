@@ -165,7 +165,7 @@ def hf_config_from_megatron(tcfg, vocab_size: int, max_position_embeddings: int,
             router_topk_scaling_factor=tcfg.moe_router_topk_scaling_factor,
             router_expert_bias=bool(tcfg.moe_router_enable_expert_bias),
             moe_granularity=getattr(tcfg, "moe_granularity", 1),
-            target_sparsity=target_sparsity, **common)
+            target_sparsity=target_sparsity, router_dial=_dial_dict(tcfg), **common)
         cfg.auto_map = {"AutoConfig": "configuration_remoe.ReMoEConfig",
                         "AutoModelForCausalLM": "modeling_remoe.ReMoEForCausalLM"}
         cfg.architectures = ["ReMoEForCausalLM"]
@@ -173,6 +173,12 @@ def hf_config_from_megatron(tcfg, vocab_size: int, max_position_embeddings: int,
         raise ConversionError(f"unknown export kind {kind!r}")
     cfg.torch_dtype = dtype
     return cfg
+
+
+def _dial_dict(tcfg) -> Optional[dict]:
+    """The compute dial of a megatron config in HF `router_dial` form (None: undialled)."""
+    dial = getattr(tcfg, "moe_relu_dial", None)
+    return dial.to_dict() if dial is not None else None
 
 
 def hf_kind(hf_config) -> str:
@@ -229,6 +235,8 @@ def transformer_config_fields_from_hf(hf_config) -> dict:
         if hf_config.target_sparsity is not None and \
                 abs(hf_config.target_sparsity - (1 - hf_config.num_experts_per_tok / E)) > 1e-12:
             extra["moe_relu_target_sparsity"] = hf_config.target_sparsity
+        if getattr(hf_config, "router_dial", None) is not None:
+            extra["moe_relu_dial"] = dict(hf_config.router_dial)
         return dict(router="relu", num_experts=E, moe_router_topk=hf_config.num_experts_per_tok,
                     moe_router_dtype="fp32", **extra, **fields)
     if hf_config.router_score_function == "sigmoid":
@@ -488,6 +496,7 @@ class ParityReport:
     greedy_hf: list = field(default_factory=list)
     greedy_hf_cached: list = field(default_factory=list)
     tolerance: float = 1e-4
+    dial: Optional[dict] = None
     ok: bool = False
     failures: list = field(default_factory=list)
 
@@ -497,10 +506,14 @@ class ParityReport:
     def summary(self) -> str:
         lines = [f"verify: max |logit diff| = {self.max_abs_logit_diff:.3e} "
                  f"(mean {self.mean_abs_logit_diff:.3e}, tolerance {self.tolerance:g})"]
+        if self.dial:
+            lines.append(f"verify: compute dial {self.dial['form']} thresholds "
+                         f"{[round(t, 6) for t in self.dial['thresholds']]} max_experts "
+                         f"{self.dial['max_experts']} (both models)")
         if self.routing_entries:
             lines.append(f"verify: routing maps: {self.routing_mismatches} mismatching of "
                          f"{self.routing_entries} entries ({self.routing_ignored} ignored, "
-                         f"|router logit| < {self.tolerance:g})")
+                         f"|router logit - threshold| < {self.tolerance:g})")
             lines.append("verify: per-layer sparsity megatron " +
                          " ".join(f"{s:.4f}" for s in self.sparsity_megatron) + " | HF " +
                          " ".join(f"{s:.4f}" for s in self.sparsity_hf))
@@ -589,6 +602,11 @@ def verify_parity(megatron_model, hf_model, input_ids: Optional[torch.Tensor] = 
     if prompt is None:
         prompt = input_ids[:1, :8]
     rep = ParityReport(tolerance=tolerance)
+    m_dial = _dial_dict(getattr(megatron_model, "config", None))
+    h_dial = getattr(hf_model.config, "router_dial", None)
+    rep.dial = m_dial
+    if m_dial != h_dial:
+        rep.failures.append(f"compute dial differs: megatron {m_dial} vs HF {h_dial}")
     m_logits, m_maps = _megatron_forward(megatron_model, input_ids, capture=True)
     with torch.no_grad():
         out = hf_model(input_ids=input_ids, use_cache=False, output_router_logits=True)
@@ -613,10 +631,16 @@ def verify_parity(megatron_model, hf_model, input_ids: Optional[torch.Tensor] = 
             rep.failures.append(f"{len(m_maps)} MoE layers in megatron, {len(h_maps)} in HF")
         relu = getattr(hf_model.config, "router_type", "topk") == "relu"
         k = getattr(hf_model.config, "num_experts_per_tok", 1)
-        for (_, m_map), h_map, lg in zip(m_maps, h_maps, h_router_logits):
+        dial = getattr(hf_model.config, "router_dial", None) if relu else None
+        for i, ((_, m_map), h_map, lg) in enumerate(zip(m_maps, h_maps, h_router_logits)):
             lg = lg.float()
-            if relu:
-                ignore = lg.abs() < tolerance
+            if relu:  # the routing boundary: logit = tau (0 undialled)
+                tau = float(dial["thresholds"][i]) if dial else 0.0
+                ignore = (lg - tau).abs() < tolerance
+                cap = dial.get("max_experts") if dial else None
+                if cap is not None and cap < lg.shape[-1]:  # near tie at the cap
+                    top = lg.topk(cap + 1, dim=-1).values
+                    ignore = ignore | ((top[:, cap - 1] - top[:, cap]).abs() < tolerance)[:, None]
             else:  # a token whose k-th/(k+1)-th choice is a near tie may legitimately swap
                 E = lg.shape[-1]
                 top = lg.topk(min(k + 1, E), dim=-1).values
@@ -771,9 +795,13 @@ def _run_tokenizer(cfg, tokenizer_override: Optional[str] = None):
 
 
 def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
-                             tokenizer: Optional[str] = None, log: Callable = _log):
+                             tokenizer: Optional[str] = None, log: Callable = _log,
+                             overrides: Optional[dict] = None, dial=None):
     """Build the checkpoint's model in this single process (TP=PP=EP=1, fp32) and load its
     weights; dist_checkpointing re-shards any saved layout. Needs init_distributed() first.
+    `overrides`: TrainConfig fields that do not change the weights' shapes (e.g. the TopK
+    `moe_router_topk` or the token dispatcher, for inference); `dial`: a compute dial (see
+    megatron.remoe.dial.set_dial) applied to the loaded model.
     Returns (model, tcfg, TrainConfig, info) where info has the iteration, lambda, tokenizer,
     padded vocabulary size."""
     from megatron.core import dist_checkpointing, tensor_parallel
@@ -797,6 +825,8 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
         raise ConversionError(f"{path}: unknown vocabulary size; pass --tokenizer")
     vocab = padded_vocab_size(base_vocab, cfg)  # padding of the TRAINING layout (depends on TP)
     single = single_process_config(cfg)
+    if overrides:
+        single = dataclasses.replace(single, **overrides)
     try:
         tcfg = transformer_config(single, use_cpu_initialization=True)
     except Exception as e:  # noqa: BLE001
@@ -816,6 +846,10 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
         raise ConversionError(f"cannot load the model weights of {path}: "
                               f"{' '.join(str(e).split())[:300]}") from None
     model.eval()
+    if dial is not None:
+        from megatron.remoe.dial import set_dial
+
+        set_dial(model, dial)
     controller = dict(common.get("controller") or {})
     for key, value in list(controller.items()):
         if isinstance(value, torch.Tensor):
@@ -837,14 +871,16 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
 def megatron_checkpoint_to_hf(load: str, out_dir: str, iteration: Optional[int] = None,
                               dtype: str = "fp32", verify: bool = False,
                               tokenizer: Optional[str] = None, overwrite: bool = False,
-                              tolerance: float = 1e-4, log: Callable = _log) -> dict:
+                              tolerance: float = 1e-4, log: Callable = _log, dial=None) -> dict:
     """Checkpoint -> HF folder (optionally with the parity check, run before anything is written:
-    a failing check writes nothing). Returns a summary dict (with the ParityReport if verified)."""
+    a failing check writes nothing). `dial`: a compute dial (dial.json's content) written into
+    config.json as `router_dial`; --verify then compares the two dialled models.
+    Returns a summary dict (with the ParityReport if verified)."""
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ConversionError(f"--dtype {dtype} is not one of fp32, bf16")
     check_output_dir(out_dir, overwrite)
-    model, tcfg, cfg, info = load_megatron_checkpoint(load, iteration, tokenizer, log)
+    model, tcfg, cfg, info = load_megatron_checkpoint(load, iteration, tokenizer, log, dial=dial)
     tok = info["tokenizer"]
     eos = tok.eod if tok is not None else None
     hf, kind = megatron_to_hf(model, tcfg, info["vocab_size"], cfg.seq_length, cfg.rotary_base,
@@ -897,6 +933,13 @@ def _cast(hf, dtype):
     return hf
 
 
+def _refuse_dial(hf_dir: str, dial) -> None:
+    if dial is not None:
+        raise ConversionError(
+            f"{hf_dir}/config.json sets router_dial (an inference-time compute dial); training "
+            "a dialled model is not supported: remove router_dial from config.json first")
+
+
 def train_config_from_hf(hf_dir: str, hf_config, config_yaml: Optional[str] = None):
     """The TrainConfig recorded in a checkpoint made from an HF folder.
 
@@ -908,6 +951,7 @@ def train_config_from_hf(hf_dir: str, hf_config, config_yaml: Optional[str] = No
 
     fields = transformer_config_fields_from_hf(hf_config)
     router = fields["router"]
+    _refuse_dial(hf_dir, fields.get("moe_relu_dial"))
     if router == "topk" and fields.get("moe_router_pre_softmax") is False:
         raise ConversionError(
             "this model routes post-softmax (Mixtral semantics); the trainer's topk preset is "
@@ -979,6 +1023,12 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
     from megatron.remoe.training import build_model, build_optimizer
 
     save_dir = check_output_dir(save_dir, overwrite)
+    try:  # refuse a dialled folder before loading its weights
+        with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError):
+        saved = {}  # load_hf_folder reports an unreadable folder
+    _refuse_dial(hf_dir, saved.get("router_dial") if isinstance(saved, dict) else None)
     hf, kind = load_hf_folder(hf_dir, torch.float32)
     cfg = train_config_from_hf(hf_dir, hf.config, config_yaml)
     cfg.save = save_dir

@@ -20,7 +20,9 @@ The MoE MLP computes only the active (token, expert) pairs: for each expert with
 token it gathers those tokens, runs the SwiGLU expert on them and scatter-adds the weighted result.
 Router math runs in fp32. With ``output_router_logits=True`` the output carries the fp32 router
 logits of every MoE layer (``router_logits``, ``[batch*seq, E]`` each) and the boolean routing maps
-(``routing_maps``), from which ``routing_sparsity`` computes per-layer sparsity.
+(``routing_maps``), from which ``routing_sparsity`` computes per-layer sparsity. ReLU routers
+apply the config's inference-time compute dial (``router_dial``: per-layer gate thresholds and a
+per-token cap) when it is set.
 """
 
 from __future__ import annotations
@@ -187,11 +189,13 @@ class ReMoEMLP(nn.Module):
 
 
 class ReMoERouter(nn.Module):
-    """Router weight ``[E, hidden]``; ``route`` maps fp32 logits to (gates, routing_map)."""
+    """Router weight ``[E, hidden]``; ``route`` maps fp32 logits to (gates, routing_map).
+    ``moe_index``: position of this MoE layer among the MoE layers (its ``router_dial`` entry)."""
 
-    def __init__(self, config: ReMoEConfig):
+    def __init__(self, config: ReMoEConfig, moe_index: int = 0):
         super().__init__()
         self.config = config
+        self.moe_index = moe_index
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         if config.router_type == "topk" and config.router_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
@@ -206,6 +210,8 @@ class ReMoERouter(nn.Module):
         cfg = self.config
         if cfg.router_type == "relu":
             gates = torch.relu(logits)
+            if cfg.router_dial is not None:
+                gates = self._dial(logits, gates, cfg.router_dial)
             return gates, gates > 0
         k = cfg.num_experts_per_tok
         if cfg.router_score_function == "softmax":
@@ -229,14 +235,32 @@ class ReMoERouter(nn.Module):
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
         return gates, routing_map
 
+    def _dial(self, logits: torch.Tensor, gates: torch.Tensor, dial: dict) -> torch.Tensor:
+        """Compute dial (inference only): "cut" zeroes gates <= tau, "shift" is ReLU(logits -
+        tau); then at most `max_experts` largest gates per token are kept."""
+        if self.training:
+            raise RuntimeError("router_dial is inference-only: call model.eval() or remove "
+                               "router_dial from the config to train")
+        tau = float(dial["thresholds"][self.moe_index])
+        if dial.get("form", "cut") == "shift":
+            gates = torch.relu(logits - tau)
+        elif tau > 0:
+            gates = gates.masked_fill(gates <= tau, 0)
+        m = dial.get("max_experts")
+        if m is not None and m < gates.shape[-1]:
+            keep = torch.zeros_like(gates, dtype=torch.bool).scatter_(
+                1, gates.topk(m, dim=-1).indices, True)
+            gates = gates.masked_fill(~keep, 0)
+        return gates
+
 
 class ReMoESparseMoE(nn.Module):
     """y = sum_e gates_e * SwiGLU_e(x), computed only for the routed (token, expert) pairs."""
 
-    def __init__(self, config: ReMoEConfig):
+    def __init__(self, config: ReMoEConfig, moe_index: int = 0):
         super().__init__()
         self.num_experts = config.num_experts
-        self.router = ReMoERouter(config)
+        self.router = ReMoERouter(config, moe_index)
         self.experts = nn.ModuleList(
             ReMoEMLP(config.hidden_size, config.moe_intermediate_size)
             for _ in range(config.num_experts))
@@ -265,7 +289,8 @@ class ReMoEDecoderLayer(nn.Module):
         self.input_layernorm = ReMoERMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = ReMoEAttention(config, layer_idx)
         self.post_attention_layernorm = ReMoERMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = ReMoESparseMoE(config) if self.is_moe else \
+        moe_index = sum(config.moe_layers[:layer_idx])  # this layer's router_dial entry
+        self.mlp = ReMoESparseMoE(config, moe_index) if self.is_moe else \
             ReMoEMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache=None):
