@@ -82,6 +82,17 @@ class TrainConfig:
     moe_relu_l1_reg_coeff_init: float = _f(1e-8, "lambda_0 of the adaptive L1", "moe")
     moe_relu_l1_reg_coeff_multiplier: float = _f(1.2, "alpha: lambda update factor per step",
                                                  "moe")
+    moe_relu_l1_reg_coeff_controller: str = _f(
+        "paper", "lambda update rule: paper (alpha^sign(target - S)); ema, deadband or pi are "
+        "steadier in Stage III on small batches (docs/training.md)", "moe",
+        choices=["paper", "ema", "deadband", "pi"])
+    moe_relu_l1_reg_coeff_ema_beta: float = _f(0.9, "ema rule: moving-average factor of the "
+                                               "sparsity", "moe")
+    moe_relu_l1_reg_coeff_deadband_z: float = _f(2.0, "deadband rule: hold lambda while |S - "
+                                                 "target| <= z * sampling noise of S", "moe")
+    moe_relu_l1_reg_coeff_pi_kp: float = _f(2.0, "pi rule: proportional gain on log lambda",
+                                            "moe")
+    moe_relu_l1_reg_coeff_pi_ki: float = _f(1.0, "pi rule: integral gain on log lambda", "moe")
     moe_relu_target_sparsity: Optional[float] = _f(None, "target sparsity (default 1 - k/E)",
                                                    "moe")
     moe_relu_no_load_balancing: bool = _f(False, "plain L1 (paper Eq. 9) instead of the "
@@ -699,6 +710,11 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool):
             fields.update(
                 moe_relu_l1_reg_coeff_init=cfg.moe_relu_l1_reg_coeff_init,
                 moe_relu_l1_reg_coeff_multiplier=cfg.moe_relu_l1_reg_coeff_multiplier,
+                moe_relu_l1_reg_coeff_controller=cfg.moe_relu_l1_reg_coeff_controller,
+                moe_relu_l1_reg_coeff_ema_beta=cfg.moe_relu_l1_reg_coeff_ema_beta,
+                moe_relu_l1_reg_coeff_deadband_z=cfg.moe_relu_l1_reg_coeff_deadband_z,
+                moe_relu_l1_reg_coeff_pi_kp=cfg.moe_relu_l1_reg_coeff_pi_kp,
+                moe_relu_l1_reg_coeff_pi_ki=cfg.moe_relu_l1_reg_coeff_pi_ki,
                 moe_relu_target_sparsity=cfg.moe_relu_target_sparsity,
                 moe_relu_load_balancing=not cfg.moe_relu_no_load_balancing,
                 moe_relu_warmup_max_experts=cfg.moe_relu_warmup_max_experts)

@@ -38,6 +38,23 @@ class ReMoETransformerConfig(TransformerConfig):
     moe_relu_l1_reg_coeff_multiplier: float = 1.2
     """alpha: lambda is multiplied by alpha while sparsity is below target, divided otherwise."""
 
+    moe_relu_l1_reg_coeff_controller: str = "paper"
+    """lambda update rule: paper (alpha^sign(target - S)), or ema / deadband / pi, steadier options
+    for small batches that follow the paper's rule until the target is first reached
+    (megatron/remoe/controller.py)."""
+
+    moe_relu_l1_reg_coeff_ema_beta: float = 0.9
+    """ema: the moving average of the sparsity is m <- beta * m + (1 - beta) * S."""
+
+    moe_relu_l1_reg_coeff_deadband_z: float = 2.0
+    """deadband: lambda is held while |S - target| <= z * sqrt(target (1 - target) / tokens)."""
+
+    moe_relu_l1_reg_coeff_pi_kp: float = 2.0
+    """pi: proportional gain on log lambda per unit of sparsity error."""
+
+    moe_relu_l1_reg_coeff_pi_ki: float = 1.0
+    """pi: integral gain (log lambda per step per unit of sparsity error)."""
+
     moe_relu_target_sparsity: Optional[float] = None
     """Target fraction of zero router outputs; default 1 - topk / num_moe_experts."""
 
@@ -145,6 +162,17 @@ def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
     if not cfg.moe_relu_l1_reg_coeff_multiplier > 1.0:
         raise ConfigError(f"moe_relu_l1_reg_coeff_multiplier={cfg.moe_relu_l1_reg_coeff_multiplier}"
                           " must be > 1; the paper uses 1.2")
+    controller_options(cfg).validate()
+
+
+def controller_options(cfg: ReMoETransformerConfig):
+    """The lambda update rule of this config (megatron/remoe/controller.py)."""
+    from megatron.remoe.controller import ControllerOptions
+
+    return ControllerOptions(
+        kind=cfg.moe_relu_l1_reg_coeff_controller, ema_beta=cfg.moe_relu_l1_reg_coeff_ema_beta,
+        deadband_z=cfg.moe_relu_l1_reg_coeff_deadband_z, pi_kp=cfg.moe_relu_l1_reg_coeff_pi_kp,
+        pi_ki=cfg.moe_relu_l1_reg_coeff_pi_ki)
 
 
 def apply_granularity(num_experts: int, topk: int, expert_ffn_hidden_size: int,

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.remoe.config import ReMoETransformerConfig, apply_granularity, router_overrides
+from megatron.remoe.config import (ReMoETransformerConfig, apply_granularity, controller_options,
+                                   router_overrides)
 from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.spec import get_block_spec, num_moe_layers
 
@@ -63,7 +64,8 @@ def build_controller(config: ReMoETransformerConfig,
         num_layers=config.num_layers, num_experts=config.num_moe_experts,
         target_sparsity=config.target_sparsity,
         coeff_init=config.moe_relu_l1_reg_coeff_init,
-        multiplier=config.moe_relu_l1_reg_coeff_multiplier, device=device)
+        multiplier=config.moe_relu_l1_reg_coeff_multiplier, device=device,
+        options=controller_options(config))
 
 
 def build_gpt_model(config: ReMoETransformerConfig, vocab_size: int, max_sequence_length: int,

@@ -10,7 +10,8 @@ Conventions (documented in docs/method.md):
   lambda_0 = 1e-8, alpha = 1.2 and settling times carry over. The logged `l1_reg_loss` is the mean
   over layers, i.e. the paper's L_reg.
 * lambda follows `lambda <- lambda * alpha^sign(target - S)` once per optimizer step, where S is ONE
-  global sparsity: all MoE layers, all micro-batches, all ranks (DP, TP/SP, CP, PP, EP).
+  global sparsity: all MoE layers, all micro-batches, all ranks (DP, TP/SP, CP, PP, EP). That is
+  the default; steadier rules for small batches are options in controller.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.config import L1_COEFF_MAX, L1_COEFF_MIN
+from megatron.remoe.controller import ControllerOptions, build_rule
 
 
 def l1_reg_loss(
@@ -176,7 +177,8 @@ class SparsityController:
     def __init__(self, num_layers: int, num_experts: int, target_sparsity: float,
                  coeff_init: float = 1e-8, multiplier: float = 1.2,
                  device: Optional[torch.device] = None,
-                 group: Optional[dist.ProcessGroup] = None):
+                 group: Optional[dist.ProcessGroup] = None,
+                 options: Optional[ControllerOptions] = None):
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.target_sparsity = float(target_sparsity)
@@ -184,6 +186,8 @@ class SparsityController:
         self.device = device or torch.device("cpu")
         self.group = group  # None = the default (world) group
         self.coeff = torch.tensor(coeff_init, dtype=torch.float32, device=self.device)
+        # the update rule (controller.py): the paper's unless --moe-relu-l1-reg-coeff-controller
+        self.rule = build_rule(self.target_sparsity, self.multiplier, options)
         self.counts = torch.zeros(num_layers, stats_width(num_experts), dtype=torch.int64,
                                   device=self.device)
         self.reg_sum = torch.zeros(num_layers, dtype=torch.float64, device=self.device)
@@ -246,19 +250,17 @@ class SparsityController:
         calls = table[:, 2 * E + 2].double() / self.reg_group_size
         l1_reg = float((reg_sum[layers] / calls.clamp(min=1)).mean())
         used = float(self.coeff)
-        self.update(sparsity)
+        self.update(sparsity, tokens=float(table[:, 2 * E + 1].double().mean()))
         return RoutingStats(
             sparsity=sparsity, l1_coeff=used, l1_reg_loss=l1_reg,
             layer_numbers=[i + 1 for i in layers], tokens_per_expert=table[:, :E],
             experts_per_token_hist=table[:, E:2 * E + 1], tokens=table[:, 2 * E + 1])
 
-    def update(self, sparsity: float) -> None:
-        """lambda <- lambda * alpha if S < target else lambda / alpha (equality divides)."""
-        if sparsity < self.target_sparsity:
-            new = self.coeff * self.multiplier
-        else:
-            new = self.coeff / self.multiplier
-        self.coeff = new.clamp(L1_COEFF_MIN, L1_COEFF_MAX)
+    def update(self, sparsity: float, tokens: Optional[float] = None) -> None:
+        """One lambda update from the step's global sparsity and its tokens per MoE layer. The
+        paper's rule: lambda <- lambda * alpha if S < target else lambda / alpha (equality
+        divides); the other rules are in controller.py."""
+        self.coeff = self.rule.update(self.coeff, sparsity, tokens, self.reached_target)
         self.reached_target = self.reached_target or sparsity >= self.target_sparsity
         self.steps += 1
 
@@ -266,9 +268,14 @@ class SparsityController:
     def state_dict(self) -> dict:
         return {"l1_coeff": self.coeff.detach().cpu().clone(), "steps": self.steps,
                 "target_sparsity": self.target_sparsity, "multiplier": self.multiplier,
-                "reached_target": self.reached_target}
+                "reached_target": self.reached_target,
+                "rule": {"kind": self.rule.kind, **self.rule.state_dict()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.coeff = state["l1_coeff"].to(device=self.device, dtype=torch.float32).clone()
         self.steps = int(state["steps"])
         self.reached_target = bool(state.get("reached_target", False))
+        # The configured rule decides; its state resumes only from a checkpoint of the same rule
+        # (switching rules on resume starts the new rule's state afresh, see docs/training.md).
+        rule = state.get("rule") or {"kind": "paper"}
+        self.rule.load_state_dict(rule if rule.get("kind") == self.rule.kind else {})
