@@ -46,12 +46,11 @@ def reference_l1(gates, topk, load_balancing=True):
 
 
 def build_moe_layer(config, controller=None):
-    from megatron.core.transformer.spec_utils import build_module
-
+    from megatron.remoe.compat import build_from_spec
     from megatron.remoe.spec import get_block_spec
 
     spec = get_block_spec(config, controller, use_transformer_engine=False)
-    layer = build_module(spec.layer_specs[0].submodules.mlp, config=config)
+    layer = build_from_spec(spec.layer_specs[0].submodules.mlp, config=config)
     layer.set_layer_number(1)
     return layer
 

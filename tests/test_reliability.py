@@ -220,7 +220,7 @@ def test_unloadable_checkpoints_fall_back_or_stop_with_exit_2(reference, tmp_pat
         fh.truncate(os.path.getsize(shard) // 2)
     os.rename(previous, previous + ".bak")
     shutil.copytree(previous + ".bak", previous)
-    with open(os.path.join(previous, "common.pt"), "r+b") as fh:
+    with open(common_state_file(previous), "r+b") as fh:
         fh.truncate(100)
 
     def state():
@@ -314,16 +314,30 @@ def test_exit_duration_in_mins_saves_and_exits_0(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # In-process: manifest verification, fallback and retention on synthetic checkpoint directories
 # ------------------------------------------------------------------------------------------------
+def common_state_file(path):
+    """The file of a real checkpoint that holds its common state: common.pt up to megatron-core
+    0.18, a .distcp file from 0.19 on (the largest: it holds the common state too)."""
+    from megatron.remoe.checkpointing import COMMON_PT
+
+    if os.path.isfile(os.path.join(path, COMMON_PT)):
+        return os.path.join(path, COMMON_PT)
+    return max((os.path.join(path, n) for n in os.listdir(path) if n.endswith(".distcp")),
+               key=os.path.getsize)
+
+
+FAKE_FILES = (".metadata", "__0_0.distcp")  # torch_dist files of every megatron-core release
+
+
 def fake_checkpoint(root, iteration, payload=b"x" * 100):
     """A directory with files and a manifest, as save_checkpoint writes them."""
     from megatron.remoe.checkpointing import MANIFEST, _describe_files, iteration_dir
 
     path = iteration_dir(str(root), iteration)
     os.makedirs(path)
-    for name in ("common.pt", "__0_0.distcp"):
+    for name in FAKE_FILES:
         with open(os.path.join(path, name), "wb") as fh:
             fh.write(payload)
-    files = _describe_files(path, ["common.pt", "__0_0.distcp"], checksums=True)
+    files = _describe_files(path, list(FAKE_FILES), checksums=True)
     with open(os.path.join(path, MANIFEST), "w") as fh:
         json.dump({"iteration": iteration, "files": files}, fh)
     with open(os.path.join(str(root), "latest_checkpointed_iteration.txt"), "w") as fh:
@@ -346,7 +360,7 @@ def test_find_latest_skips_truncated_and_altered_checkpoints(tmp_path):
     notes = []
     assert find_latest_checkpoint(str(tmp_path), log=notes.append) == p4
     assert len(notes) == 1 and "iter_0000006" in notes[0] and "has 10 bytes" in notes[0]
-    with open(os.path.join(p4, "common.pt"), "r+b") as fh:  # same size, other bytes
+    with open(os.path.join(p4, FAKE_FILES[0]), "r+b") as fh:  # same size, other bytes
         fh.write(b"y")
     assert find_latest_checkpoint(str(tmp_path), log=notes.append) == p4  # sizes only
     assert find_latest_checkpoint(str(tmp_path), log=notes.append,

@@ -5,3 +5,7 @@
 """
 
 __version__ = "0.1.0"
+
+from megatron.remoe.log_filters import install as _quiet_known_noise  # noqa: E402
+
+_quiet_known_noise()  # before any entry point of ours imports megatron-core

@@ -44,10 +44,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.remoe.compat import mcore_version_string, reads_checkpoint_of, writes_common_pt
 from megatron.remoe.config import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "checkpoint_manifest.json"
+COMMON_PT = "common.pt"  # megatron-core < 0.19's file of the common state (compat.writes_common_pt)
 CHECKPOINT_VERSION = 1
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 _TMP_DIR = re.compile(r"^iter_(\d{7})\.(tmp|deleting)$")
@@ -340,7 +342,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cont
     # common (non-sharded) state: written once by rank 0, identical on every rank
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
               opt_param_scheduler=scheduler.state_dict(),
-              checkpoint_version=CHECKPOINT_VERSION, layout=_layout(cfg), config=cfg.to_dict(),
+              checkpoint_version=CHECKPOINT_VERSION, writer=writer_versions(),
+              layout=_layout(cfg), config=cfg.to_dict(),
               controller=controller.state_dict() if controller is not None else None)
     sd.update(extra_common or {})
     dist_checkpointing.save(sd, tmp, get_default_save_sharded_strategy("torch_dist"),
@@ -357,7 +360,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cont
     files = _all_gather_dicts(_describe_files(tmp, _my_share(names), checksums))
     if _rank() == 0:
         manifest = {"iteration": iteration, "checkpoint_version": CHECKPOINT_VERSION,
-                    "files": {n: files[n] for n in sorted(files)}}
+                    "writer": writer_versions(), "files": {n: files[n] for n in sorted(files)}}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
@@ -475,7 +478,7 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None, log=print) ->
     if not load or not os.path.isdir(load):
         raise ConfigError(f"checkpoint {load} not found (no such directory); fix the --load path")
     if os.path.isfile(os.path.join(load, "metadata.json")) or \
-            os.path.isfile(os.path.join(load, "common.pt")):
+            os.path.isfile(os.path.join(load, COMMON_PT)):
         if iteration is not None:
             raise ConfigError(f"{load} is already one checkpoint; drop --iteration or pass its "
                               "parent directory")
@@ -494,14 +497,53 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None, log=print) ->
     return path
 
 
-def read_checkpoint_config(path: str):
-    """(TrainConfig saved with checkpoint directory `path`, its common state dict)."""
+def writer_versions() -> dict:
+    """What wrote a checkpoint, recorded in its manifest (plain JSON, readable by any version)."""
+    from megatron.remoe import __version__
+
+    return {"megatron_core": mcore_version_string(), "torch": torch.__version__.split("+")[0],
+            "megatron_remoe": __version__}
+
+
+def check_writer_version(path: str) -> None:
+    """ConfigError (one line) when checkpoint `path` was written by a newer megatron-core release
+    than the installed one, which may not read its layout (0.19 moved the common state out of
+    common.pt): say so, instead of failing to read it and calling it corrupt."""
+    writer = None
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
+            writer = (json.load(fh).get("writer") or {}).get("megatron_core")
+    except (OSError, ValueError, AttributeError):
+        pass  # no or unreadable manifest: verify_checkpoint reports it
+    if writer is None and writes_common_pt() and \
+            os.path.isfile(os.path.join(path, "metadata.json")) and \
+            not os.path.isfile(os.path.join(path, COMMON_PT)):
+        writer = ">= 0.19"  # written before versions were recorded, in 0.19's layout
+    if writer is None or (writer[0].isdigit() and reads_checkpoint_of(writer)):
+        return
+    raise ConfigError(
+        f"checkpoint {path} was written by megatron-core {writer}, newer than the installed "
+        f"{mcore_version_string()}, which cannot read its layout; fix: install megatron-core "
+        f"{writer.lstrip('>= ')} or newer (within megatron-remoe's supported range), or load a "
+        f"checkpoint written by {mcore_version_string()} or older")
+
+
+def load_common_state(path: str) -> dict:
+    """The common (non-sharded) state of checkpoint `path`, after the writer-version check."""
     from megatron.core import dist_checkpointing
 
+    check_writer_version(path)
+    return dist_checkpointing.load_common_state_dict(path)
+
+
+def read_checkpoint_config(path: str):
+    """(TrainConfig saved with checkpoint directory `path`, its common state dict)."""
     from megatron.remoe.arguments import FIELDS, TrainConfig
 
     try:
-        common = dist_checkpointing.load_common_state_dict(path)
+        common = load_common_state(path)
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one line
         raise ConfigError(f"cannot read checkpoint {path}: "
                           f"{' '.join(str(e).split())[:300] or type(e).__name__}") from None
@@ -611,7 +653,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
 
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = load_common_state(path)
     check_checkpoint_matches(path, common, cfg, vocab_size)
     metadata = dist_checkpointing.load_content_metadata(path) or sharded_metadata()
     saved, now = common.get("layout") or {}, _layout(cfg)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import re
+from typing import Optional
 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: F401 (re-export)
 
@@ -20,34 +22,157 @@ def mcore_version() -> tuple[int, int, int]:
         from megatron.core import package_info
 
         raw = package_info.__version__
-    parts = []
-    for piece in raw.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    while len(parts) < 3:
-        parts.append(0)
-    return tuple(parts)
+    return parse_version(raw)
 
 
 def mcore_at_least(major: int, minor: int, patch: int = 0) -> bool:
     return mcore_version() >= (major, minor, patch)
 
 
+def mcore_version_string() -> str:
+    """The installed megatron-core version as "X.Y.Z" (what checkpoints record as their writer)."""
+    return ".".join(map(str, mcore_version()))
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version string; "0.19.0rc1" -> (0, 19, 0)."""
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = re.match(r"\d*", piece).group()
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Variable k (0..E experts per token) through megatron-core's dispatchers
+# ------------------------------------------------------------------------------------------------
 def variable_k_dispatch_settings(num_experts: int, topk: int, dispatcher: str,
-                                 permute_fusion: bool) -> dict:
+                                 permute_fusion: bool,
+                                 capacity_factor: Optional[float] = None) -> dict:
     """TransformerConfig overrides that make dispatch exact when tokens pick 0..E experts.
 
     megatron-core >= 0.17 sizes the dropless alltoall permutation as `tokens * topk` (and TE's fused
     permutation does on every version), truncating tokens that chose more than `topk` experts.
-    Setting a capacity factor of at least E/topk makes the dispatcher use the real per-expert token
-    count instead; the ReLU router never applies the capacity itself, so nothing is dropped.
+    With any capacity factor set, the dispatcher uses the real per-expert token count instead; the
+    ReLU router never applies the capacity itself, so nothing is dropped. We set E/topk only when
+    the user set none: a user's value is theirs (the config validation rejects one below E/topk).
     """
-    if dispatcher != "alltoall":
+    if dispatcher != "alltoall" or capacity_factor is not None:
         return {}
     if not (mcore_at_least(0, 17) or permute_fusion):
         return {}
-    return {"moe_expert_capacity_factor": float(num_experts) / float(topk),
-            "moe_pad_expert_input_to_capacity": False}
+    return {"moe_expert_capacity_factor": float(num_experts) / float(topk)}
+
+
+def fixed_k_features(cfg) -> list:
+    """(field, why, fix) for the enabled megatron-core features that assume a fixed k per token,
+    which ReLU routing (0..E experts per token) cannot use. Fields absent in this version are
+    simply not enabled."""
+    found = []
+    if getattr(cfg, "moe_enable_deepep", False) or \
+            getattr(cfg, "moe_token_dispatcher_type", None) == "flex":
+        found.append(("moe_token_dispatcher_type='flex' (DeepEP/HybridEP)",
+                      "dispatches top-k expert indices",
+                      "use --moe-token-dispatcher-type alltoall or allgather"))
+    if getattr(cfg, "moe_enable_routing_replay", False):
+        found.append(("moe_enable_routing_replay", "records and replays top-k expert indices",
+                      "remove it with --moe-relu-routing"))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer specs: where the router goes
+# ------------------------------------------------------------------------------------------------
+def spec_module_class(spec):
+    """The class a layer-spec entry builds: `ModuleSpec.module` (megatron-core <= 0.17 for MoE),
+    `functools.partial(cls, ...)`.func (0.18+), or the class itself."""
+    if isinstance(spec, functools.partial):
+        return spec.func
+    if isinstance(spec, type):
+        return spec
+    return getattr(spec, "module", None)
+
+
+def spec_submodules(spec):
+    """The `submodules` of a ModuleSpec or a functools.partial spec (megatron-core's own
+    `spec_utils.get_submodules` where it exists, 0.17+)."""
+    from megatron.core.transformer import spec_utils
+
+    getter = getattr(spec_utils, "get_submodules", None)
+    if getter is not None:
+        return getter(spec)
+    if isinstance(spec, functools.partial):
+        return spec.keywords["submodules"]
+    return spec.submodules
+
+
+def moe_submodules(mlp_spec):
+    """The `MoESubmodules` of an MLP spec that builds a megatron-core MoELayer, else None."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    cls = spec_module_class(mlp_spec)
+    if not (isinstance(cls, type) and issubclass(cls, MoELayer)):
+        return None
+    return spec_submodules(mlp_spec)
+
+
+def build_from_spec(spec, **kwargs):
+    """Instantiate a layer-spec entry of either form (ModuleSpec or functools.partial)."""
+    if isinstance(spec, functools.partial):
+        return spec(**kwargs)
+    from megatron.core.transformer.spec_utils import build_module
+
+    return build_module(spec, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE metrics (TopK aux losses)
+# ------------------------------------------------------------------------------------------------
+def _moe_metrics_tracker():
+    """megatron-core >= 0.18's metrics tracker, or None (0.16/0.17: module-level functions)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        return None
+    return get_moe_metrics_tracker()
+
+
+def report_moe_metrics(**kwargs) -> str:
+    """Reduce, aggregate and clear the MoE metrics the routers recorded this step (arguments of
+    `MoEMetricsTracker.report` / `track_moe_metrics`, which share their names)."""
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        return call_with_supported_kwargs(tracker.report, **kwargs)
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    return call_with_supported_kwargs(track_moe_metrics, **kwargs)
+
+
+def clear_moe_metrics() -> None:
+    """Drop the MoE metrics recorded so far (e.g. by evaluation forwards)."""
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        tracker.clear()
+        return
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint layout
+# ------------------------------------------------------------------------------------------------
+def writes_common_pt() -> bool:
+    """megatron-core < 0.19 writes the common (non-sharded) state to `common.pt`; 0.19+ embeds it
+    in the `.distcp` files (and still reads the old layout)."""
+    return not mcore_at_least(0, 19)
+
+
+def reads_checkpoint_of(writer_version: str) -> bool:
+    """Whether this megatron-core reads checkpoints written by `writer_version`: the same or an
+    older minor release. A newer release may write a layout this one does not know (0.19 dropped
+    common.pt, which 0.16-0.18 require)."""
+    return parse_version(writer_version)[:2] <= mcore_version()[:2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,8 +205,7 @@ def te_version() -> tuple[int, int, int] | None:
         import transformer_engine
 
         raw = getattr(transformer_engine, "__version__", "0.0.0")
-    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in raw.split(".")[:3]]
-    return tuple(parts + [0] * (3 - len(parts)))
+    return parse_version(raw)
 
 
 def fused_permute_available() -> bool:

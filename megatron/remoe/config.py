@@ -11,7 +11,7 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron.remoe.compat import variable_k_dispatch_settings
+from megatron.remoe.compat import fixed_k_features, variable_k_dispatch_settings
 
 ROUTERS = ("relu", "topk", "topk-sigmoid-bias", "dense")
 
@@ -92,10 +92,16 @@ class ReMoETransformerConfig(TransformerConfig):
             self.moe_router_load_balancing_type = "none"
         if self.moe_router_topk == 1:
             self.moe_router_pre_softmax = True
+        # before megatron-core's own checks, which reject some of these with less useful messages
+        refused = fixed_k_features(self)
+        if refused:
+            name, why, fix = refused[0]
+            raise ConfigError(f"{name} {why}, a fixed number per token, which ReLU routing "
+                              f"(0..E experts per token) does not have; {fix}")
         if self.num_moe_experts and self.moe_router_topk:
             overrides = variable_k_dispatch_settings(
                 self.num_moe_experts, self.moe_router_topk, self.moe_token_dispatcher_type,
-                self.moe_permute_fusion)
+                self.moe_permute_fusion, self.moe_expert_capacity_factor)
             for key, value in overrides.items():
                 setattr(self, key, value)
 
@@ -115,10 +121,6 @@ def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
         raise ConfigError(
             f"moe_router_topk={k} must be in [1, num_moe_experts={E}]: it sets the target sparsity "
             f"1 - k/E; lower --moe-router-topk")
-    if cfg.moe_token_dispatcher_type == "flex":
-        raise ConfigError(
-            "moe_token_dispatcher_type='flex' takes fixed top-k indices and cannot dispatch ReLU "
-            "routing (0..E experts per token); use --moe-token-dispatcher-type alltoall or allgather")
     if cfg.moe_apply_probs_on_input:
         raise ConfigError(
             "moe_apply_probs_on_input requires top-1 routing; ReLU routing weights expert outputs: "

@@ -6,7 +6,9 @@ hard-coded `device='cuda'` tensors, `Tensor.type() == 'torch.cuda.FloatTensor'` 
 split sizes and equal-size all-gathers in gloo. This module bridges all of them, in one place,
 without editing site-packages:
 
-* every loaded `megatron.core.*` module that refers to the global `torch` gets a thin proxy of it whose
+* every `megatron.core.*` module that refers to the global `torch`, loaded before the call or
+  imported at any time after it (an import hook: megatron-core imports some CUDA-touching modules
+  only inside functions), gets a thin proxy of torch whose
   `torch.cuda` namespace maps devices, streams, events and RNG onto the CPU, whose tensor factories
   map `device='cuda'` to the CPU, and whose `torch.distributed` converts split sizes to lists and
   pads unequal all-gathers for gloo;
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
+import importlib.abc
 import logging
 import sys
 import types
@@ -31,45 +33,7 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
-
 _APPLIED = False
-
-# megatron-core modules that touch CUDA on the training path (mcore 0.16.1 call sites, spec section
-# 4). They are imported eagerly so the proxy is in place before any model is built; any other
-# megatron.core module already imported at apply time is patched as well.
-_MCORE_MODULES = (
-    "megatron.core.utils",
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.distributed.distributed_data_parallel",
-    "megatron.core.distributed.finalize_model_grads",
-    "megatron.core.models.common.embeddings.rotary_pos_embedding",
-    "megatron.core.models.gpt.gpt_model",
-    "megatron.core.optimizer",
-    "megatron.core.optimizer.clip_grads",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.distrib_optimizer",
-    "megatron.core.optimizer_param_scheduler",
-    "megatron.core.pipeline_parallel.p2p_communication",
-    "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.tensor_parallel.layers",
-    "megatron.core.tensor_parallel.mappings",
-    "megatron.core.tensor_parallel.random",
-    "megatron.core.tensor_parallel.cross_entropy",
-    "megatron.core.transformer.moe.moe_utils",
-    "megatron.core.transformer.moe.router",
-    "megatron.core.transformer.moe.token_dispatcher",
-    "megatron.core.transformer.moe.moe_layer",
-    "megatron.core.transformer.moe.experts",
-    "megatron.core.transformer.transformer_block",
-    "megatron.core.transformer.transformer_layer",
-    "megatron.core.transformer.utils",
-    "megatron.core.transformer.attention",
-    "megatron.core.transformer.dot_product_attention",
-    "megatron.core.dist_checkpointing.strategies.torch",
-    "megatron.core.dist_checkpointing.exchange_utils",
-    "megatron.core.rerun_state_machine",
-)
 
 _CPU = torch.device("cpu")
 
@@ -281,10 +245,59 @@ def _patch_module(module) -> None:
         module.torch = _TORCH_PROXY
 
 
+def _is_mcore(name: str) -> bool:
+    return name == "megatron.core" or name.startswith("megatron.core.")
+
+
 def _patch_loaded_modules() -> None:
     for name, module in list(sys.modules.items()):
-        if name.startswith("megatron.core") and module is not None:
+        if _is_mcore(name) and module is not None:
             _patch_module(module)
+
+
+class _PatchingLoader:
+    """Runs the real loader, then gives the new megatron.core module the CPU torch proxy."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _patch_module(module)
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, get_code, ...
+        return getattr(self._loader, name)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches every megatron.core module imported after `apply_cpu_backend()` as it loads.
+
+    megatron-core keeps moving imports into functions (0.17+ imports the checkpoint writers
+    `filesystem_async` / `state_dict_saver` during a save, and they call torch.cuda): a list of
+    modules to import and patch up front goes stale with every release; patching on import
+    cannot. It finds nothing itself: it asks the other finders and wraps the loader they return.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not _is_mcore(fullname):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchingLoader(spec.loader)
+        return spec
+
+
+_IMPORT_HOOK = _PatchOnImport()
 
 
 def _patch_rng(random_mod) -> None:
@@ -350,12 +363,9 @@ def apply_cpu_backend(force: bool = False) -> bool:
     if not force and not cpu_backend_needed():
         return False
     _TORCH_PROXY = _CpuTorch()
-    for name in _MCORE_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:  # a module moved in a newer megatron-core: patch what exists
-            log.debug("cpu backend: skip %s (%s)", name, exc)
     _patch_loaded_modules()
+    if _IMPORT_HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _IMPORT_HOOK)  # and every one imported from now on
     from megatron.core.tensor_parallel import random as random_mod
 
     _patch_rng(random_mod)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron.remoe.config import (ReMoETransformerConfig, apply_granularity, controller_options,
                                    router_overrides)
 from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.spec import get_block_spec, num_moe_layers
+from megatron.remoe.spec import check_routers, get_block_spec, num_moe_layers
 
 # The paper's models: SwiGLU (ffn = 4h), RoPE base 1e6, RMSNorm, untied embeddings, no biases,
 # no dropout, GQA with 4 groups, init std 0.01.
@@ -85,7 +85,7 @@ def build_gpt_model(config: ReMoETransformerConfig, vocab_size: int, max_sequenc
                                                              vp_stage=vp_stage)
     spec = get_block_spec(config, controller, use_transformer_engine=use_transformer_engine,
                           vp_stage=vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -97,6 +97,10 @@ def build_gpt_model(config: ReMoETransformerConfig, vocab_size: int, max_sequenc
         rotary_base=rotary_base,
         vp_stage=vp_stage,
     )
+    # every builder (trainer, HF conversion, analysis) comes through here: no model whose routers
+    # differ from the config leaves this function
+    check_routers(model, config)
+    return model
 
 
 def count_parameters(config: ReMoETransformerConfig, vocab_size: int) -> dict:

@@ -16,12 +16,14 @@ Conventions (documented in docs/method.md):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron.remoe.config import ConfigError
 from megatron.remoe.controller import ControllerOptions, build_rule
 
 
@@ -198,6 +200,32 @@ class SparsityController:
         self.reached_target = False
 
     # ---- called by the routers -------------------------------------------------------------
+    def layer_row(self, layer_number) -> int:
+        """The row of the statistics that a router with `layer_number` counts into.
+
+        megatron-core numbers layers from 1, globally (pipeline and virtual-stage offsets
+        included): layer n counts into row n - 1, the same row on every rank. A one-layer
+        controller also takes an unset number or 0 (a standalone MoELayer, as in megatron-core's
+        own unit tests). Anything else is refused with the fix, never counted into another row."""
+        if self.num_layers == 1 and layer_number in (None, 0, 1):
+            return 0
+        if layer_number is None:
+            raise ConfigError(
+                f"a ReLURouter has no layer number, so its routing cannot be counted in the "
+                f"{self.num_layers}-layer sparsity controller; fix: call "
+                f"moe_layer.set_layer_number(n) with its 1-based layer number n "
+                f"(1..{self.num_layers}) before the first forward (megatron-core's "
+                f"TransformerLayer does this)")
+        if isinstance(layer_number, bool) or not isinstance(layer_number, numbers.Integral) or \
+                not 1 <= layer_number <= self.num_layers:
+            hint = " (megatron-core numbers layers from 1)" if layer_number == 0 else ""
+            raise ConfigError(
+                f"layer_number={layer_number!r} is outside the sparsity controller's layers "
+                f"1..{self.num_layers}{hint}; fix: number MoE layers 1..num_layers globally, with "
+                f"pipeline offsets, as megatron-core's TransformerLayer does, or build the "
+                f"controller with num_layers >= {layer_number!r}")
+        return int(layer_number) - 1
+
     def record(self, layer_number: int, routing_map: torch.Tensor,
                valid_mask: Optional[torch.Tensor], reg_term: Optional[torch.Tensor],
                reg_group_size: int = 1,
@@ -213,7 +241,8 @@ class SparsityController:
             premasked = valid_mask is None or tokens_per_expert is not None
             active = routing_map if premasked else routing_map & valid_mask.unsqueeze(-1)
             per_token = active.sum(dim=1)
-            row = self.counts[layer_number - 1]
+            index = self.layer_row(layer_number)
+            row = self.counts[index]
             if valid_mask is None:
                 row[E:2 * E + 1].scatter_add_(0, per_token, torch.ones_like(per_token))
                 row[2 * E + 1] += per_token.shape[0]
@@ -224,7 +253,7 @@ class SparsityController:
             row[:E] += active.sum(dim=0) if tokens_per_expert is None else tokens_per_expert
             row[2 * E + 2] += 1
             if reg_term is not None:
-                self.reg_sum[layer_number - 1] += reg_term.detach().to(torch.float64)
+                self.reg_sum[index] += reg_term.detach().to(torch.float64)
         self.reg_group_size = reg_group_size
 
     # ---- called by the trainer -------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
 
+from megatron.remoe.compat import call_with_supported_kwargs
+from megatron.remoe.config import ConfigError
 from megatron.remoe.dial import dialled_gates
 from megatron.remoe.regularizer import SparsityController, l1_reg_loss
 
@@ -28,21 +30,37 @@ class ReLURouter(Router):
     """
 
     def __init__(self, config, pg_collection=None, controller: Optional[SparsityController] = None,
-                 **kwargs):  # newer megatron-core passes e.g. is_mtp_layer=
+                 layer_number: Optional[int] = None, **kwargs):
+        # megatron-core passes more with each release (0.17+: is_mtp_layer=; main: layer_number=);
+        # the base class gets what its signature takes
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
             pg_collection = get_default_pg_collection()
-        super().__init__(config=config, pg_collection=pg_collection)
+        if kwargs.get("is_mtp_layer"):
+            raise ConfigError("ReLU routing in multi-token-prediction layers is not supported (the "
+                              "sparsity controller counts the decoder's layers); drop "
+                              "--mtp-num-layers or use a TopK router")
+        call_with_supported_kwargs(super().__init__, config=config, pg_collection=pg_collection,
+                                   **kwargs)
         self.topk = config.moe_router_topk
         self.load_balancing = getattr(config, "moe_relu_load_balancing", True)
         self.warmup_max_experts = getattr(config, "moe_relu_warmup_max_experts", None)
         # Held as a plain attribute list so it is neither a submodule nor cast by Float16Module.
         self._controller = [controller]
+        if layer_number is not None:
+            self.set_layer_number(layer_number)
 
     @property
     def controller(self) -> Optional[SparsityController]:
         return self._controller[0]
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Called by megatron-core's MoELayer/TransformerLayer while the model is built: a number
+        the controller cannot place is refused here, not in the middle of a forward."""
+        if self.controller is not None:
+            self.controller.layer_row(layer_number)
+        super().set_layer_number(layer_number)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """logits [S, B, E] -> probs [S*B, E] (ReLU values) and routing_map [S*B, E] (bool).
@@ -87,6 +105,8 @@ class ReLURouter(Router):
         keep = torch.zeros_like(routing_map).scatter_(1, top, True) & routing_map
         return probs * keep.to(probs.dtype), keep
 
-    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                *args, **kwargs):
+        # newer megatron-core also passes input_ids / packed_seq_params: routing does not use them
         logits = self.gating(input)
         return self.routing(logits, padding_mask=padding_mask)

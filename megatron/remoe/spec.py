@@ -15,10 +15,10 @@ import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron.remoe.compat import call_with_supported_kwargs
+from megatron.remoe.compat import call_with_supported_kwargs, mcore_version_string, moe_submodules
+from megatron.remoe.config import ConfigError
 from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.router import ReLURouter
 
@@ -96,11 +96,40 @@ def get_block_spec(config, controller: Optional[SparsityController] = None,
         if local_norm:
             sub.input_layernorm = RMSNorm
             sub.pre_mlp_layernorm = RMSNorm
-        mlp = sub.mlp
-        if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and \
-                issubclass(mlp.module, MoELayer):
-            mlp.submodules.router = router
+        moe = moe_submodules(sub.mlp)  # a ModuleSpec up to megatron-core 0.17, a partial after
+        if moe is not None:
+            moe.router = router
     return block
+
+
+def expected_router_class(config) -> Optional[type]:
+    """The router class every MoE layer of a model built from `config` must have."""
+    if not config.num_moe_experts:
+        return None
+    return ReLURouter if getattr(config, "moe_relu_routing", False) else TopKRouter
+
+
+def check_routers(model, config) -> int:
+    """Refuse a model whose MoE layers do not route as `config` says (e.g. a megatron-core release
+    whose layer spec our router swap did not reach would leave TopKRouter in a ReLU model, which
+    trains silently as the wrong method). Returns the number of MoE layers checked."""
+    want = expected_router_class(config)
+    modules = model if isinstance(model, (list, tuple)) else [model]
+    checked = 0
+    for chunk in modules:
+        for name, module in chunk.named_modules():
+            if not isinstance(module, MoELayer):
+                continue
+            got = type(getattr(module, "router", None))
+            if want is None or got is not want:
+                configured = "relu" if want is ReLURouter else "topk" if want else "dense"
+                raise ConfigError(
+                    f"{name} was built with {got.__name__} but the config says router "
+                    f"{configured} ({want.__name__ if want else 'no MoE layers'}): the router was "
+                    f"not installed in megatron-core {mcore_version_string()}'s layer spec; fix: "
+                    f"use a megatron-core in the tested range (docs/compat.md)")
+            checked += 1
+    return checked
 
 
 def num_moe_layers(config) -> int:

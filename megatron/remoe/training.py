@@ -32,13 +32,16 @@ import torch.distributed as dist
 
 from megatron.remoe.arguments import (TrainConfig, config_to_yaml, num_micro_batches,
                                       transformer_config)
-from megatron.remoe.checkpointing import (check_checkpoint_matches, checkpoint_candidates,
+from megatron.remoe.checkpointing import (check_checkpoint_matches, check_writer_version,
+                                          checkpoint_candidates,
                                           find_loadable_checkpoint, load_checkpoint,
                                           save_checkpoint)
+from megatron.remoe.compat import clear_moe_metrics, report_moe_metrics
 from megatron.remoe.config import ConfigError
 from megatron.remoe.datasets import (build_datasets, check_data_matches_tokenizer,
                                      load_run_tokenizer, make_loader, padded_vocab_size)
 from megatron.remoe.distributed import ParallelConfig, init_distributed, is_rank0
+from megatron.remoe.log_filters import fallback_note
 from megatron.remoe.metrics_logging import (MetricsLogger, check_logging_backends,
                                             format_train_line, memory_gb)
 from megatron.remoe.model import build_controller, build_gpt_model, count_parameters
@@ -221,6 +224,7 @@ def _check_resume_target(cfg: TrainConfig, vocab_size: int) -> None:
     candidates = checkpoint_candidates(cfg.load, log=lambda message: None)
     if not candidates:
         return
+    check_writer_version(candidates[0])  # a newer megatron-core's layout is not "corrupt"
     try:
         common = dist_checkpointing.load_common_state_dict(candidates[0])
     except Exception:  # noqa: BLE001 -- corrupt: _resume warns and falls back
@@ -484,13 +488,11 @@ def topk_aux_losses(run: Run) -> dict:
         return {}
     if tcfg.moe_router_load_balancing_type != "aux_loss":
         return {}
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
-
     out: dict = {}
-    track_moe_metrics(loss_scale=1.0 / run.num_micro_batches, iteration=run.iteration,
-                      total_loss_dict=out, force_initialize=True,
-                      track_names=["load_balancing_loss"], num_layers=tcfg.num_layers,
-                      moe_layer_freq=tcfg.moe_layer_freq)
+    report_moe_metrics(loss_scale=1.0 / run.num_micro_batches, iteration=run.iteration,
+                       total_loss_dict=out, force_initialize=True,
+                       track_names=["load_balancing_loss"], num_layers=tcfg.num_layers,
+                       moe_layer_freq=tcfg.moe_layer_freq)
     return {k: float(v) for k, v in out.items()}
 
 
@@ -522,9 +524,7 @@ def evaluate(run: Run, valid_sets: dict, weights: dict) -> dict:
     for chunk in run.model:
         chunk.train()
     if run.tcfg.num_moe_experts:
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
-        clear_aux_losses_tracker()
+        clear_moe_metrics()
     out = {}
     if len(results) == 1:
         out["valid/loss"] = next(iter(results.values()))
@@ -574,6 +574,9 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
               f"CP{cfg.context_parallel_size} x DP{run.dp_size} (EP"
               f"{cfg.expert_model_parallel_size}); {run.num_micro_batches} micro-batches of "
               f"{cfg.micro_batch_size} per step; device {run.device}", flush=True)
+        note = fallback_note()
+        if note:
+            print(note, flush=True)
     train_ds, valid_sets, weights = build_datasets(cfg, load_run_tokenizer(cfg))
     if not valid_sets and cfg.eval_iters > 0:
         _print0("evaluation: off (no --valid-data-path and no --split)")
