@@ -66,6 +66,10 @@ class ReMoETransformerConfig(TransformerConfig):
     to at most this many experts (its largest gates). The regulariser and the sparsity statistics
     still see every positive gate, so the controller is unaffected. None = no bound (the paper)."""
 
+    moe_cpu_experts: str = "grouped"
+    """Expert module on CPU: grouped (megatron/remoe/cpu_experts.py: SequentialMLP's parameters,
+    one GEMM pass over all experts) or sequential (megatron-core's SequentialMLP). GPUs ignore it."""
+
     moe_granularity: int = 1
     """Recorded for reference: num_moe_experts, topk and the expert width already include it."""
 

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron.remoe.compat import call_with_supported_kwargs, mcore_version_string, moe_submodules
 from megatron.remoe.config import ConfigError
+from megatron.remoe.cpu_experts import cpu_experts_spec
 from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.router import ReLURouter
 
@@ -74,9 +75,10 @@ def get_block_spec(config, controller: Optional[SparsityController] = None,
     With `use_transformer_engine` (default: TE importable and CUDA present) the layers are
     megatron-core's TE spec: fused norm+QKV (`TELayerNormColumnParallelLinear`), `TENorm` before
     each MoE block, TE attention, and `TEGroupedMLP` experts when `config.moe_grouped_gemm` (TE
-    `SequentialMLP` otherwise). Without TE: megatron-core's local modules with our RMSNorm (the
-    only expert implementation that runs on CPU is the local `SequentialMLP`).
-    Only the router slot is ours in either case.
+    `SequentialMLP` otherwise). Without TE: megatron-core's local modules with our RMSNorm; on a
+    CPU machine the experts are `cpu_experts.GroupedCPUExperts` (SequentialMLP's parameters and
+    checkpoints, one grouped pass over the experts) unless `config.moe_cpu_experts` is
+    "sequential" or the config needs SequentialMLP (logged). The router slot is ours in either case.
     """
     if use_transformer_engine is None:
         use_transformer_engine = default_use_transformer_engine()
@@ -99,6 +101,8 @@ def get_block_spec(config, controller: Optional[SparsityController] = None,
         moe = moe_submodules(sub.mlp)  # a ModuleSpec up to megatron-core 0.17, a partial after
         if moe is not None:
             moe.router = router
+            if not use_transformer_engine:  # CPU: grouped experts (megatron/remoe/cpu_experts.py)
+                moe.experts = cpu_experts_spec(moe.experts, config)
     return block
 
 
