@@ -35,6 +35,7 @@ def ctx(tmp_path_factory):
         with open(prefix + suffix, "r+b") as fh:
             fh.truncate(os.path.getsize(prefix + suffix) - 8)
         data[f"trunc_{which}"] = prefix
+    data.update(broken_copies(data["train"]))
     ckpt = str(root / "ckpt")
     run_pretrain(TINY + MOCK + ["--train-iters", "1", "--save", ckpt])
     a_file = root / "a_file"
@@ -42,6 +43,47 @@ def ctx(tmp_path_factory):
     yaml_bad = root / "bad_type.yaml"
     yaml_bad.write_text("num_layers: 2.5\n")
     return {"data": data, "ckpt": ckpt, "file": str(a_file), "yaml_bad": str(yaml_bad)}
+
+
+def _copy_prefix(src, dst):
+    for ext in (".bin", ".idx", ".meta.json"):
+        if os.path.exists(src + ext):
+            shutil.copy(src + ext, dst + ext)
+    return dst
+
+
+def broken_copies(train):
+    """Copies of a good prefix with one defect each: an index entry pointing past the end of the
+    .bin, a token id beyond the vocabulary, and an empty dataset (no documents)."""
+    import numpy as np
+
+    from megatron.remoe.data.preprocess import _IDX_HEADER
+
+    out = {}
+    ptr = _copy_prefix(train, train + "_bad_ptr")
+    with open(ptr + ".idx", "rb") as fh:
+        n_seq = _IDX_HEADER.unpack(fh.read(_IDX_HEADER.size))[3]
+    pointers = np.memmap(ptr + ".idx", np.int64, "r+", _IDX_HEADER.size + 4 * n_seq, (n_seq,))
+    pointers[n_seq // 2] = os.path.getsize(ptr + ".bin") + 4096
+    pointers.flush()
+    del pointers
+    out["bad_ptr"] = ptr
+    big = _copy_prefix(train, train + "_big_id")
+    with open(big + ".idx", "rb") as fh:
+        code = _IDX_HEADER.unpack(fh.read(_IDX_HEADER.size))[2]
+    dtype = {4: np.int32, 8: np.uint16}[code]
+    tokens = np.memmap(big + ".bin", dtype, "r+")
+    tokens[len(tokens) // 3] = 1000  # the tokenizer has 300 tokens
+    tokens.flush()
+    del tokens
+    out["big_id"] = big
+    empty = train + "_empty"
+    with open(empty + ".idx", "wb") as fh:
+        fh.write(_IDX_HEADER.pack(b"MMIDIDX\x00\x00", 1, code, 0, 1))
+        fh.write(np.zeros(1, np.int64).tobytes())  # document index [0]
+    open(empty + ".bin", "wb").close()
+    out["empty"] = empty
+    return out
 
 
 def without(args, flag):
@@ -100,6 +142,26 @@ ROWS = [
      "trunc_bin.bin is truncated", "re-run tools/preprocess_data.py"),
     ("truncated-idx", lambda c: TINY + real_data(c, prefix=c["data"]["trunc_idx"]),
      "trunc_idx.idx is truncated", "re-run tools/preprocess_data.py"),
+    ("index-past-end", lambda c: TINY + real_data(c, prefix=c["data"]["bad_ptr"]),
+     "train_bad_ptr.idx is corrupt: sequence", "points past the end of"),
+    ("token-id-beyond-vocab", lambda c: TINY + real_data(c, prefix=c["data"]["big_id"]),
+     "train_big_id.bin holds token id 1000", "re-run tools/preprocess_data.py with this run's "
+     "tokenizer"),
+    ("empty-dataset", lambda c: TINY + real_data(c, prefix=c["data"]["empty"]),
+     "train_empty.bin/.idx hold no documents", "preprocess a non-empty input"),
+    ("empty-valid-split", lambda c: TINY + real_data(c) + ["--split", "100,0,0",
+                                                           "--eval-iters", "1"],
+     "split=100,0,0 leaves no validation documents", "give the valid part a non-zero share"),
+    ("empty-train-split", lambda c: TINY + real_data(c) + ["--split", "0,100,0"],
+     "split=0,100,0 leaves no training documents", "give the train part a non-zero share"),
+    ("blend-weight-zero", lambda c: TINY + ["--data-path", "0", c["data"]["train"], "1",
+                                            c["data"]["valid"], "--tokenizer",
+                                            c["data"]["tokenizer"]],
+     "blend weight 0 of ", "give it a positive weight or drop the prefix"),
+    ("blend-weight-negative", lambda c: TINY + ["--data-path", "1", c["data"]["train"], "-0.5",
+                                                c["data"]["valid"], "--tokenizer",
+                                                c["data"]["tokenizer"]],
+     "blend weight -0.5 of ", "give it a positive weight or drop the prefix"),
     ("tokenizer-mismatch", lambda c: TINY + real_data(c, tokenizer="gpt2"),
      "tokenizer mismatch", "use the same tokenizer or re-run preprocessing"),
     ("tokenizer-missing", lambda c: TINY + real_data(c, tokenizer="/nonexistent/tok"),

@@ -173,6 +173,9 @@ class TrainConfig:
     data_cache_path: Optional[str] = _f(None, "where GPTDataset index caches go (default: "
                                         "next to the data)", "data")
     num_workers: int = _f(0, "data-loader worker processes", "data")
+    full_data_check: bool = _f(False, "before training, scan every token of the data for ids "
+                               "outside the vocabulary (default: .bin files up to 256 MiB fully, "
+                               "larger ones sampled)", "data")
 
     # ---- checkpoints ----
     save: Optional[str] = _f(None, "checkpoint directory", "checkpoint")
@@ -659,8 +662,10 @@ def parse_blend(items: list, name: str = "data_path") -> tuple[list, Optional[li
         if not all(is_number(w) for w in weights) or any(is_number(p) for p in prefixes):
             raise ConfigError(f"{name}: expected 'w1 prefix1 w2 prefix2 ...', got {items}")
         weights = [float(w) for w in weights]
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError(f"{name}: blend weights must be >= 0 and sum to > 0")
+        for weight, prefix in zip(weights, prefixes):
+            if not weight > 0:  # zero or negative: megatron-core would fail deep in the builder
+                raise ConfigError(f"{name}: blend weight {weight:g} of {prefix} must be > 0; fix: "
+                                  "give it a positive weight or drop the prefix from the blend")
         return prefixes, weights
     if any(is_number(p) for p in items):
         raise ConfigError(f"{name}: mix of weights and prefixes {items}; use 'w1 p1 w2 p2 ...'")

@@ -51,10 +51,14 @@ def padded_vocab_size(vocab_size: int, cfg: TrainConfig) -> int:
 
 
 def check_data_matches_tokenizer(cfg: TrainConfig, tokenizer) -> None:
-    """Fail early (before any training) when a prefix is broken or was tokenized differently."""
+    """Fail early (before any process group or training) when a prefix is broken: missing,
+    truncated or corrupt .bin/.idx (sizes and every index entry), no documents, tokenized with
+    another tokenizer (sidecar), or token ids outside the vocabulary (all of a .bin up to 256 MiB
+    or with --full-data-check, sampled blocks of larger ones)."""
     if cfg.mock_data:
         return
-    from megatron.remoe.data.preprocess import check_indexed_files, check_tokenizer_match
+    from megatron.remoe.data.preprocess import (check_indexed_files, check_token_ids,
+                                                check_tokenizer_match)
 
     for name in ("data_path", "valid_data_path"):
         items = getattr(cfg, name)
@@ -62,10 +66,37 @@ def check_data_matches_tokenizer(cfg: TrainConfig, tokenizer) -> None:
             continue
         for prefix in parse_blend(items, name)[0]:
             try:
-                check_indexed_files(prefix)
+                documents, tokens = check_indexed_files(prefix)
+                if not documents or not tokens:
+                    raise ValueError(f"{prefix}.bin/.idx hold no documents; fix: preprocess a "
+                                     "non-empty input for this prefix or drop it from "
+                                     f"--{name.replace('_', '-')}")
                 check_tokenizer_match(prefix, tokenizer)
+                check_token_ids(prefix, tokenizer.vocab_size, full=cfg.full_data_check)
             except ValueError as e:
                 raise ConfigError(f"{name}: {e}") from None
+            if name == "data_path" and cfg.split:
+                _check_split_not_empty(cfg, prefix, documents)
+
+
+def _check_split_not_empty(cfg: TrainConfig, prefix: str, documents: int) -> None:
+    """The train part of --split (and the valid part, when evaluating) must get documents of
+    `prefix`; megatron-core's builder assigns round(share * documents) of them to each part."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+    parts = [("training", 0, "give the train part a non-zero share")]
+    if cfg.eval_iters > 0 and not cfg.valid_data_path:
+        parts.append(("validation", 1, "give the valid part a non-zero share or use "
+                                       "--valid-data-path"))
+    for what, i, fix in parts:
+        bounds = matrix[i]
+        count = 0 if bounds is None else (int(round(bounds[1] * documents))
+                                          - int(round(bounds[0] * documents)))
+        if count <= 0:
+            of = "" if bounds is None else f" of {prefix} ({documents} documents)"
+            raise ConfigError(f"split={cfg.split} leaves no {what} documents{of}; {fix}")
 
 
 def _gpt_config(cfg: TrainConfig, tokenizer, **blend_kwargs):
@@ -128,6 +159,9 @@ def build_datasets(cfg: TrainConfig, tokenizer):
     if cfg.split:
         train, valid, _ = _build(cfg, tokenizer, [train_samples, valid_samples, 0],
                                  blend=train_blend, split=cfg.split)
+        if train is None:
+            raise ConfigError(f"split={cfg.split} leaves no training documents; give the train "
+                              "part a non-zero share")
         if valid is None and evaluate:
             raise ConfigError(f"split={cfg.split} leaves no validation documents; give the "
                               "valid part a non-zero share or use --valid-data-path")

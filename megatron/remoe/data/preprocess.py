@@ -556,19 +556,80 @@ def check_indexed_files(prefix: str) -> tuple[int, int]:
         what = "truncated" if idx_size < expected_idx else "longer than its header says"
         raise DataError(f"{idx_path} is {what} ({idx_size} bytes, expected {expected_idx}); {fix}")
     itemsize = np.dtype(_NP_DTYPE_CODES[code]).itemsize
+    bin_size = os.path.getsize(bin_path)
     if n_seq:
         lengths = np.memmap(idx_path, np.int32, "r", _IDX_HEADER.size, (n_seq,))
         pointers = np.memmap(idx_path, np.int64, "r", _IDX_HEADER.size + 4 * n_seq, (n_seq,))
-        tokens = int(lengths.sum())
+        _check_index_entries(idx_path, bin_path, bin_size, lengths, pointers, itemsize, fix)
+        doc_idx = np.memmap(idx_path, np.int64, "r", _IDX_HEADER.size + 12 * n_seq, (n_doc_idx,))
+        if n_doc_idx < 1 or doc_idx[0] != 0 or doc_idx[-1] != n_seq or \
+                (n_doc_idx > 1 and bool((np.diff(doc_idx) < 0).any())):
+            raise DataError(f"{idx_path} has a corrupt document index (it must rise from 0 to "
+                            f"{n_seq} sequences); {fix}")
+        tokens = int(lengths.sum(dtype=np.int64))
         expected_bin = int(pointers[-1]) + int(lengths[-1]) * itemsize
-        del lengths, pointers
+        del lengths, pointers, doc_idx
     else:
         tokens, expected_bin = 0, 0
-    bin_size = os.path.getsize(bin_path)
     if bin_size != expected_bin:
         what = "truncated" if bin_size < expected_bin else "longer than its index says"
         raise DataError(f"{bin_path} is {what} ({bin_size} bytes, expected {expected_bin}); {fix}")
     return max(n_doc_idx - 1, 0), tokens
+
+
+def _check_index_entries(idx_path, bin_path, bin_size, lengths, pointers, itemsize, fix) -> None:
+    """Every sequence must start where the previous one ends (Megatron writes them back to back)
+    and have a non-negative length; one that does not, or that reaches past the end of the
+    .bin, means a corrupt index or one belonging to another .bin. Vectorised over the index
+    (a sequential read of the .idx, not of the .bin)."""
+    lengths64 = np.asarray(lengths, dtype=np.int64)
+    ends = np.asarray(pointers, dtype=np.int64) + lengths64 * itemsize
+    starts_ok = np.empty(len(ends), dtype=bool)
+    starts_ok[0] = pointers[0] == 0
+    starts_ok[1:] = np.asarray(pointers[1:]) == ends[:-1]
+    bad = np.flatnonzero(~starts_ok | (lengths64 < 0))
+    if bad.size:
+        i = int(bad[0])
+        start, end = int(pointers[i]), int(ends[i])
+        where = (f"points past the end of {bin_path} ({bin_size} bytes)" if end > bin_size else
+                 f"does not start where sequence {i - 1} ends" if i else "does not start at 0")
+        raise DataError(f"{idx_path} is corrupt: sequence {i} (bytes {start}..{end}) {where}; "
+                        f"{fix}")
+
+
+def check_token_ids(prefix: str, vocab_size: int, full: bool = False,
+                    scan_limit_bytes: int = 256 << 20, samples: int = 64,
+                    sample_bytes: int = 1 << 20) -> None:
+    """DataError if ``prefix.bin`` holds a token id outside [0, vocab_size).
+
+    Reads the whole .bin when ``full`` or when it is at most ``scan_limit_bytes``, otherwise
+    ``samples`` evenly spaced blocks of ``sample_bytes`` (cheap, catches data made with another,
+    larger vocabulary; a lone bad id in a big file needs ``full``)."""
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    with open(idx_path, "rb") as f:
+        code = _IDX_HEADER.unpack(f.read(_IDX_HEADER.size))[2]
+    dtype = np.dtype(_NP_DTYPE_CODES[code])
+    count = os.path.getsize(bin_path) // dtype.itemsize
+    if not count:
+        return
+    tokens = np.memmap(bin_path, dtype, "r", 0, (count,))
+    block = max(sample_bytes // dtype.itemsize, 1)
+    if full or count * dtype.itemsize <= scan_limit_bytes:
+        starts = range(0, count, 1 << 24)
+        block = 1 << 24
+    else:
+        starts = np.linspace(0, count - block, samples).astype(np.int64)
+    for start in starts:
+        chunk = np.asarray(tokens[int(start):int(start) + block])
+        bad = np.flatnonzero((chunk >= vocab_size) | (chunk < 0))
+        if bad.size:
+            position = int(start) + int(bad[0])
+            raise DataError(
+                f"{bin_path} holds token id {int(chunk[bad[0]])} (token {position}), outside the "
+                f"vocabulary of {vocab_size} tokens of this run; fix: re-run "
+                "tools/preprocess_data.py with this run's tokenizer, or pass the tokenizer the "
+                "data was made with")
+    del tokens
 
 
 def check_tokenizer_match(prefix: str, tokenizer: Tokenizer, meta: dict | None = None) -> None:
