@@ -52,3 +52,62 @@ def single_rank():
     torch.set_num_threads(1)
     yield
     destroy_distributed()
+
+
+# ------------------------------------------------------------------------------------------------
+# No process left behind: every process this test session starts inherits REMOE_TEST_SESSION (the
+# trainer subprocesses, their torchrun workers, megatron-core's checkpoint writers, multiprocessing
+# helpers). After each test module, any such process still alive that is not a multiprocessing
+# helper owned by this pytest process itself (those end with it) fails the module, and is killed.
+# ------------------------------------------------------------------------------------------------
+SESSION_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
+os.environ["REMOE_TEST_SESSION"] = SESSION_TOKEN
+_OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.spawn",
+                "multiprocessing.forkserver")
+
+
+def processes_left_behind() -> list:
+    """psutil.Process objects started by this session that are still alive (see above)."""
+    import psutil
+
+    me, left = os.getpid(), []
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get("REMOE_TEST_SESSION") != SESSION_TOKEN:
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.ppid() == me and any(h in " ".join(proc.cmdline()) for h in _OWN_HELPERS):
+                continue
+        except (psutil.Error, OSError):
+            continue
+        left.append(proc)
+    return left
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_left_behind(request):
+    yield
+    import time
+
+    import psutil
+
+    deadline = time.time() + 10.0  # a killed trainer's workers take a moment to go
+    left = processes_left_behind()
+    while left and time.time() < deadline:
+        time.sleep(0.2)
+        left = processes_left_behind()
+    if not left:
+        return
+    described = []
+    for proc in left:
+        try:
+            described.append(f"pid {proc.pid} (parent {proc.ppid()}): "
+                             f"{' '.join(proc.cmdline())[:160]}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    pytest.fail(f"{request.module.__name__} left {len(left)} process(es) behind:\n  "
+                + "\n  ".join(described), pytrace=False)

@@ -129,6 +129,8 @@ ROWS = [
      "invalid choice: 'ignore'", "choose from 'stop', 'skip-step'"),
     ("negative-max-skipped", lambda c: TINY + MOCK + ["--max-skipped-steps", "-1"],
      "max_skipped_steps=-1", "set --max-skipped-steps 0"),
+    ("collective-timeout-zero", lambda c: TINY + MOCK + ["--distributed-timeout-minutes", "0"],
+     "distributed_timeout_minutes=0.0 must be > 0", "set --distributed-timeout-minutes"),
     ("keep-last-zero", lambda c: TINY + MOCK + ["--keep-last-n-checkpoints", "0"],
      "keep_last_n_checkpoints=0 must be >= 1", "drop the flag to keep all"),
     ("exit-duration-zero", lambda c: TINY + MOCK + ["--exit-duration-in-mins", "0"],

@@ -419,3 +419,28 @@ def test_signal_handler_defers_then_second_signal_kills():
                           timeout=60, cwd=ROOT)
     assert proc.stdout.strip() == "deferred", proc.stderr[-2000:]
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_metrics_file_is_truncated_to_the_resumed_iteration(tmp_path):
+    """A resumed run drops the records it will replay (iterations > the checkpoint's) and a
+    half-written last line, then does not repeat records it already has."""
+    from megatron.remoe.metrics_logging import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"iteration": i, "split": "train", "lm_loss": 1.0 / i} for i in range(1, 6)]
+    lines.insert(3, {"iteration": 3, "split": "valid", "valid/loss": 2.0})
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"iteration": 6, "spl'
+    path.write_text(text)
+    notes = []
+    logger = MetricsLogger(True, str(path), resume_iteration=3)
+    logger.console = notes.append
+    logger.log(3, {"valid/loss": 2.0}, split="valid")  # already on file: not repeated
+    logger.log(4, {"lm_loss": 0.3})
+    logger.close()
+    got = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert [(r["split"], r["iteration"]) for r in got] == \
+        [("train", 1), ("train", 2), ("train", 3), ("valid", 3), ("train", 4)]
+    assert got[-1]["lm_loss"] == 0.3
+    untouched = path.read_text()
+    MetricsLogger(True, str(path), resume_iteration=None).close()  # no --load: append only
+    assert path.read_text() == untouched

@@ -156,6 +156,10 @@ class TrainConfig:
                          "consistently): 'stop' (exit 3, nothing saved) or 'skip-step' (no "
                          "update; see --max-skipped-steps)", "training",
                          choices=["stop", "skip-step"])
+    distributed_timeout_minutes: float = _f(10.0, "how long a collective waits for the other "
+                                            "ranks before the run stops with an error (a dead "
+                                            "or hung rank); counts from each collective",
+                                            "training")
     max_skipped_steps: int = _f(10, "with --nan-policy skip-step: stop once more than this many "
                                 "steps were skipped in total (counted across resumes)", "training")
 
@@ -580,6 +584,9 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
     if cfg.exit_duration_in_mins is not None and not cfg.exit_duration_in_mins > 0:
         raise ConfigError(f"exit_duration_in_mins={cfg.exit_duration_in_mins} must be > 0; "
                           "drop the flag for no time limit")
+    if not cfg.distributed_timeout_minutes > 0:
+        raise ConfigError(f"distributed_timeout_minutes={cfg.distributed_timeout_minutes} must be "
+                          "> 0; set --distributed-timeout-minutes to a positive value (default 10)")
     if cfg.max_skipped_steps < 0:
         raise ConfigError(f"max_skipped_steps={cfg.max_skipped_steps} must be >= 0; set "
                           "--max-skipped-steps 0 (stop at the first non-finite step) or more")

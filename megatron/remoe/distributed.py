@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +24,28 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
 
 
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send `signum` to this process when its parent dies (Linux
+    PR_SET_PDEATHSIG; False elsewhere). Used so that no trainer worker or checkpoint writer lives
+    on as an orphan after its launcher or trainer was killed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(1, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # pragma: no cover
+        return False
+
+
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, backend: str | None = None,
                      timeout_minutes: int = 10) -> torch.device:
     """Initialise torch.distributed from the torchrun environment (or as a single process), then
     megatron-core's model-parallel groups and RNG. Returns the device to use."""
     apply_cpu_backend()
+    if os.environ.get("TORCHELASTIC_RUN_ID") and set_parent_death_signal(signal.SIGTERM) and \
+            os.getppid() == 1:  # a torchrun worker: stop (saving) if torchrun is killed
+        os.kill(os.getpid(), signal.SIGTERM)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -73,6 +92,45 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective with the other ranks failed or timed out (--distributed-timeout-minutes):
+    another rank most likely died (killed, out of memory, node lost) or hangs. This rank stops
+    instead of waiting until the job's wall-clock limit; the message names the last checkpoint."""
+
+
+EXIT_COLLECTIVE_FAILED = 5  # process exit code for CollectiveFailure
+
+# What gloo / NCCL / the TCP store say when a peer is gone or a collective timed out.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe",
+              "timed out", "timeout", "connection refused", "socket", "nccl communicator was "
+              "aborted", "watchdog caught collective operation", "unhandled system error")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Does `error` (raised inside a collective) mean a peer died, hung or is unreachable?"""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(p in text for p in _PEER_GONE)
+
+
+def collective_failure(error: BaseException, where: str, last_checkpoint, load_hint,
+                       timeout_minutes: float) -> CollectiveFailure:
+    """The one-line CollectiveFailure for a peer failure seen `where` (e.g. 'at iteration 5')."""
+    detail = next((ln.strip() for ln in reversed(str(error).splitlines()) if ln.strip()),
+                  type(error).__name__)[:200]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    kind = "timed out" if "time" in detail.lower() else "failed"
+    saved = (f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint
+             else "no checkpoint of this run yet")
+    return CollectiveFailure(
+        f"rank {rank}: a collective with the other ranks {kind} {where} ({detail}); another rank "
+        f"probably died (killed, out of memory, node failure) or hangs (--distributed-timeout-"
+        f"minutes {timeout_minutes:g}); {saved}; fix: check the other ranks' logs, then resume "
+        f"with {load_hint}")
 
 
 def is_rank0() -> bool:

@@ -4,6 +4,14 @@ Only rank 0 writes; the trainer reduces everything it logs to rank 0 first. Keys
 docs/training.md): `lm_loss`, `lr`, `grad_norm`, `tokens_per_s`, `step_time_s`, `memory_gb`, the
 ReMoE keys of `RoutingStats.as_dict()` (`moe_relu_sparsity`, `moe_relu_l1_reg_coeff`,
 `l1_reg_loss`, `moe/layer_{n}/...`), `load_balancing_loss` for TopK, and `valid/...` for evaluations.
+
+Across resumes the JSONL file stays one consistent history: a run started with --load that begins
+at iteration N (the checkpoint it resumed from; 0 when there was none yet) first rewrites the file without the records of
+iterations > N (the steps it replays; a crash left them behind) and without a half-written last
+line (a kill in the middle of a write), atomically (temporary file + rename); records of
+iterations <= N that it would write again (an evaluation at N) are not repeated. A crash therefore
+never leaves duplicated or broken lines once the next run has started. Without --load the file
+is appended to as before (it may be shared by several runs on purpose).
 """
 
 from __future__ import annotations
@@ -42,13 +50,16 @@ class MetricsLogger:
     def __init__(self, enabled: bool, metrics_file: Optional[str] = None,
                  tensorboard_dir: Optional[str] = None, wandb_project: Optional[str] = None,
                  wandb_exp_name: Optional[str] = None, wandb_save_dir: Optional[str] = None,
-                 config: Optional[dict] = None):
+                 config: Optional[dict] = None, resume_iteration: Optional[int] = None):
         self.enabled = enabled
         self.jsonl = self.tb = self.wandb = None
+        self.kept: set = set()  # (split, iteration) already on file from earlier runs
         if not enabled:
             return
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            if resume_iteration is not None:
+                self.kept = truncate_metrics(metrics_file, resume_iteration, log=self.console)
             # append: a resumed run continues the same file
             self.jsonl = open(metrics_file, "a", encoding="utf-8")
         if tensorboard_dir:
@@ -71,8 +82,8 @@ class MetricsLogger:
             return
         record = {"iteration": iteration, "split": split, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in metrics.items()})
-        if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+        if self.jsonl and (split, iteration) not in self.kept:
+            self.jsonl.write(json.dumps(record) + "\n")  # one write per line, flushed at once
             self.jsonl.flush()
         scalars = {k: v for k, v in record.items()
                    if isinstance(v, (int, float)) and k not in ("iteration", "time")}
@@ -89,6 +100,41 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def truncate_metrics(path: str, resume_iteration: int, log=print) -> set:
+    """Make the JSONL file at `path` the history of iterations <= `resume_iteration`: drop later
+    records and a half-written last line (atomic rewrite, only when something must go). Returns
+    the (split, iteration) pairs kept."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    kept_lines, kept, dropped, broken = [], set(), 0, 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            iteration, split = int(record["iteration"]), record.get("split", "train")
+        except (ValueError, KeyError, TypeError):
+            broken += 1  # a line cut by a kill (only the last one can be)
+            continue
+        if iteration > resume_iteration:
+            dropped += 1
+            continue
+        kept_lines.append(line)
+        kept.add((split, iteration))
+    if dropped or broken or (data and not data.endswith(b"\n")):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(b"".join(line + b"\n" for line in kept_lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        log(f"metrics: {path}: dropped {dropped} record(s) after iteration {resume_iteration} "
+            f"(replayed by this run)" + (f" and {broken} half-written line(s)" if broken else ""))
+    return kept
 
 
 def format_train_line(it: int, total: int, m: dict, target_sparsity: Optional[float],

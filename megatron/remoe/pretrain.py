@@ -3,8 +3,10 @@
 Runs the same on one CPU process, under `torchrun --nproc-per-node N` on CPU (gloo) and on GPUs
 (NCCL). Configuration errors are reported as one line on stderr with exit code 2, before any
 checkpoint directory or log file is created. Exit code 3: stopped on a non-finite loss or gradient
-(--nan-policy), nothing saved. Exit code 0 also after SIGTERM/SIGUSR1 or --exit-duration-in-mins
-(a checkpoint was saved).
+(--nan-policy), nothing saved. Exit code 4: writing a checkpoint failed (disk full, permission, I/O
+error); the previous checkpoint is intact. Exit code 5: a collective with the other ranks failed or
+timed out (a rank died or hangs). Exit code 0 also after SIGTERM/SIGUSR1 or
+--exit-duration-in-mins (a checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pret
         if not quiet:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    from megatron.remoe.distributed import destroy_distributed
+    from megatron.remoe.checkpointing import EXIT_SAVE_FAILED, CheckpointSaveError
+    from megatron.remoe.distributed import (EXIT_COLLECTIVE_FAILED, CollectiveFailure,
+                                            destroy_distributed)
     from megatron.remoe.training import EXIT_NONFINITE, NonFiniteError, pretrain
 
     try:
@@ -38,6 +42,14 @@ def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pret
         if not quiet:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except CheckpointSaveError as e:  # every rank raised it together; the message is the same
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_SAVE_FAILED
+    except CollectiveFailure as e:  # any rank may be the survivor: each one says it
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(EXIT_COLLECTIVE_FAILED)  # tearing down process groups with a dead peer can hang
     finally:
         destroy_distributed()
     return 0  # also after a preemption signal or --exit-duration-in-mins (checkpoint saved)

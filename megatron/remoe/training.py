@@ -32,20 +32,22 @@ import torch.distributed as dist
 
 from megatron.remoe.arguments import (TrainConfig, config_to_yaml, num_micro_batches,
                                       transformer_config)
-from megatron.remoe.checkpointing import (check_checkpoint_matches, check_writer_version,
-                                          checkpoint_candidates,
+from megatron.remoe.checkpointing import (CheckpointSaveError, check_checkpoint_matches,
+                                          check_writer_version, checkpoint_candidates,
                                           find_loadable_checkpoint, load_checkpoint,
                                           save_checkpoint)
 from megatron.remoe.compat import clear_moe_metrics, report_moe_metrics
 from megatron.remoe.config import ConfigError
 from megatron.remoe.datasets import (build_datasets, check_data_matches_tokenizer,
                                      load_run_tokenizer, make_loader, padded_vocab_size)
-from megatron.remoe.distributed import ParallelConfig, init_distributed, is_rank0
+from megatron.remoe.distributed import (ParallelConfig, collective_failure, init_distributed,
+                                        is_collective_failure, is_rank0)
 from megatron.remoe.log_filters import fallback_note
 from megatron.remoe.metrics_logging import (MetricsLogger, check_logging_backends,
                                             format_train_line, memory_gb)
 from megatron.remoe.model import build_controller, build_gpt_model, count_parameters
 from megatron.remoe.regularizer import RoutingWindow
+from megatron.remoe.run_lock import RunLock, check_not_held
 from megatron.remoe.signals import ExitSignalHandler, agree
 
 
@@ -78,6 +80,7 @@ class Run:
     consumed_train_samples: int = 0
     loaded_from: Optional[str] = None
     skipped_steps: int = 0  # steps skipped for a non-finite loss/gradient (kept across resumes)
+    eval_pending: bool = False  # the checkpoint was saved on a preemption before its evaluation
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +165,8 @@ def setup(cfg: TrainConfig) -> Run:
     check_data_matches_tokenizer(cfg, tokenizer)
     if cfg.load:  # a checkpoint of another model shape: say so before any process group exists
         _check_resume_target(cfg, padded_vocab_size(tokenizer.vocab_size, cfg))
+    if cfg.save:  # another live run writes there: every rank reads the lock, nothing is written
+        check_not_held(cfg.save)
     device = init_distributed(ParallelConfig(
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
@@ -169,7 +174,7 @@ def setup(cfg: TrainConfig) -> Run:
         context_parallel_size=cfg.context_parallel_size,
         expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size),
-        seed=cfg.seed)
+        seed=cfg.seed, timeout_minutes=cfg.distributed_timeout_minutes)
     _seed_everything(cfg.seed)
     world = dist.get_world_size()
     tcfg = transformer_config(cfg, use_cpu_initialization=device.type == "cpu")
@@ -279,6 +284,7 @@ def _resume(run: Run) -> None:
             run.iteration = common["iteration"]
             run.consumed_train_samples = common["consumed_train_samples"]
             run.skipped_steps = int(common.get("skipped_steps") or 0)
+            run.eval_pending = bool(common.get("eval_pending"))
             run.loaded_from = path
             _print0(f"checkpoint: resumed from {path} (iteration {run.iteration}, "
                     f"{run.consumed_train_samples:,} samples consumed)")
@@ -562,8 +568,6 @@ def pretrain(cfg: TrainConfig) -> dict:
 
 
 def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
-    import signal
-
     run = setup(cfg)
     if is_rank0():
         print("effective config:\n" + config_to_yaml(cfg), flush=True)
@@ -580,12 +584,42 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
     train_ds, valid_sets, weights = build_datasets(cfg, load_run_tokenizer(cfg))
     if not valid_sets and cfg.eval_iters > 0:
         _print0("evaluation: off (no --valid-data-path and no --split)")
+    lock = _take_run_lock(cfg)  # the first write into --save happens after this
+    try:
+        return _train(run, cfg, wall_start, handler, lock, train_ds, valid_sets, weights)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _take_run_lock(cfg: TrainConfig) -> Optional[RunLock]:
+    """Rank 0 takes the --save directory's lock; every rank raises ConfigError if it could not."""
+    lock, error = None, None
+    if cfg.save and is_rank0():
+        try:
+            lock = RunLock(cfg.save, log=_print0).acquire()
+        except ConfigError as e:
+            error = str(e)
+    if dist.get_world_size() > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
+def _train(run: Run, cfg: TrainConfig, wall_start: float, handler, lock, train_ds, valid_sets,
+           weights) -> dict:
+    import signal
+
     logger = MetricsLogger(is_rank0(), cfg.metrics_file, cfg.tensorboard_dir, cfg.wandb_project,
-                           cfg.wandb_exp_name, cfg.wandb_save_dir, config=cfg.to_dict())
+                           cfg.wandb_exp_name, cfg.wandb_save_dir, config=cfg.to_dict(),
+                           resume_iteration=run.iteration if cfg.load else None)
     total_samples = cfg.train_iters * cfg.global_batch_size
     loaders = [make_loader(train_ds, run.consumed_train_samples, total_samples, cfg,
                            run.dp_rank, run.dp_size) for _ in run.model]
-    iterators = [iter(loader) for loader in loaders]
+    iterators = [_test_hook_phases(iter(loader), run) for loader in loaders]
     data_iterator = iterators if len(iterators) > 1 else iterators[0]
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     window = RoutingWindow()
@@ -597,13 +631,22 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
     step_delay = float(os.environ.get("REMOE_TEST_HOOK_STEP_SLEEP_S", "0"))  # TEST ONLY
 
     def stop_flags():
-        """Local reasons to stop now: signal number received, wall-clock budget used up."""
+        """Local reasons to stop now: signal number received, wall-clock budget used up, the
+        --save lock lost (seen by its heartbeat thread)."""
         signum = float(signal.Signals[handler.received]) if handler and handler.pending else 0.0
         budget = cfg.exit_duration_in_mins
-        return [signum, float(bool(budget) and time.time() - wall_start > 60.0 * budget)]
+        return [signum, float(bool(budget) and time.time() - wall_start > 60.0 * budget),
+                float(lock is not None and lock.lost is not None)]
 
     try:
+        if run.eval_pending and valid_sets:  # so the metrics match an uninterrupted run
+            _test_hook_phase("eval", run.iteration)
+            last_eval = evaluate(run, valid_sets, weights)
+            last_eval["eval_iteration"] = run.iteration
+            logger.log(run.iteration, last_eval, split="valid")
+            logger.console(_format_eval(run.iteration, last_eval))
         while run.iteration < cfg.train_iters:
+            _test_hook_phase("step", run.iteration + 1)
             t0 = time.perf_counter()
             metrics = train_step(run, data_iterator, stop_flags)
             if run.device.type == "cuda":
@@ -611,7 +654,11 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
             if step_delay:
                 time.sleep(step_delay)
             dt = time.perf_counter() - t0
-            signum, time_up = metrics.pop("_stop")
+            signum, time_up, lock_lost = metrics.pop("_stop")
+            if lock_lost:  # another run took --save over: write nothing more
+                if lock is not None:
+                    lock.check()
+                raise ConfigError(f"save={cfg.save}: this run lost its lock (see rank 0)")
             if metrics.get("nonfinite"):
                 _apply_nan_policy(run, metrics, last_saved)
             run.iteration += 1
@@ -644,8 +691,10 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
                 logger.console(f"exit: --exit-duration-in-mins {cfg.exit_duration_in_mins} "
                                f"reached after iteration {run.iteration}")
             preempted = exit_reason is not None
-            if not preempted and valid_sets and cfg.eval_interval and \
-                    run.iteration % cfg.eval_interval == 0:
+            eval_due = bool(valid_sets and cfg.eval_interval and
+                            run.iteration % cfg.eval_interval == 0)
+            if not preempted and eval_due:
+                _test_hook_phase("eval", run.iteration)
                 last_eval = evaluate(run, valid_sets, weights)
                 last_eval["eval_iteration"] = run.iteration
                 logger.log(run.iteration, last_eval, split="valid")
@@ -655,13 +704,19 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
             stop = exit_reason is not None
             if cfg.save and ((cfg.save_interval and run.iteration % cfg.save_interval == 0)
                              or run.iteration == cfg.train_iters or stop):
+                if lock is not None:
+                    lock.check()  # rank 0 only: the heartbeat flag above covers the others
+                _test_hook_phase("save", run.iteration)
                 last_saved = save_checkpoint(
                     cfg.save, run.iteration, run.model, run.optimizer, run.scheduler,
                     run.controller, run.consumed_train_samples, cfg, config_yaml,
                     extra_common={"padded_vocab_size": run.vocab_size,
-                                  "skipped_steps": run.skipped_steps},
+                                  "skipped_steps": run.skipped_steps,
+                                  # skipped for the grace period: the resumed run does it first
+                                  "eval_pending": preempted and eval_due},
                     log=logger.console)
                 logger.console(f"checkpoint: saved {last_saved}")
+                _test_hook_phase("saved", run.iteration)
             if stop:
                 if exit_reason == "exit_interval":
                     logger.console(f"exit: iteration {run.iteration} is a multiple of "
@@ -684,9 +739,47 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
                                 "summary.json")
             with open(path, "w", encoding="utf-8") as fh:
                 json.dump(summary, fh, indent=2)
+    except (ConfigError, NonFiniteError, CheckpointSaveError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- a collective failed: a peer died or hangs
+        if not is_collective_failure(e):
+            raise
+        raise collective_failure(e, f"at iteration {run.iteration + 1}",
+                                 last_saved or run.loaded_from,
+                                 f"--load {cfg.save or cfg.load}" if cfg.save or cfg.load
+                                 else "a --save directory", cfg.distributed_timeout_minutes
+                                 ) from None
     finally:
         logger.close()
+    _test_hook_phase("done", run.iteration)
     return summary
+
+
+_PHASE_FILE = os.environ.get("REMOE_TEST_HOOK_PHASE_FILE")
+
+
+def _test_hook_phase(phase: str, iteration: int) -> None:
+    """TEST ONLY. REMOE_TEST_HOOK_PHASE_FILE=path: rank 0 writes what it is doing ('step N',
+    'microbatch K N', 'eval N', 'save N', 'saved N', 'done N') there, so that the chaos harness
+    (tools/chaos_resume.py) can kill the run during a save, an evaluation or a step."""
+    if _PHASE_FILE and is_rank0():
+        with open(_PHASE_FILE, "w", encoding="utf-8") as fh:
+            fh.write(f"{phase} {iteration}\n")
+
+
+def _test_hook_phases(iterator, run: Run):
+    """TEST ONLY (see _test_hook_phase): 'microbatch K N' before each training micro-batch."""
+    if not _PHASE_FILE:
+        return iterator
+
+    def phases():
+        count = 0
+        for item in iterator:
+            _test_hook_phase(f"microbatch {count % run.num_micro_batches}", run.iteration + 1)
+            count += 1
+            yield item
+
+    return phases()
 
 
 def _apply_nan_policy(run: Run, metrics: dict, last_saved) -> None:
