@@ -197,6 +197,10 @@ def make_loader(dataset, consumed_samples: int, total_samples: Optional[int],
     total = min(len(dataset), total_samples) if total_samples else len(dataset)
     sampler = PretrainingBatchSampler(total, consumed_samples, cfg.micro_batch_size, dp_rank,
                                       dp_size)
+    # A private generator: creating the iterator draws a base seed from it, not from torch's
+    # global RNG, whose state is checkpointed (a resumed run creates its iterators after the
+    # restore, an uninterrupted one before step 1: with the global RNG they would then differ).
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0)
+        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed))
