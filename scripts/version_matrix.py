@@ -14,7 +14,8 @@ Environments (made on first use, git-ignored):
   PYTHONPATH (its dependencies are the same: torch, numpy, packaging).
 
 The core subset is `pytest -m core` (tests/conftest.py CORE_TESTS), run one test file per pytest
-process so that `--lock FILE` (flock) is never held for long on a shared machine. Results of each
+process; `--lock FILE` holds flock(FILE) for each version's run (one wait, then ~5 minutes
+of CPU) on a machine shared with other work. Results of each
 version go to .venv-matrix/results/<version>.json; the table in docs/compat.md is rebuilt from all
 results present, so versions can be run one at a time.
 
@@ -31,7 +32,9 @@ passes, raise the bound in pyproject.toml to the next minor and the pin in const
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -69,11 +72,8 @@ def environment(version: str) -> tuple[str, dict]:
     if minor(version) < (0, 17):
         if version != "0.16.1":
             raise SystemExit(f"error: {version}: the pinned lane has 0.16.1 only")
-        subprocess.run(["bash", "scripts/setup_env.sh", "test"], cwd=ROOT, check=True)
-        return os.path.join(ROOT, ".venv", "bin", "python"), {}
-    subprocess.run(["bash", "scripts/setup_env.sh", "test"], cwd=ROOT, check=True,
-                   env=dict(os.environ, REMOE_LANE="newest"))
-    python = os.path.join(ROOT, ".venv312", "bin", "python")
+        return lane_python("pinned", ".venv", version), {}
+    python = lane_python("newest", ".venv312", None)
     if installed_version(python, {}) == version:
         return python, {}
     target = os.path.join(MATRIX, f"mcore-{version}")
@@ -89,6 +89,18 @@ def environment(version: str) -> tuple[str, dict]:
     return python, extra
 
 
+def lane_python(lane: str, venv: str, version) -> str:
+    """The lane's interpreter; the lane is set up (scripts/setup_env.sh) unless its environment
+    already runs (with `version` of megatron-core, if given): a re-install would disturb other
+    processes using it."""
+    python = os.path.join(ROOT, venv, "bin", "python")
+    have = installed_version(python, {}) if os.path.exists(python) else ""
+    if not have or (version and have != version):
+        subprocess.run(["bash", "scripts/setup_env.sh", "test"], cwd=ROOT, check=True,
+                       env=dict(os.environ, REMOE_LANE=lane))
+    return python
+
+
 def installed_version(python: str, extra: dict) -> str:
     out = subprocess.run([python, "-c", "import importlib.metadata as m; "
                           "print(m.version('megatron-core'))"], capture_output=True, text=True,
@@ -96,8 +108,21 @@ def installed_version(python: str, extra: dict) -> str:
     return out.stdout.strip()
 
 
-def locked(cmd: list, lock) -> list:
-    return (["flock", lock] if lock else []) + cmd
+@contextlib.contextmanager
+def holding(lock):
+    """flock(2) on `lock` (the same lock as flock(1)) for a whole version's run: one wait for the
+    shared machine instead of one per test file."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as fh:
+        t0 = time.time()
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        log(f"lock {lock} taken after {time.time() - t0:.0f} s")
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def core_files(python: str, extra: dict) -> list:
@@ -121,6 +146,11 @@ def parse_summary(text: str) -> dict:
 def run_core(version: str, lock) -> dict:
     python, extra = environment(version)
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    with holding(lock):
+        return _run_core(version, python, extra, env)
+
+
+def _run_core(version: str, python: str, extra: dict, env: dict) -> dict:
     pyver = subprocess.run([python, "-c", "import sys, torch; print(sys.version.split()[0], "
                             "torch.__version__)"], capture_output=True, text=True, env=env,
                            cwd=ROOT).stdout.split()
@@ -132,8 +162,8 @@ def run_core(version: str, lock) -> dict:
     for path in core_files(python, extra):
         t0 = time.time()
         log(f"{version}: {path}")
-        proc = subprocess.run(locked([python, "-m", "pytest", "-m", "core", path] + PYTEST_FLAGS,
-                                     lock), capture_output=True, text=True, cwd=ROOT, env=env)
+        proc = subprocess.run([python, "-m", "pytest", "-m", "core", path] + PYTEST_FLAGS,
+                              capture_output=True, text=True, cwd=ROOT, env=env)
         counts = parse_summary(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip()
                                else "")
         counts["seconds"] = round(time.time() - t0, 1)
@@ -151,10 +181,10 @@ def run_core(version: str, lock) -> dict:
     return result
 
 
-def trainer(python: str, extra: dict, args: list, lock, timeout: int = 300):
+def trainer(python: str, extra: dict, args: list, timeout: int = 300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(locked([python, "-m", "megatron.remoe.pretrain"] + args, lock),
+    return subprocess.run([python, "-m", "megatron.remoe.pretrain"] + args,
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
@@ -169,7 +199,7 @@ def losses(run_dir: str) -> dict:
     return out
 
 
-def cross_checkpoint(old: str, new: str, lock) -> dict:
+def cross_checkpoint(old: str, new: str) -> dict:
     """0.16.1 checkpoint -> newest resumes; newest checkpoint -> 0.16.1 refused in one line."""
     work = os.path.join(MATRIX, "cross-checkpoint")
     shutil.rmtree(work, ignore_errors=True)
@@ -178,14 +208,14 @@ def cross_checkpoint(old: str, new: str, lock) -> dict:
     py_new, env_new = environment(new)
     result = {"old": old, "new": new}
     full = os.path.join(work, "old-6")
-    proc = trainer(py_old, env_old, MOCK_RUN + ["--train-iters", "6", "--save", full], lock)
+    proc = trainer(py_old, env_old, MOCK_RUN + ["--train-iters", "6", "--save", full])
     assert proc.returncode == 0, proc.stderr[-2000:]
     half = os.path.join(work, "old-4")  # the same 6-step schedule, stopped after step 4
     proc = trainer(py_old, env_old, MOCK_RUN + ["--train-iters", "6", "--save", half,
-                                                "--exit-interval", "4"], lock)
+                                                "--exit-interval", "4"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = trainer(py_new, env_new, MOCK_RUN + ["--train-iters", "6", "--save", half,
-                                                "--load", half], lock)
+                                                "--load", half])
     resumed = proc.returncode == 0 and "resumed from" in proc.stdout
     result["old_to_new_resumed"] = resumed
     result["old_to_new_stderr"] = proc.stderr.strip()[-500:]
@@ -196,10 +226,10 @@ def cross_checkpoint(old: str, new: str, lock) -> dict:
         result["max_abs_dloss"] = max(abs(a[i][0] - b[i][0]) for i in steps) if steps else None
         result["sparsity_lambda_equal"] = all(a[i][1:] == b[i][1:] for i in steps)
     newer = os.path.join(work, "new-2")
-    proc = trainer(py_new, env_new, MOCK_RUN + ["--train-iters", "2", "--save", newer], lock)
+    proc = trainer(py_new, env_new, MOCK_RUN + ["--train-iters", "2", "--save", newer])
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = trainer(py_old, env_old, MOCK_RUN + ["--train-iters", "4", "--save", newer,
-                                                "--load", newer], lock)
+                                                "--load", newer])
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     result["new_to_old_exit"] = proc.returncode
     result["new_to_old_stderr"] = lines
@@ -227,8 +257,9 @@ def table() -> str:
         rows += [f"|  | failure: `{f[:120]}` |" + "  |" * 10 for f in r["failures"]]
     lines = [BEGIN, "", f"Machine: {platform.machine()}, {os.cpu_count()} cores. The core subset "
              "runs one test file per pytest process; 'pytest' is the sum of pytest's own "
-             "durations, 'wall' includes interpreter start-up and any wait for the shared CPU lock; "
-             "load = 1-minute load average before / after.",
+             "durations, 'wall' adds interpreter start-up and collection (with --lock, the run "
+             "of a version holds the shared CPU lock throughout); load = 1-minute load average "
+             "before / after.",
              "", "| megatron-core | Python | torch | result | passed | failed | skipped | errors | "
              "pytest | wall | load | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
     cross = os.path.join(RESULTS, "cross-checkpoint.json")
@@ -266,7 +297,8 @@ def write_table() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("versions", nargs="*", help=f"default: {' '.join(DEFAULT_VERSIONS)}")
-    parser.add_argument("--lock", help="flock this file around every pytest / trainer process")
+    parser.add_argument("--lock",
+                        help="hold flock(FILE) while a version (or the checkpoint check) runs")
     parser.add_argument("--cross-checkpoint", action="store_true",
                         help="only the cross-version checkpoint check (0.16.1 <-> newest)")
     parser.add_argument("--table", action="store_true", help="only rewrite the docs table")
@@ -285,7 +317,8 @@ def main() -> int:
         failed |= bool(r["failed"] or r["error"] or not r["passed"])
     if args.cross_checkpoint or not args.versions:
         newest = sorted(DEFAULT_VERSIONS, key=minor)[-1]
-        c = cross_checkpoint("0.16.1", newest, args.lock)
+        with holding(args.lock):
+            c = cross_checkpoint("0.16.1", newest)
         failed |= not (c.get("old_to_new_resumed") and c.get("new_to_old_ok"))
     write_table()
     return 1 if failed else 0
