@@ -60,7 +60,7 @@ def test_effective_config_round_trips(tmp_path):
     (["--moe-router-topk", "9"], "moe_router_topk=9"),
     (["--num-experts", "4", "--moe-granularity", "3"], "moe_granularity=3"),
     (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible"),
-    (["--bf16"], "bf16 needs a GPU"),
+    (["--moe-cpu-experts", "fast"], "invalid choice: 'fast'"),
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["--save-interval", "5"], "--save-interval without --save"),
     (["--lr", "fast"], "invalid float value"),
@@ -70,6 +70,17 @@ def test_bad_values_fail_with_one_line(extra, needle):
         parse(TINY + extra)
     message = str(err.value)
     assert needle in message and "\n" not in message, message
+
+
+def test_bf16_on_a_cpu_without_native_bf16_fails_with_one_line(monkeypatch):
+    from megatron.remoe import cpu_settings
+
+    monkeypatch.setattr(cpu_settings, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        parse(TINY + ["--bf16"])
+    assert "bf16 on CPU needs native bf16" in str(err.value) and "--no-bf16" in str(err.value)
+    monkeypatch.setattr(cpu_settings, "cpu_bf16_supported", lambda: True)
+    assert parse(TINY + ["--bf16"]).bf16
 
 
 def test_unknown_yaml_key_names_it(tmp_path):

@@ -52,7 +52,8 @@ class TrainConfig:
                                            "(times TP)", "model")
     transformer_impl: str = _f("local", "layer implementation: megatron-core local modules or "
                                "Transformer Engine", "model", choices=["local", "transformer_engine"])
-    bf16: bool = _f(False, "bf16 weights/activations with fp32 master weights (GPU)", "model")
+    bf16: bool = _f(False, "bf16 weights/activations with fp32 master weights (GPU, or CPU "
+                    "with AVX512-BF16/AMX); router and lambda stay fp32", "model")
     recompute_granularity: Optional[str] = _f(
         None, "activation recomputation: 'full' (whole layers) or 'selective' (see "
         "--recompute-modules; ['moe'] recomputes only the MoE block)", "model",
@@ -78,6 +79,10 @@ class TrainConfig:
                                         choices=["alltoall", "allgather"])
     moe_grouped_gemm: bool = _f(False, "grouped-GEMM experts (GPU, needs TE or grouped_gemm)",
                                 "moe")
+    moe_cpu_experts: str = _f("grouped", "expert module on CPU: grouped (one GEMM pass over all "
+                              "experts, SequentialMLP's parameters and checkpoints) or sequential "
+                              "(megatron-core's SequentialMLP); GPUs ignore it", "moe",
+                              choices=["grouped", "sequential"])
     moe_aux_loss_coeff: float = _f(1e-2, "TopK aux (load-balancing) loss coefficient", "moe")
     moe_relu_l1_reg_coeff_init: float = _f(1e-8, "lambda_0 of the adaptive L1", "moe")
     moe_relu_l1_reg_coeff_multiplier: float = _f(1.2, "alpha: lambda update factor per step",
@@ -520,7 +525,11 @@ def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise ConfigError(f"expert_model_parallel_size={ep} with --router dense (no experts); "
                           "set it to 1")
     if cfg.bf16 and not cuda:
-        raise ConfigError("bf16 needs a GPU (CPU runs fp32); pass --no-bf16 on this machine")
+        from megatron.remoe.cpu_settings import cpu_bf16_supported
+
+        if not cpu_bf16_supported():
+            raise ConfigError("bf16 on CPU needs native bf16 arithmetic (AVX512-BF16 or AMX), "
+                              "which this CPU lacks; pass --no-bf16 on this machine")
     if cfg.transformer_impl == "transformer_engine":
         from megatron.remoe.spec import have_transformer_engine
 
@@ -717,6 +726,7 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool):
             moe_layer_freq=cfg.moe_layer_freq,
             moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
             moe_grouped_gemm=cfg.moe_grouped_gemm,
+            moe_cpu_experts=cfg.moe_cpu_experts,
             moe_router_dtype="fp32")
         if cfg.router == "relu":
             fields.update(

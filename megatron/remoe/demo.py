@@ -22,6 +22,7 @@ from typing import Optional
 
 import yaml
 
+from megatron.remoe.cpu_settings import demo_settings, describe_settings
 from megatron.remoe.metrics_logging import format_duration
 
 # The demo model: measured on 2 CPU cores (see docs/training.md).
@@ -51,11 +52,11 @@ def demo_data_fields(data, cache_path: str) -> dict:
                 tokenizer=data.tokenizer_dir, data_cache_path=cache_path)
 
 
-def run_config(router: str, data, out_dir: str, iters: int) -> dict:
+def run_config(router: str, data, out_dir: str, iters: int, bf16: bool = False) -> dict:
     """The TrainConfig fields of one demo run (written as YAML and passed with --config)."""
     run_dir = os.path.join(out_dir, router)
     cfg = dict(DEMO_MODEL)
-    cfg.update(router=router, train_iters=iters, eval_interval=max(iters // 4, 1),
+    cfg.update(router=router, train_iters=iters, eval_interval=max(iters // 4, 1), bf16=bf16,
                **demo_data_fields(data, os.path.join(out_dir, "data", "index-cache")),
                save=os.path.join(run_dir, "checkpoints"),
                metrics_file=os.path.join(run_dir, "metrics.jsonl"))
@@ -64,8 +65,11 @@ def run_config(router: str, data, out_dir: str, iters: int) -> dict:
     return cfg
 
 
-def train(router: str, data, out_dir: str, iters: int, nproc: int) -> dict:
-    """One training run in a fresh process (torchrun when nproc > 1); returns its summary."""
+def train(router: str, data, out_dir: str, iters: int, nproc: int,
+          settings: Optional[dict] = None) -> dict:
+    """One training run in a fresh process (torchrun when nproc > 1) with `settings` (threads per
+    process, bf16; default: `cpu_settings.demo_settings`); returns its summary."""
+    settings = settings or demo_settings(nproc)
     run_dir = os.path.join(out_dir, router)
     os.makedirs(run_dir, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json"):  # the demo always trains from scratch
@@ -73,7 +77,8 @@ def train(router: str, data, out_dir: str, iters: int, nproc: int) -> dict:
             os.remove(os.path.join(run_dir, stale))
     config_path = os.path.join(run_dir, "config.yaml")
     with open(config_path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(run_config(router, data, out_dir, iters), fh, sort_keys=False)
+        yaml.safe_dump(run_config(router, data, out_dir, iters, bf16=settings["bf16"]), fh,
+                       sort_keys=False)
     cmd = training_command(config_path, nproc)
     ckpt = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpt):  # from an earlier demo: start over rather than resume
@@ -83,13 +88,15 @@ def train(router: str, data, out_dir: str, iters: int, nproc: int) -> dict:
     _log(f"\n=== training {ROUTER_NAMES[router]} ({iters} steps, {nproc} process"
          f"{'es' if nproc > 1 else ''}): {' '.join(cmd)}")
     log_path = os.path.join(run_dir, "train.log")
-    rc = run_logged(cmd, log_path, nproc)
+    rc = run_logged(cmd, log_path, nproc,
+                    extra_env={"OMP_NUM_THREADS": str(settings["threads"])})
     if rc != 0:
         raise SystemExit(f"demo: training {router} failed (exit code {rc}); see {log_path}")
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     summary["log"] = log_path
     summary["config"] = config_path
+    summary["settings"] = settings
     return summary
 
 
@@ -152,6 +159,7 @@ def print_summary(s: dict, domains: list) -> None:
         lines.append(f"  lambda (L1 coeff)    1e-08 -> {s['final_lambda']:.3e}")
     lines += [f"  throughput           {s['tokens_per_s']:,.0f} tokens/s, "
               f"{s['s_per_step']:.3f} s/step, peak RSS {s['memory_gb']:.2f} GB",
+              f"  settings             {describe_settings(s['settings'])}",
               f"  parameters           {p['total'] / 1e6:.2f}M total, {p['active'] / 1e6:.2f}M "
               f"active per token ({p['active_non_embedding'] / 1e6:.2f}M non-embedding)",
               f"  metrics (JSONL)      {s['metrics_file']}",
@@ -196,13 +204,23 @@ def build_parser(prog: str = "remoe demo") -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun, DP) [1]")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary [8192]")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes [1]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per training process [usable cores / --nproc]")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: the fastest correct choice for this CPU (docs/performance.md)")
     return p
 
 
 def main(argv: Optional[list] = None, prog: str = "remoe demo") -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.iters < 1 or args.nproc < 1:
-        print("error: --iters and --nproc must be >= 1", file=sys.stderr)
+    if args.iters < 1 or args.nproc < 1 or (args.threads is not None and args.threads < 1):
+        print(f"error: --iters {args.iters}, --nproc {args.nproc} and --threads {args.threads} "
+              "must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        settings = demo_settings(args.nproc, threads=args.threads, dtype=args.dtype)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from megatron.remoe.data.demo import prepare_demo_data
     from megatron.remoe.data.errors import DataError
@@ -218,7 +236,8 @@ def main(argv: Optional[list] = None, prog: str = "remoe demo") -> int:
         return 2
     domains = sorted(data.valid)
     routers = ["relu", "topk", "dense"] if args.compare else ["relu"]
-    results = {r: train(r, data, args.out, args.iters, args.nproc) for r in routers}
+    _log(f"demo: settings {describe_settings(settings)}")
+    results = {r: train(r, data, args.out, args.iters, args.nproc, settings) for r in routers}
     print_summary(results["relu"], domains)
     if args.compare:
         print_comparison(results, domains)

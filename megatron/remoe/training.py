@@ -134,6 +134,8 @@ def build_optimizer(cfg: TrainConfig, model: list):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megatron.remoe.cpu_settings import use_fused_cpu_adam
+
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
@@ -141,6 +143,7 @@ def build_optimizer(cfg: TrainConfig, model: list):
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         use_distributed_optimizer=cfg.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
+    use_fused_cpu_adam(optimizer)  # CPU: torch's fused Adam kernel, same update, 4x faster
     decay_iters = cfg.lr_decay_iters or cfg.train_iters
     if cfg.lr_warmup_fraction is not None:
         warmup = int(cfg.lr_warmup_fraction * decay_iters)
@@ -401,8 +404,12 @@ def _grad_buffers(model: list):
 
 
 def _grads_nonfinite(model: list) -> torch.Tensor:
-    """1.0 (a device scalar, no host sync) if any local gradient is NaN or inf, else 0.0."""
-    flags = [(~torch.isfinite(g)).any() for g in _grad_buffers(model) if g.numel()]
+    """1.0 (a device scalar, no host sync) if any local gradient is NaN or inf, else 0.0.
+
+    One reduction pass per buffer: min and max propagate NaN and are -inf / +inf when any element
+    is. (`isfinite` + `any` took 3 passes and, on CPU, 15 % of an MoE step: docs/performance.md.)"""
+    flags = [~torch.isfinite(torch.stack(torch.aminmax(g))).all() for g in _grad_buffers(model)
+             if g.numel()]
     if not flags:
         return torch.zeros((), dtype=torch.float32)
     return torch.stack(flags).any().float()
