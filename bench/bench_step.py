@@ -70,10 +70,54 @@ VARIANT_FLAGS = {
 }
 
 
+# Not a trainer flag: _build strips it and puts the optimizer back on torch's per-tensor Adam loop.
+UNFUSED_ADAM = "--bench-unfused-adam"
+
+
 def variant_flags(name: str) -> list:
+    """Flags of a variant. Suffix `-sequential`: megatron-core's SequentialMLP experts on CPU
+    instead of the grouped CPU experts; suffix `-mcore`: megatron-core's CPU defaults as they were
+    before docs/performance.md's "CPU fast path", i.e. SequentialMLP and torch's per-tensor Adam
+    loop instead of its fused CPU kernel."""
+    if name.endswith("-sequential"):
+        return variant_flags(name[:-len("-sequential")]) + ["--moe-cpu-experts", "sequential"]
+    if name.endswith("-mcore"):
+        return variant_flags(name[:-len("-mcore")]) + ["--moe-cpu-experts", "sequential",
+                                                       UNFUSED_ADAM]
     if name.startswith("relu-bound"):  # relu-bound<M>: Stage I dispatch bound of M experts
         return ["--router", "relu", "--moe-relu-warmup-max-experts", name[len("relu-bound"):]]
     return list(VARIANT_FLAGS[name])
+
+
+def gemm_peak_gflops(dtype_name: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """The machine's matmul peak as this process sees it (its threads): GFLOP/s of the fastest of
+    `repeats` n x n x n GEMMs, after one warm-up."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    if torch.cuda.is_available():
+        a, b = a.cuda(), b.cuda()
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(a.device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(a.device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def train_flops_per_token(cfg, router: str, experts_per_token=None) -> float:
+    """The ablation tool's count (megatron.remoe.ablation.flops_per_token) for this run."""
+    import dataclasses
+
+    from megatron.remoe.ablation import flops_per_token
+
+    fields = dataclasses.asdict(cfg)
+    fields["router"] = router
+    return flops_per_token(fields, cfg.vocab_size, experts_per_token)["train"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,8 +136,13 @@ def _build(flags: list):
     from megatron.remoe.datasets import build_datasets, load_run_tokenizer, make_loader
     from megatron.remoe.training import setup
 
-    cfg = parse_config(flags)
+    unfused = UNFUSED_ADAM in flags
+    cfg = parse_config([f for f in flags if f != UNFUSED_ADAM])
     run = setup(cfg)
+    if unfused:
+        for opt in getattr(run.optimizer, "chained_optimizers", None) or [run.optimizer]:
+            for group in opt.optimizer.param_groups:
+                group["fused"] = False
     train_ds, _, _ = build_datasets(cfg, load_run_tokenizer(cfg))
     loader = make_loader(train_ds, run.consumed_train_samples,
                          cfg.train_iters * cfg.global_batch_size, cfg, run.dp_rank, run.dp_size)
@@ -110,8 +159,12 @@ def _routing(metrics: dict) -> dict:
 
 
 def worker_time(spec: dict) -> dict:
+    import torch
+
     from megatron.remoe.training import train_step
 
+    peak_dtype = "bfloat16" if "--bf16" in next(iter(spec["variants"].values())) else "float32"
+    peak = [gemm_peak_gflops(peak_dtype)]
     runs = {name: _build(flags) for name, flags in spec["variants"].items()}
     device = next(iter(runs.values()))[0].device
     names = list(runs)
@@ -132,9 +185,17 @@ def worker_time(spec: dict) -> dict:
                 if r:
                     routing[name].append(r)
     cfg = next(iter(runs.values()))[0].cfg
+    peak.append(gemm_peak_gflops(peak_dtype))
+    flops = {}
+    for n, (r, _) in runs.items():
+        ept = [x["experts_per_token"] for x in routing[n] if x.get("experts_per_token")]
+        flops[n] = train_flops_per_token(r.cfg, r.cfg.router,
+                                         sum(ept) / len(ept) if ept else None)
     return {"times": times, "routing": routing, "device": str(device),
             "tokens_per_step": cfg.global_batch_size * cfg.seq_length,
-            "params": {n: r.params for n, (r, _) in runs.items()}}
+            "params": {n: r.params for n, (r, _) in runs.items()},
+            "train_flops_per_token": flops, "gemm_peak_gflops": peak, "gemm_dtype": peak_dtype,
+            "torch_threads": torch.get_num_threads()}
 
 
 def _proc_status_mib(key: str) -> float:
@@ -224,6 +285,37 @@ def run_worker(kind: str, spec: dict, log_path: str, env_extra: dict | None = No
         os.unlink(result_path)
 
 
+def settled_checkpoint(base: list, workdir: str, settle_iters: int, settle_lambda: float,
+                       log_path: str):
+    """(flags, checkpoint dir, summary) of a ReMoE run trained by `pretrain` until its sparsity
+    settled at the target (Stage III); cached in `workdir` by its flags."""
+    settle_flags = base + variant_flags("relu") + [
+        "--moe-relu-l1-reg-coeff-init", str(settle_lambda)]
+    key = hashlib.sha1(json.dumps([settle_flags, settle_iters]).encode()).hexdigest()[:10]
+    ckpt = os.path.join(workdir, f"settled-{key}")
+    settled_file = os.path.join(ckpt, "settled.json")
+    if os.path.isfile(settled_file):
+        with open(settled_file, encoding="utf-8") as f:
+            settled = json.load(f)
+        print(f"\nStage III: reusing settled ReMoE checkpoint {ckpt}")
+    else:
+        print(f"\nStage III: training ReMoE for {settle_iters} steps (lambda_0 "
+              f"{settle_lambda:g}) to settle its sparsity -> {ckpt}", flush=True)
+        t0 = time.time()
+        settled = run_worker("settle", {"flags": settle_flags + [
+            "--save", ckpt, "--exit-interval", str(settle_iters),
+            "--metrics-file", os.path.join(ckpt, "metrics.jsonl")]}, log_path)
+        settled["seconds"] = time.time() - t0
+        with open(settled_file, "w", encoding="utf-8") as f:
+            json.dump(settled, f)
+    print(f"  after {settled['iterations']} steps: sparsity {settled['final_sparsity']:.3f} "
+          f"(last 10 steps {settled['sparsity_last10']:.3f}, target "
+          f"{settled['target_sparsity']:.3f}), lambda {settled['final_lambda']:.2e}")
+    if abs(settled["sparsity_last10"] - settled["target_sparsity"]) > 0.03:
+        print("  WARNING: sparsity not settled at the target; raise --settle-iters")
+    return settle_flags, ckpt, settled
+
+
 # ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
@@ -235,18 +327,31 @@ def _quantiles(xs):
     return q[0], statistics.median(xs), q[2]
 
 
-def summarise_time(res: dict, baseline: str = "topk") -> dict:
+def _ratio_stats(ts, base_ts) -> dict:
+    ratios = [a / b for a, b in zip(ts, base_ts)]
+    q1, med, q3 = _quantiles(ratios)
+    return {"of_medians": statistics.median(ts) / statistics.median(base_ts), "median": med,
+            "q1": q1, "q3": q3}
+
+
+def summarise_time(res: dict, baselines=("topk", "dense")) -> dict:
+    """Per variant: median / quartiles of the step time, tokens/s, achieved training GFLOP/s and
+    its fraction of the GEMM peak timed in the same worker, and the ratios to each baseline
+    present (ratio of medians and median of per-round ratios with IQR)."""
     out = {}
     times = res["times"]
+    peak = max(res.get("gemm_peak_gflops") or [float("nan")])
     for name, ts in times.items():
         q1, med, q3 = _quantiles(ts)
         row = {"median_s": med, "q1_s": q1, "q3_s": q3, "n": len(ts),
-               "tokens_per_s": res["tokens_per_step"] / med}
-        if baseline in times and name != baseline:
-            ratios = [a / b for a, b in zip(ts, times[baseline])]
-            rq1, rmed, rq3 = _quantiles(ratios)
-            row.update(ratio_of_medians=med / statistics.median(times[baseline]),
-                       ratio_median=rmed, ratio_q1=rq1, ratio_q3=rq3)
+               "tokens_per_s": res["tokens_per_step"] / med, "ratios": {}}
+        flops = (res.get("train_flops_per_token") or {}).get(name)
+        if flops:
+            row["gflops"] = flops * res["tokens_per_step"] / med / 1e9
+            row["fraction_of_peak"] = row["gflops"] / peak
+        for base in baselines:
+            if base in times and name != base:
+                row["ratios"][base] = _ratio_stats(ts, times[base])
         r = res["routing"].get(name)
         if r:
             row["sparsity"] = statistics.mean(x["sparsity"] for x in r)
@@ -255,18 +360,28 @@ def summarise_time(res: dict, baseline: str = "topk") -> dict:
     return out
 
 
-def print_time_table(title: str, table: dict) -> None:
+def print_time_table(title: str, table: dict, res: dict | None = None) -> None:
     print(f"\n{title}")
-    print(f"{'variant':<16}{'median s/step':>14}{'IQR':>18}{'tokens/s':>10}{'vs topk':>9}"
-          f"{'per-round ratio (IQR)':>26}{'sparsity':>10}{'exp/tok':>8}")
+    if res and res.get("gemm_peak_gflops"):
+        print(f"GEMM peak ({res['gemm_dtype']}, 2048^3, {res['torch_threads']} thread(s)): "
+              + " / ".join(f"{g:.1f}" for g in res["gemm_peak_gflops"])
+              + " GFLOP/s (start / end of the timing)")
+    bases = [b for b in ("topk", "dense") if b in table]
+    print(f"{'variant':<20}{'median s/step':>14}{'IQR':>18}{'tokens/s':>10}{'GFLOP/s':>9}"
+          f"{'of peak':>8}" + "".join(f"{'vs ' + b:>9}{'per-round (IQR)':>24}" for b in bases)
+          + f"{'sparsity':>10}{'exp/tok':>8}")
     for name, r in table.items():
-        ratio = f"{r['ratio_of_medians']:.3f}" if "ratio_of_medians" in r else "1"
-        per_round = (f"{r['ratio_median']:.3f} ({r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})"
-                     if "ratio_median" in r else "")
+        cells = ""
+        for b in bases:
+            st = r["ratios"].get(b)
+            cells += (f"{st['of_medians']:>9.3f}{st['median']:>8.3f} ({st['q1']:.3f}-{st['q3']:.3f})"
+                      if st else f"{'1' if name == b else '':>9}{'':>24}")
         sp = f"{r['sparsity']:.3f}" if "sparsity" in r else ""
         ept = f"{r['experts_per_token']:.2f}" if "experts_per_token" in r else ""
-        print(f"{name:<16}{r['median_s']:>14.4f}{r['q1_s']:>9.4f}-{r['q3_s']:<8.4f}"
-              f"{r['tokens_per_s']:>10,.0f}{ratio:>9}{per_round:>26}{sp:>10}{ept:>8}")
+        gf = f"{r['gflops']:>9.1f}{100 * r['fraction_of_peak']:>7.0f}%" if "gflops" in r else \
+            f"{'':>17}"
+        print(f"{name:<20}{r['median_s']:>14.4f}{r['q1_s']:>9.4f}-{r['q3_s']:<8.4f}"
+              f"{r['tokens_per_s']:>10,.0f}{gf}{cells}{sp:>10}{ept:>8}")
 
 
 def print_memory_table(title: str, table: dict, baseline: str = "topk") -> None:
@@ -300,6 +415,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--mem-steps", type=int, default=3, help="steps measured for memory")
+    p.add_argument("--stage3-variants", nargs="+", default=["relu", "topk", "dense"],
+                   help="Stage III variants; add relu-sequential / topk-sequential to compare "
+                   "with megatron-core's SequentialMLP experts")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the workers (sets OMP_NUM_THREADS; default: inherited)")
     p.add_argument("--stage1-variants", nargs="+",
                    default=["relu", "relu-bound1", "relu-recompute", "topk", "dense"])
     p.add_argument("--stage1-memory-variants", nargs="+",
@@ -326,6 +446,11 @@ def main(argv=None) -> int:
             json.dump(result, f)
         return 0
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads {args.threads} must be >= 1", file=sys.stderr)
+            return 2
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the workers inherit it
     if args.quick:
         args.steps, args.warmup, args.mem_steps = 5, 1, 2
         args.settle_iters = min(args.settle_iters, 40)
@@ -355,37 +480,17 @@ def main(argv=None) -> int:
                                   "warmup": args.warmup}, log_path)
         table = summarise_time(res)
         print_time_table(f"{stage} step time ({res['device']}, {res['tokens_per_step']} "
-                         f"tokens/step, load average now {_load()})", table)
+                         f"tokens/step, load average now {_load()})", table, res)
         return {"raw": res, "summary": table}
 
     if 3 in args.stages:
-        settle_flags = base + variant_flags("relu") + [
-            "--moe-relu-l1-reg-coeff-init", str(args.settle_lambda)]
-        key = hashlib.sha1(json.dumps([settle_flags, args.settle_iters]).encode()).hexdigest()[:10]
-        ckpt = os.path.join(args.workdir, f"settled-{key}")
-        settled_file = os.path.join(ckpt, "settled.json")
-        if os.path.isfile(settled_file):
-            with open(settled_file, encoding="utf-8") as f:
-                settled = json.load(f)
-            print(f"\nStage III: reusing settled ReMoE checkpoint {ckpt}")
-        else:
-            print(f"\nStage III: training ReMoE for {args.settle_iters} steps (lambda_0 "
-                  f"{args.settle_lambda:g}) to settle its sparsity -> {ckpt}", flush=True)
-            t0 = time.time()
-            settled = run_worker("settle", {"flags": settle_flags + [
-                "--save", ckpt, "--exit-interval", str(args.settle_iters),
-                "--metrics-file", os.path.join(ckpt, "metrics.jsonl")]}, log_path)
-            settled["seconds"] = time.time() - t0
-            with open(settled_file, "w", encoding="utf-8") as f:
-                json.dump(settled, f)
-        print(f"  after {settled['iterations']} steps: sparsity {settled['final_sparsity']:.3f} "
-              f"(last 10 steps {settled['sparsity_last10']:.3f}, target "
-              f"{settled['target_sparsity']:.3f}), lambda {settled['final_lambda']:.2e}")
-        if abs(settled["sparsity_last10"] - settled["target_sparsity"]) > 0.03:
-            print("  WARNING: sparsity not settled at the target; raise --settle-iters")
+        settle_flags, ckpt, settled = settled_checkpoint(base, args.workdir, args.settle_iters,
+                                                         args.settle_lambda, log_path)
         results["settled"] = settled
-        stage3 = {"relu": settle_flags + ["--load", ckpt]}
-        stage3.update({n: base + variant_flags(n) for n in ("topk", "dense")})
+        # ReMoE variants resume the settled checkpoint (same model and router state)
+        stage3 = {n: settle_flags + variant_flags(n)[2:] + ["--load", ckpt]
+                  if n.startswith("relu") else base + variant_flags(n)
+                  for n in args.stage3_variants}
         if not args.no_time:
             results["stage3_time"] = time_stage("Stage III", stage3)
         if not args.no_memory:
