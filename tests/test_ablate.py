@@ -194,6 +194,115 @@ def test_aggregate_mean_std():
 
 
 # ------------------------------------------------------------------------------------------------
+# Time to quality, paired tests over seeds, Stage III steadiness, per-layer allocation
+# ------------------------------------------------------------------------------------------------
+def test_time_to_quality_on_synthetic_curves():
+    # 400 steps of 10 tokens; the first 50 steps cost 2 FLOP units per token, the rest 1
+    per_step = [2.0] * 50 + [1.0] * 350
+    cum = [sum(per_step[:i + 1]) * 10 for i in range(400)]
+    steps, losses = [100, 200, 300, 400], [5.0, 4.0, 3.0, 2.5]
+    got = ab.time_to_quality(steps, losses, 3.5, cum, 10)
+    # crossing halfway between the evaluations at 200 (4.0) and 300 (3.0)
+    assert got["step"] == 250 and got["tokens"] == 2500 and not got["bound"]
+    assert got["flops"] == pytest.approx((50 * 2 + 200 * 1) * 10)
+    # 3.2 is reached at step 280: 50 steps at 2 units, 230 at 1
+    assert ab.time_to_quality(steps, losses, 3.2, cum, 10)["flops"] == pytest.approx(
+        (50 * 2 + 230) * 10)
+    assert ab.time_to_quality(steps, losses, 2.4, cum, 10) is None  # never reached
+    first = ab.time_to_quality(steps, losses, 6.0, cum, 10)  # already at the first evaluation
+    assert first["step"] == 100 and first["bound"] and first["flops"] == (50 * 2 + 50) * 10
+    # exactly on an evaluation
+    assert ab.time_to_quality(steps, losses, 3.0, cum, 10)["step"] == 300
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 4.303, 12.7, -3.0])
+def test_student_t_p_against_closed_forms(t):
+    assert ab.student_t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(abs(t)),
+                                                           abs=1e-10)
+    assert ab.student_t_two_sided_p(t, 2) == pytest.approx(1 - abs(t) / math.sqrt(t * t + 2),
+                                                           abs=1e-10)
+    # many degrees of freedom: the normal distribution
+    assert ab.student_t_two_sided_p(t, 100000) == pytest.approx(
+        math.erfc(abs(t) / math.sqrt(2)), abs=1e-4)
+
+
+def test_paired_comparison_hand_computed():
+    a = {1: 6.00, 2: 6.10, 3: 6.05}
+    b = {1: 6.30, 2: 6.35, 3: 6.20, 4: 9.0}  # seed 4 has no pair
+    got = ab.paired_comparison(a, b)
+    d = [-0.30, -0.25, -0.15]
+    mean = sum(d) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    t = mean / (std / math.sqrt(3))
+    assert got["n"] == 3 and got["same_sign"] == 3
+    assert got["mean"] == pytest.approx(mean) and got["std"] == pytest.approx(std)
+    assert got["t"] == pytest.approx(t)
+    assert got["p"] == pytest.approx(1 - abs(t) / math.sqrt(t * t + 2))  # df = 2
+    assert ab.paired_comparison({1: 1.0}, {1: 2.0}) is None
+
+
+def test_stage3_steadiness_and_layer_allocation():
+    sparsity = [0.5, 0.7, 0.88, 0.86, 0.89, 0.87]
+    lambdas = [1e-8, 1e-4, 1e-2, 1e-3, 1e-1, 1e-2]
+    got = ab.stage3_steadiness(sparsity, lambdas, 2)
+    tail = [0.88, 0.86, 0.89, 0.87]
+    m = sum(tail) / 4
+    assert got["stage3_sparsity_std"] == pytest.approx(
+        math.sqrt(sum((x - m) ** 2 for x in tail) / 3))
+    assert got["stage3_log10_lambda_range"] == pytest.approx(2.0)  # 1e-3 .. 1e-1
+    assert ab.stage3_steadiness(sparsity, lambdas, None)["stage3_sparsity_std"] is None
+    train = [{"iteration": i, "moe/layer_1/sparsity": 0.6 + 0.01 * (i % 2),
+              "moe/layer_3/sparsity": 0.95, "moe/layer_3/zero_expert_tokens": 0.7 + 0.001 * i}
+             for i in range(1, 101)]
+    train[49]["moe/layer_3/dead_experts"] = 5
+    train[99]["moe/layer_3/dead_experts"] = 2  # the last logging window wins
+    got = ab.layer_allocation(train)
+    assert got["layer1_sparsity"] == pytest.approx(0.605)  # last 10 steps: 5 odd, 5 even
+    assert got["layer3_sparsity"] == pytest.approx(0.95)
+    assert got["layer3_zero_tokens"] == pytest.approx(0.7 + 0.001 * 95.5)
+    assert got["layer3_dead_experts"] == 2 and "layer1_dead_experts" not in got
+
+
+def test_comparisons_and_time_to_quality_over_a_synthetic_grid(tmp_path):
+    """relu / topk / dense x 3 seeds with made-up curves: the pairs, the t-test and time to
+    quality come out per seed and aggregated into the results table."""
+    path = write_grid(tmp_path, axes={"router": ["relu", "topk", "dense"], "seed": [1, 2, 3]})
+    grid = ab.load_grid(path, out=str(tmp_path / "out"))
+    final = {"relu": [5.0, 5.1, 5.05], "topk": [5.3, 5.35, 5.2], "dense": [5.4, 5.3, 5.5]}
+    records, traces = [], {}
+    for spec in grid.runs:
+        seed = spec.axes["seed"]
+        loss = final[spec.router][seed - 1]
+        curve = [loss + 0.6, loss + 0.2, loss]  # evaluations at steps 10, 20, 30
+        records.append({"name": spec.name, "group": spec.group, "router": spec.router,
+                        "seed": seed, "final_valid_loss": loss, "tokens": 300,
+                        "total_train_flops": 3000.0})
+        traces[spec.name] = {"step": list(range(1, 31)), "valid_step": [10, 20, 30],
+                             "valid_loss": curve, "cum_flops": [100.0 * i for i in range(1, 31)],
+                             "tokens_per_step": 10}
+    ab.add_time_to_quality(grid, records, traces)
+    relu1 = next(r for r in records if r["name"] == "relu-s1")
+    # TopK seed 1 ends at 5.3: ReLU's curve 5.6 (10), 5.2 (20) -> 5.3 at step 17.5
+    assert relu1["ttq_vs"] == "topk-s1" and relu1["ttq_step"] == pytest.approx(17.5)
+    assert relu1["ttq_tokens_ratio"] == pytest.approx(175 / 300)
+    assert relu1["ttq_flops_ratio"] == pytest.approx(1750 / 3000)
+    dense2 = next(r for r in records if r["name"] == "dense-s2")
+    # TopK seed 2 ends at 5.35: dense's 5.5 (20), 5.3 (30) -> step 27.5
+    assert dense2["ttq_reached"] == 1 and dense2["ttq_step"] == pytest.approx(27.5)
+    dense3 = next(r for r in records if r["name"] == "dense-s3")
+    assert dense3["ttq_reached"] == 0 and dense3["ttq_tokens_ratio"] is None
+    assert "ttq_vs" not in next(r for r in records if r["router"] == "topk")
+    comps = {(c["a"], c["b"]): c for c in ab.paired_comparisons(grid, records)}
+    assert set(comps) == {("relu", "topk"), ("relu", "dense"), ("topk", "dense")}
+    assert comps[("relu", "topk")]["mean"] == pytest.approx(-0.7 / 3)
+    assert comps[("relu", "topk")]["p"] == ab.paired_comparison(
+        dict(enumerate(final["relu"])), dict(enumerate(final["topk"])))["p"]
+    md = ab.markdown_comparisons(ab.aggregate(records), list(comps.values()))
+    assert "| `relu` | `topk` | 3 | -0.2333 ± " in md
+    assert "| `dense` | 5.2833 ± 0.0764 | 1/3 | - (1/3 seeds) |" in md
+
+
+# ------------------------------------------------------------------------------------------------
 # The tool end to end on real tiny runs
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -264,9 +373,23 @@ def test_tool_collects_real_runs_and_skips_finished(corpus, tmp_path):
                                          stages["reach"])
     assert cm["extra_steps"] == math.ceil(extra) and cm["steps"] == 6 + math.ceil(extra)
     assert math.ceil(extra) >= 1
+    # tokens, time to TopK's final loss (from the real curves) and per-layer allocation
+    assert relu["tokens"] == topk["tokens"] == 6 * 4 * 32
+    assert relu["ttq_vs"] == "topk" and relu["ttq_target_loss"] == topk["final_valid_loss"]
+    got = ab.time_to_quality(trace["valid_step"], trace["valid_loss"], topk["final_valid_loss"],
+                             trace["cum_flops"], 4 * 32)
+    assert relu["ttq_reached"] == int(got is not None)
+    if got is not None:
+        assert relu["ttq_tokens_ratio"] == pytest.approx(got["tokens"] / topk["tokens"])
+    assert trace["cum_flops"][-1] == pytest.approx(relu["total_train_flops"])
+    last = train[-1]
+    assert relu["layer2_sparsity"] == pytest.approx(
+        sum(m["moe/layer_2/sparsity"] for m in train[-6:]) / 6)  # at least 10 steps: all 6
+    assert relu["layer1_dead_experts"] == last["moe/layer_1/dead_experts"]
     # outputs
     md = (out / "results.md").read_text()
-    for needle in ("`relu`", "`topk-cm`", "`dense`", "Per-domain", "valid2"):
+    for needle in ("`relu`", "`topk-cm`", "`dense`", "Per-domain", "valid2", "Time to quality",
+                   "Per-layer allocation", "Stage III"):
         assert needle in md, needle
     assert (out / "results.csv").read_text().count("\n") == 5
     assert "final_valid_loss_std" in (out / "summary.csv").read_text()
@@ -315,3 +438,52 @@ def test_shipped_grids_expand(path):
     """Every shipped grid loads and expands into uniquely named, validated runs."""
     runs = ab.expand(ab.load_grid(path))
     assert runs and len({r.name for r in runs}) == len(runs)
+
+
+def test_cpu_converge_grids_expand_to_the_planned_runs():
+    """cpu-converge: 4 routers x 3 seeds at >= 3M tokens per run; the E sweep: E = 4..32, k = 1,
+    ReLU and TopK, 2 seeds; the allocation grid: ReLU with/without load balancing and two lambda
+    rules (issue 16)."""
+    folder = os.path.join(ROOT, "examples", "remoe", "ablations")
+    grid = ab.load_grid(os.path.join(folder, "cpu-converge.yaml"))
+    assert sorted({r.router for r in grid.runs}) == ["dense", "relu", "topk", "topk-cm"]
+    assert len(grid.runs) == 12 and {r.axes["seed"] for r in grid.runs} == {1, 2, 3}
+    for r in grid.runs:
+        f = r.fields
+        assert f["train_iters"] * f["global_batch_size"] * f["seq_length"] >= 3_000_000, r.name
+    experts = ab.load_grid(os.path.join(folder, "cpu-converge-experts.yaml"))
+    assert sorted((r.router, r.fields["num_experts"], r.axes["seed"]) for r in experts.runs) == \
+        sorted((router, E, s) for router in ("relu", "topk") for E in (4, 8, 16, 32)
+               for s in (1, 2))
+    assert all(r.fields["moe_router_topk"] == 1 and r.fields == dict(
+        grid.run("relu-s1").fields, router=r.router, num_experts=r.fields["num_experts"],
+        seed=r.axes["seed"], moe_router_topk=1) for r in experts.runs)
+    alloc = ab.load_grid(os.path.join(folder, "cpu-converge-allocation.yaml"))
+    assert "relu-nolb-ctl_pi-s2" in {r.name for r in alloc.runs}
+    nolb = alloc.run("relu-nolb-ctl_pi-s2").fields
+    assert nolb["moe_relu_no_load_balancing"] is True
+    assert nolb["moe_relu_l1_reg_coeff_controller"] == "pi"
+
+
+def test_option_axes_are_compared_within_a_router(tmp_path):
+    """load_balancing x controller for ReLU: each option is paired with the run that differs only
+    in it (first value in the file minus the later one); numeric axes are not paired."""
+    path = write_grid(tmp_path, axes={"router": ["relu"], "load_balancing": [True, False],
+                                      "controller": ["paper", "pi"], "E": [4, 8],
+                                      "seed": [1, 2]})
+    grid = ab.load_grid(path, out=str(tmp_path / "out"))
+    records = [{"name": r.name, "group": r.group, "router": r.router, "seed": r.axes["seed"],
+                "final_valid_loss": 5.0 + 0.1 * (not r.axes["load_balancing"])
+                + 0.01 * (r.axes["moe_relu_l1_reg_coeff_controller"] == "pi")
+                + 0.001 * r.axes["seed"]} for r in grid.runs]
+    comps = {(c["a"], c["b"]): c for c in ab.paired_comparisons(grid, records)}
+    want = set()
+    for e in (4, 8):
+        want |= {(f"relu-lb-ctl_paper-E{e}", f"relu-nolb-ctl_paper-E{e}"),
+                 (f"relu-lb-ctl_pi-E{e}", f"relu-nolb-ctl_pi-E{e}"),
+                 (f"relu-lb-ctl_paper-E{e}", f"relu-lb-ctl_pi-E{e}"),
+                 (f"relu-nolb-ctl_paper-E{e}", f"relu-nolb-ctl_pi-E{e}")}
+    assert set(comps) == want
+    c = comps[("relu-lb-ctl_paper-E8", "relu-nolb-ctl_paper-E8")]
+    assert c["n"] == 2 and c["mean"] == pytest.approx(-0.1)
+    assert c["std"] == pytest.approx(0, abs=1e-12) and c["p"] < 1e-6

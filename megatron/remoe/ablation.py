@@ -1,12 +1,14 @@
 """Config-driven ablations: TopK vs ReLU routing (and dense) over a YAML grid.
 
 A grid file names a base TrainConfig and axes (router, E, G, k, seed, lambda_0, alpha, load
-balancing, or any TrainConfig field). `expand_grid` turns it into named runs; `run_grid` trains them
-one after another (each run is `python -m megatron.remoe.pretrain --config <run>/config.yaml`, the
-demo's launcher) or prints their launch lines, skipping finished runs; `collect` reads every run's
-`metrics.jsonl` + `summary.json` and writes a CSV, a Markdown table (mean and std over seeds), a
-JSON file with the traces, and PNG plots. The definitions used below (stages, settling time, FLOPs,
-compute matching) are documented in docs/results.md.
+balancing, controller, or any TrainConfig field). `expand_grid` turns it into named runs; `run_grid`
+trains them one after another (each run is `python -m megatron.remoe.pretrain --config
+<run>/config.yaml`, the demo's launcher) or prints their launch lines, skipping finished runs;
+`collect` reads every run's `metrics.jsonl` + `summary.json` and writes a CSV, Markdown tables (mean
+and std over seeds; paired differences over seeds; time to TopK's final validation loss; Stage III
+steadiness; per-layer allocation), a JSON file with the traces, and PNG plots. The definitions used
+below (stages, settling time, FLOPs, compute matching, time to quality) are documented in
+docs/results.md.
 
 Grid file keys:
 
@@ -44,9 +46,11 @@ GRID_KEYS = ("name", "description", "out", "config", "base", "demo_data", "axes"
              "compute_match", "checkpoints", "nproc", "settle_window", "settle_tol")
 AXIS_ALIASES = {"E": "num_experts", "G": "moe_granularity", "k": "moe_router_topk",
                 "lambda_0": "moe_relu_l1_reg_coeff_init",
-                "alpha": "moe_relu_l1_reg_coeff_multiplier", "load_balancing": "load_balancing"}
+                "alpha": "moe_relu_l1_reg_coeff_multiplier", "load_balancing": "load_balancing",
+                "controller": "moe_relu_l1_reg_coeff_controller"}
 SHORT = {"num_experts": "E", "moe_granularity": "G", "moe_router_topk": "k", "seed": "s",
-         "moe_relu_l1_reg_coeff_init": "l0_", "moe_relu_l1_reg_coeff_multiplier": "a"}
+         "moe_relu_l1_reg_coeff_init": "l0_", "moe_relu_l1_reg_coeff_multiplier": "a",
+         "moe_relu_l1_reg_coeff_controller": "ctl_"}
 # Output-location fields: the grid sets them per run; differences here do not make a new run.
 LOCATION_FIELDS = ("save", "load", "metrics_file", "data_cache_path")
 CM = "topk-cm"
@@ -106,8 +110,8 @@ def _canonical_axis(key: str) -> str:
         return name
     hint = _close_match(name)
     raise GridError(f"axes: unknown axis {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
-                    + "; use router, E, G, k, seed, lambda_0, alpha, load_balancing or a "
-                    "TrainConfig field")
+                    + "; use router, E, G, k, seed, lambda_0, alpha, load_balancing, controller "
+                    "or a TrainConfig field")
 
 
 def _coerce_axis(axis: str, values) -> list:
@@ -490,6 +494,138 @@ def compute_match_extra_steps(sparsity: list, num_experts_total: int, k_total: i
     return total * moe_share
 
 
+def time_to_quality(valid_steps: list, valid_losses: list, target_loss: float,
+                    cum_flops: list, tokens_per_step: int, first_step: int = 1
+                    ) -> Optional[dict]:
+    """When a run's validation curve first reaches `target_loss` (e.g. TopK's final loss).
+
+    The step is interpolated linearly between the two evaluations that bracket the crossing; if
+    the first evaluation is already at or below the target, it is that evaluation's step (an
+    upper bound: the curve before it is not measured). Tokens = step x tokens per step; FLOPs =
+    the run's cumulative training FLOPs up to that step (`cum_flops[i]` = after step
+    first_step + i; Stage I/II included for ReLU), interpolated within the step. None if the
+    curve never reaches the target."""
+    prev = None
+    for step, loss in zip(valid_steps, valid_losses):
+        if loss <= target_loss:
+            if prev is None or prev[1] == loss:
+                at = float(step)
+            else:
+                at = prev[0] + (prev[1] - target_loss) / (prev[1] - loss) * (step - prev[0])
+            done = at - first_step + 1  # steps completed (fractional)
+            whole = int(math.floor(done))
+            before = cum_flops[whole - 1] if whole >= 1 else 0.0
+            after = cum_flops[min(whole, len(cum_flops) - 1)]
+            flops = before + (done - whole) * (after - before) if whole < len(cum_flops) \
+                else cum_flops[-1]
+            return {"step": at, "tokens": at * tokens_per_step, "flops": flops,
+                    "bound": prev is None}
+        prev = (step, loss)
+    return None
+
+
+def student_t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with `df` degrees of freedom (regularised incomplete
+    beta, I_x(df/2, 1/2) with x = df / (df + t^2); continued fraction, Numerical Recipes 6.4)."""
+    if math.isinf(t):
+        return 0.0
+    x = df / (df + t * t)
+    a, b = df / 2.0, 0.5
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:  # t = 0
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x))
+
+    def cf(a, b, x):
+        tiny = 1e-300
+        c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        h = d
+        for m in range(1, 300):
+            m2 = 2 * m
+            for num in (m * (b - m) * x / ((a + m2 - 1) * (a + m2)),
+                        -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))):
+                d = 1.0 + num * d
+                d = 1.0 / (d if abs(d) > tiny else tiny)
+                c = 1.0 + num / c
+                c = c if abs(c) > tiny else tiny
+                h *= d * c
+            if abs(d * c - 1.0) < 1e-15:
+                break
+        return h
+
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * cf(a, b, x) / a
+    return 1.0 - front * cf(b, a, 1.0 - x) / b
+
+
+def paired_comparison(a: dict, b: dict) -> Optional[dict]:
+    """Paired test over seeds of two groups' per-seed values ({seed: value}): differences
+    d = a - b on the common seeds, their mean and sample std, t = mean / (std / sqrt(n)), the
+    two-sided p (df = n - 1), and how many seeds have the sign of the mean. None below 2 seeds."""
+    seeds = sorted(set(a) & set(b), key=str)
+    d = [a[s] - b[s] for s in seeds if a[s] is not None and b[s] is not None]
+    n = len(d)
+    if n < 2:
+        return None
+    mean = sum(d) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    t = mean / (std / math.sqrt(n)) if std > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    p = student_t_two_sided_p(t, n - 1) if mean else 1.0
+    same_sign = sum(1 for x in d if x * mean > 0)
+    return {"n": n, "mean": mean, "std": std, "t": t, "p": p, "same_sign": same_sign}
+
+
+def stage3_steadiness(sparsity: list, lambdas: list, reach_index: Optional[int]) -> dict:
+    """Std of the per-step sparsity and range of log10 lambda from the start of Stage III
+    (index into the traces) to the end; None without Stage III."""
+    if reach_index is None or reach_index >= len(sparsity) - 1:
+        return {"stage3_sparsity_std": None, "stage3_log10_lambda_range": None}
+    tail = sparsity[reach_index:]
+    mean = sum(tail) / len(tail)
+    std = math.sqrt(sum((x - mean) ** 2 for x in tail) / (len(tail) - 1))
+    logs = [math.log10(x) for x in lambdas[reach_index:] if x]
+    return {"stage3_sparsity_std": std,
+            "stage3_log10_lambda_range": (max(logs) - min(logs)) if logs else None}
+
+
+LAYER_KEY = re.compile(r"^moe/layer_(\d+)/(sparsity|zero_expert_tokens|dead_experts)$")
+
+
+def layer_allocation(train: list, fraction: float = 0.1) -> dict:
+    """Per-layer routing at the end of a run: mean sparsity and zero-expert-token fraction over
+    the last `fraction` of the steps (at least 10), and the dead experts of the last logging
+    window (experts that got no token during it). Keys layer{N}_sparsity / _zero_tokens /
+    _dead_experts."""
+    if not train:
+        return {}
+    tail = train[-max(10, int(len(train) * fraction)):]
+    sums: dict = {}
+    out: dict = {}
+    for rec in tail:
+        for key, value in rec.items():
+            m = LAYER_KEY.match(key)
+            if not m or value is None:
+                continue
+            layer, what = int(m.group(1)), m.group(2)
+            if what == "dead_experts":
+                continue
+            sums.setdefault((layer, what), []).append(value)
+    for (layer, what), vals in sorted(sums.items()):
+        name = "sparsity" if what == "sparsity" else "zero_tokens"
+        out[f"layer{layer}_{name}"] = sum(vals) / len(vals)
+    for rec in reversed(train):
+        dead = {int(LAYER_KEY.match(k).group(1)): v for k, v in rec.items()
+                if LAYER_KEY.match(k) and k.endswith("/dead_experts")}
+        if dead:
+            for layer in sorted(dead):
+                out[f"layer{layer}_dead_experts"] = dead[layer]
+            break
+    return out
+
+
 def vocab_from_params(params: dict, hidden: int) -> int:
     """The padded vocabulary: summary params count 2 x vocab x hidden embedding parameters."""
     return int(round((params["active"] - params["active_non_embedding"]) / (2 * hidden)))
@@ -555,6 +691,7 @@ def collect_run(grid: Grid, spec: RunSpec) -> Optional[dict]:
     traces = {"step": steps, "train_loss": [r.get("lm_loss") for r in train],
               "valid_step": [s for s, _ in losses], "valid_loss": [v for _, v in losses]}
     total_flops = nominal["train"] * tokens_per_step * len(train)
+    per_step = [nominal["train"]] * len(train)  # train FLOPs per token of each step
     if spec.router == "relu" and sparsity and all(s is not None for s in sparsity):
         target = summary.get("target_sparsity")
         e_tot = cfg["num_experts"] * cfg["moe_granularity"]
@@ -571,11 +708,18 @@ def collect_run(grid: Grid, spec: RunSpec) -> Optional[dict]:
                    extra_compute_steps=compute_match_extra_steps(
                        sparsity, e_tot, k_tot, nominal["moe_share"], stages["reach"],
                        steps[0]))
-        traces.update(sparsity=sparsity,
-                      **{"lambda": [r.get("moe_relu_l1_reg_coeff") for r in train]},
+        lambdas = [r.get("moe_relu_l1_reg_coeff") for r in train]
+        reach = None if stages["reach"] is None else stages["reach"] - steps[0]
+        rec.update(stage3_steadiness(sparsity, lambdas, reach))
+        traces.update(sparsity=sparsity, **{"lambda": lambdas},
                       sparsity_smooth=smooth(sparsity, grid.settle_window), stages=stages)
+    if spec.router in ("relu", "topk", CM, "topk-sigmoid-bias"):
+        rec.update(layer_allocation(train))
     rec["mean_train_flops_per_token"] = total_flops / (tokens_per_step * max(len(train), 1))
     rec["total_train_flops"] = total_flops
+    rec["tokens"] = summary["iterations"] * tokens_per_step
+    traces["cum_flops"] = list(itertools.accumulate(f * tokens_per_step for f in per_step))
+    traces["tokens_per_step"] = tokens_per_step
     if spec.router == CM:
         base = grid.run(spec.topk).fields.get("train_iters")
         rec["extra_steps"] = summary["iterations"] - base
@@ -678,13 +822,16 @@ def collect(grid: Grid, plots: bool = True, log=print) -> dict:
         records.append(got["scalars"])
         traces[spec.name] = got["traces"]
     os.makedirs(grid.out, exist_ok=True)
+    add_time_to_quality(grid, records, traces)
     rows = aggregate(records)
+    comparisons = paired_comparisons(grid, records)
     _write_csv(os.path.join(grid.out, "results.csv"), records)
     _write_csv(os.path.join(grid.out, "summary.csv"), rows)
     with open(os.path.join(grid.out, "results.json"), "w", encoding="utf-8") as fh:
         json.dump({"grid": grid.name, "runs": records, "groups": rows, "traces": traces,
-                   "missing": missing}, fh, indent=1)
-    table = markdown_tables(grid, rows) if rows else "(no finished runs)\n"
+                   "comparisons": comparisons, "missing": missing}, fh, indent=1)
+    table = (markdown_tables(grid, rows) + markdown_comparisons(rows, comparisons)) if rows \
+        else "(no finished runs)\n"
     with open(os.path.join(grid.out, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(f"# Ablation `{grid.name}`: {len(records)} of {len(grid.runs)} runs finished\n\n")
         if missing:
@@ -694,7 +841,152 @@ def collect(grid: Grid, plots: bool = True, log=print) -> dict:
     if plots and records:
         written = make_plots(grid, records, rows, traces)
     return {"records": records, "rows": rows, "missing": missing, "table": table,
-            "plots": written}
+            "plots": written, "comparisons": comparisons}
+
+
+# Order in which two routers are compared (the first minus the second).
+ROUTER_ORDER = ("relu", CM, "topk", "topk-sigmoid-bias", "dense")
+
+
+def partners(grid: Grid, spec: RunSpec, router: str, names: set) -> list:
+    """Finished runs of `router` comparable with `spec`: the same seed and the same value of
+    every axis both runs have (an axis that does not apply to a router is absent from its runs,
+    e.g. E for dense or lambda_0 for TopK)."""
+    out = []
+    for other in grid.runs:
+        if other.router != router or other.name not in names or other.name == spec.name:
+            continue
+        if other.axes.get("seed") != spec.axes.get("seed"):
+            continue
+        shared = (set(other.axes) & set(spec.axes)) - {"router", "seed"}
+        if all(other.axes[a] == spec.axes[a] for a in shared):
+            out.append(other)
+    return out
+
+
+def add_time_to_quality(grid: Grid, records: list, traces: dict) -> None:
+    """For every run other than TopK with one comparable TopK run: when its validation curve
+    reaches that TopK run's final validation loss, in tokens and training FLOPs, and as ratios
+    to the TopK run's total (< 1: it gets there with fewer tokens/FLOPs)."""
+    by_name = {r["name"]: r for r in records}
+    for rec in records:
+        if rec["router"] == "topk":
+            continue
+        found = partners(grid, grid.run(rec["name"]), "topk", set(by_name))
+        if len(found) != 1:
+            continue
+        ref = by_name[found[0].name]
+        if ref.get("final_valid_loss") is None or not traces[rec["name"]]["valid_step"]:
+            continue
+        t = traces[rec["name"]]
+        got = time_to_quality(t["valid_step"], t["valid_loss"], ref["final_valid_loss"],
+                              t["cum_flops"], t["tokens_per_step"], first_step=t["step"][0])
+        rec.update(ttq_vs=ref["name"], ttq_target_loss=ref["final_valid_loss"],
+                   ttq_reached=int(got is not None),
+                   ttq_step=got["step"] if got else None,
+                   ttq_tokens=got["tokens"] if got else None,
+                   ttq_tokens_ratio=got["tokens"] / ref["tokens"] if got else None,
+                   ttq_flops_ratio=got["flops"] / ref["total_train_flops"] if got else None,
+                   ttq_first_eval=got["bound"] if got else None)
+
+
+def option_partners(grid: Grid, spec: RunSpec, names: set) -> list:
+    """Finished runs of the same router and seed that differ from `spec` in exactly one
+    true/false or text axis (load_balancing, controller, ...) whose value comes later in the
+    grid file: the A/B options of a grid. Numeric axes (E, G, k, lambda_0) are sweeps, shown
+    by the plots instead."""
+    out = []
+    for other in grid.runs:
+        if other.router != spec.router or other.name not in names or \
+                set(other.axes) != set(spec.axes) or \
+                other.axes.get("seed") != spec.axes.get("seed"):
+            continue
+        differ = [a for a in spec.axes if a not in ("router", "seed")
+                  and other.axes[a] != spec.axes[a]]
+        if len(differ) == 1 and isinstance(spec.axes[differ[0]], (bool, str)):
+            values = grid.axes[differ[0]]
+            if values.index(spec.axes[differ[0]]) < values.index(other.axes[differ[0]]):
+                out.append(other)
+    return out
+
+
+def paired_comparisons(grid: Grid, records: list, key: str = "final_valid_loss") -> list:
+    """Paired tests over seeds of `key`, first minus second: per pair of groups with different
+    routers (in ROUTER_ORDER; runs matched by seed and shared axes), and per pair of groups of
+    one router that differ in one option axis (`option_partners`)."""
+    by_name = {r["name"]: r for r in records}
+    pairs: dict = {}
+    for rec in records:
+        if rec["router"] not in ROUTER_ORDER:
+            continue
+        spec = grid.run(rec["name"])
+        found = [f for router in ROUTER_ORDER[ROUTER_ORDER.index(rec["router"]) + 1:]
+                 for f in [partners(grid, spec, router, set(by_name))] if len(f) == 1]
+        for other_spec in [f[0] for f in found] + option_partners(grid, spec, set(by_name)):
+            other = by_name[other_spec.name]
+            a, b = pairs.setdefault((rec["group"], other["group"]), ({}, {}))
+            a[rec["seed"]], b[rec["seed"]] = rec.get(key), other.get(key)
+    out = []
+    for (ga, gb), (a, b) in pairs.items():
+        test = paired_comparison(a, b)
+        if test is not None:
+            out.append(dict(a=ga, b=gb, key=key, **test))
+    return out
+
+
+def markdown_comparisons(rows: list, comparisons: list) -> str:
+    """Tables: paired differences over seeds, time-to-quality against TopK, Stage III
+    steadiness of ReLU runs, per-layer allocation at the end of the MoE runs."""
+    lines = []
+    if comparisons:
+        lines += ["", "Paired differences over seeds (final validation loss, first minus second; "
+                  "t-test on the per-seed differences):", "",
+                  "| first | second | seeds | mean difference ± std | t | p (two-sided) | "
+                  "seeds with that sign | larger than the seed spread (p < 0.05) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            lines.append(f"| `{c['a']}` | `{c['b']}` | {c['n']} | {c['mean']:+.4f} ± "
+                         f"{c['std']:.4f} | {c['t']:.2f} | {c['p']:.3g} | {c['same_sign']}/"
+                         f"{c['n']} | {'yes' if c['p'] < 0.05 else 'no'} |")
+    ttq = [r for r in rows if r.get("ttq_target_loss") is not None]
+    if ttq:
+        lines += ["", "Time to quality: when the run's validation curve reaches the final "
+                  "validation loss of the TopK run with the same seed and axes (ratio to the "
+                  "TopK run's total tokens / train FLOPs; < 1 = sooner):", "",
+                  "| run | TopK final loss | reached (seeds) | step | tokens ratio | "
+                  "FLOPs ratio |", "|---|---|---|---|---|---|"]
+        for r in ttq:
+            n = round(r.get("ttq_reached", 0) * r["seeds"])  # mean of 1/0 over seeds
+            lines.append(f"| `{r['group']}` | {_pm(r, 'ttq_target_loss')} | {n}/{r['seeds']} "
+                         f"| {_pm(r, 'ttq_step', '{:.0f}')} | "
+                         f"{_pm(r, 'ttq_tokens_ratio', '{:.3f}')} | "
+                         f"{_pm(r, 'ttq_flops_ratio', '{:.3f}')} |")
+    relu = [r for r in rows if r["router"] == "relu"]
+    if relu:
+        lines += ["", "ReLU runs, Stage III (from the first step at target to the end):", "",
+                  "| run | Stage III from | settled at | std of S | log10 lambda range | "
+                  "final lambda | valid loss (final) |", "|---|---|---|---|---|---|---|"]
+        for r in relu:
+            lines.append(f"| `{r['group']}` | {_pm(r, 'reach_step', '{:.0f}')} | "
+                         f"{_pm(r, 'settle_step', '{:.0f}')} | "
+                         f"{_pm(r, 'stage3_sparsity_std', '{:.4f}')} | "
+                         f"{_pm(r, 'stage3_log10_lambda_range', '{:.2f}')} | "
+                         f"{_pm(r, 'final_lambda', '{:.2e}')} | {_pm(r, 'final_valid_loss')} |")
+    layered = [r for r in rows if any(k.startswith("layer") and k.endswith("_sparsity")
+                                      for k in r)]
+    if layered:
+        layers = sorted({int(k[5:-len("_sparsity")]) for r in layered for k in r
+                         if re.fullmatch(r"layer\d+_sparsity", k)})
+        lines += ["", "Per-layer allocation at the end of the run (last 10% of steps: sparsity / "
+                  "fraction of tokens with no expert; dead experts in the last logging window):",
+                  "", "| run | " + " | ".join(f"layer {n}" for n in layers) + " |",
+                  "|---|" + "---|" * len(layers)]
+        for r in layered:
+            cells = [f"{_pm(r, f'layer{n}_sparsity', '{:.3f}')} / "
+                     f"{_pm(r, f'layer{n}_zero_tokens', '{:.3f}')} / "
+                     f"{_pm(r, f'layer{n}_dead_experts', '{:.1f}')}" for n in layers]
+            lines.append(f"| `{r['group']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 # ------------------------------------------------------------------------------------------------
