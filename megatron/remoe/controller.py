@@ -103,8 +103,8 @@ class LambdaRule:
 
 
 class EMARule(LambdaRule):
-    """The paper's rule on m_t = beta * m_{t-1} + (1 - beta) * S_t, started at the first S at
-    target (an average started in Stage I would lag far below the target)."""
+    """The paper's rule on m_t = beta * m_{t-1} + (1 - beta) * S_t, started with the first S after
+    the target is reached (an average started in Stage I would lag far below the target)."""
 
     kind = "ema"
 
