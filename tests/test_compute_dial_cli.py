@@ -96,11 +96,11 @@ def test_calibration_export_and_reload(trained, tmp_path, capsys):
         r = read(out / "dial.json")
         assert set(r) >= {"thresholds", "experts_per_token", "valid_loss"}
         assert abs(r["experts_per_token"] - target) <= 0.02 * target, (method, form, r)
-        assert len(r["thresholds"]) == 2 and all(t > 0 for t in r["thresholds"])
+        assert len(r["thresholds"]) == 2 and max(r["thresholds"]) > 0
         assert r["valid_loss"] > base["valid_loss"] - 0.05
         results[(method, form)] = r
     glob_cut = results[("global", "cut")]
-    assert glob_cut["thresholds"][0] == glob_cut["thresholds"][1]
+    assert glob_cut["thresholds"][0] == glob_cut["thresholds"][1] > 0
 
     # export the calibrated dial, verify parity, and evaluate the HF folder with the same tool
     hf_dir = tmp_path / "hf"

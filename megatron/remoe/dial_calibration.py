@@ -17,12 +17,12 @@ Calibration (hits the target within `--tolerance`, default 2%, or fails with one
 * ``global``: one tau for every MoE layer, found by regula falsi (Illinois) on the realised mean,
   one forward pass per step. A layer's dial changes the inputs of the later layers, so the
   realised count is measured, never predicted.
-* ``per-layer``: per-layer budgets b_l by loss sensitivity, then tau_l per layer in layer order:
-  layer l's gates depend only on tau_1..tau_{l-1}, so one pass per layer captures them and tau_l
-  is the gate value that leaves b_l experts per token (exact up to ties). Budgets: each layer alone
-  is cut by the same fraction as the overall target and its loss increase d_l measured; with the
-  model d_l(r) = a_l r^2 for removing r experts/token, the removals minimising sum a_l r_l^2 at the
-  required total are r_l ~ 1/a_l (capped at the layer's count).
+* ``per-layer``: per-layer budgets b_l by measured marginal loss sensitivity, greedily: from the
+  undialled model, remove a step of experts/token from the one layer where the measured loss
+  increase per removed expert is smallest (one pass per candidate layer), then re-hit every
+  budget; repeat down to the target. Budgets become thresholds in layer order: layer l's gates
+  depend only on tau_1..tau_{l-1}, so one pass captures them and tau_l is the gate value that
+  leaves b_l experts per token (exact up to ties).
 
 Thresholds are >= 0, so a dial can only remove experts: targets above the undialled model's
 experts per token are refused. The sweep runs both methods and both forms over
@@ -371,113 +371,154 @@ def calibrate_global(ev: Evaluator, target: float, form: str, max_experts: Optio
     return dial, cap, got
 
 
+def _loss(cap) -> float:
+    return sum(cap.loss_sum.values()) / max(sum(cap.loss_tokens.values()), 1)
+
+
 def calibrate_layers(ev: Evaluator, budgets: Sequence[float], form: str,
-                     max_experts: Optional[int]):
-    """tau_l hitting budget b_l in each MoE layer, in layer order (see the module docstring).
-    A layer that cannot reach its budget (its count at tau = 0 is below it) passes the shortfall
-    on to the next layer."""
+                     max_experts: Optional[int], taus: Optional[list] = None, start: int = 0,
+                     gates: Optional[dict] = None, quiet: bool = False) -> tuple:
+    """tau_l hitting budget b_l in each MoE layer from index `start` on, in layer order (layers
+    before `start` keep `taus`, their `gates` are reused). Layer l's gates depend only on the
+    earlier layers' thresholds, so one pass per layer captures them (with tau_l = 0: ReLU(logits),
+    and tau_l selects logits > tau_l in both forms). A layer that cannot reach its budget passes
+    the shortfall on to the next. Returns (dial, {layer: gates under the earlier thresholds})."""
     layers = [n for n, _ in relu_routers(ev.lm.model)]
     E = ev.lm.tcfg.num_moe_experts
-    taus = [0.0] * len(layers)
+    taus = list(taus) if taus is not None else [0.0] * len(layers)
+    gates = dict(gates or {})
     carry = 0.0
-    for i, n in enumerate(layers):
-        set_dial(ev.lm.model, make_dial(taus, layers, form, max_experts, E))
+    for i in range(start, len(layers)):
+        n = layers[i]
+        trial = taus[:i] + [0.0] * (len(layers) - i)
+        set_dial(ev.lm.model, make_dial(trial, layers, form, max_experts, E))
         _, captured = ev.run(capture_layers=[n])
-        gates = captured[n]  # at tau_l = 0: ReLU(logits), so tau_l selects logits > tau_l
-        want = budgets[i] + carry  # in both forms
-        taus[i] = threshold_for(gates, want, max_experts)
-        got = count_at(gates, taus[i], max_experts)
+        gates[n] = captured[n]
+        want = budgets[i] + carry
+        taus[i] = threshold_for(gates[n], want, max_experts)
+        got = count_at(gates[n], taus[i], max_experts)
         carry = want - got
-        ev.log(f"dial:   layer {n}: budget {want:.4f} -> tau {taus[i]:.5g} ({got:.4f} "
-               f"experts/token)")
-    return make_dial(taus, layers, form, max_experts, E)
+        if not quiet:
+            ev.log(f"dial:   layer {n}: budget {want:.4f} -> tau {taus[i]:.5g} ({got:.4f} "
+                   f"experts/token)")
+    return make_dial(taus, layers, form, max_experts, E), gates
 
 
-def sensitivity_budgets(ev: Evaluator, target: float, form: str, max_experts: Optional[int],
-                        base_cap, all_gates: dict) -> tuple:
-    """Per-layer budgets b_l (sum = L * target) from each layer's measured loss sensitivity."""
+def greedy_per_layer(ev: Evaluator, targets: Sequence[float], form: str,
+                     max_experts: Optional[int], base_cap, base_gates: dict,
+                     step: float) -> dict:
+    """Per-layer budgets by measured marginal loss: starting from the undialled model, remove
+    `step` experts/token (mean over layers) at a time from the one layer where the measured loss
+    increase per removed expert is smallest, re-calibrating the later layers to their budgets
+    after each move; the state at each target (descending) is its dial.
+    Returns {target: (dial, capture, realised experts/token, info)}."""
     layers = [n for n, _ in relu_routers(ev.lm.model)]
     E = ev.lm.tcfg.num_moe_experts
     L = len(layers)
-    n = base_cap.routing.sum(axis=2).mean(axis=1)  # undialled experts/token per layer
-    base_loss = sum(base_cap.loss_sum.values()) / max(sum(base_cap.loss_tokens.values()), 1)
-    frac = target / float(n.mean())
-    a = np.zeros(L)
-    for i, ln in enumerate(layers):
-        taus = [0.0] * L
-        taus[i] = threshold_for(all_gates[ln], n[i] * frac, max_experts)
-        cut = n[i] - count_at(all_gates[ln], taus[i], max_experts)
-        cap, _ = ev.measure(make_dial(taus, layers, form, max_experts, E))
-        loss = sum(cap.loss_sum.values()) / max(sum(cap.loss_tokens.values()), 1)
-        d = max(loss - base_loss, 1e-6)
-        a[i] = d / max(cut, 1e-6) ** 2
-        ev.log(f"dial:   sensitivity layer {ln}: removing {cut:.3f} experts/token costs "
-               f"{loss - base_loss:+.4f} nats")
-    R = L * (float(n.mean()) - target)
-    r = np.zeros(L)
-    free = np.ones(L, dtype=bool)
-    for _ in range(L):  # water-filling: r_l ~ 1/a_l, capped at the layer's count
-        w = np.where(free, 1.0 / a, 0.0)
-        r[free] = (R - r[~free].sum()) * w[free] / w[free].sum()
-        over = free & (r > n)
-        if not over.any():
-            break
-        r[over] = n[over]
-        free &= ~over
-    return [float(x) for x in (n - r)], {"sensitivity_a": a.tolist(),
-                                         "undialled_per_layer": n.tolist()}
+    budgets = [float(x) for x in base_cap.routing.sum(axis=2).mean(axis=1)]
+    taus, gates, loss = [0.0] * L, dict(base_gates), _loss(base_cap)
+    state = (make_dial(taus, layers, form, max_experts, E), base_cap, sum(budgets) / L)
+    if max_experts is not None:  # the cap alone already removes experts
+        dial, gates = calibrate_layers(ev, [min(b, max_experts) for b in budgets], form,
+                                       max_experts, quiet=True)
+        taus = list(dial.thresholds)
+        budgets = [count_at(gates[n], t, max_experts) for n, t in zip(layers, taus)]
+        cap, got = ev.measure(dial)
+        loss, state = _loss(cap), (dial, cap, got)
+    out: dict = {}
+    moves = []
+    for target in sorted(targets, reverse=True):
+        while sum(budgets) / L > target + 1e-9:
+            total = min(step, sum(budgets) / L - target) * L
+            best = None
+            for i, n in enumerate(layers):
+                d = min(total, budgets[i])
+                if d <= 1e-9:
+                    continue
+                trial = list(taus)
+                trial[i] = threshold_for(gates[n], budgets[i] - d, max_experts)
+                cap, _ = ev.measure(make_dial(trial, layers, form, max_experts, E))
+                cost = (_loss(cap) - loss) / d
+                if best is None or cost < best[0]:
+                    best = (cost, i, d)
+            cost, i, d = best
+            budgets[i] -= d
+            dial, gates = calibrate_layers(ev, budgets, form, max_experts, taus, i, gates,
+                                           quiet=True)
+            taus = list(dial.thresholds)
+            cap, got = ev.measure(dial)
+            loss, state = _loss(cap), (dial, cap, got)
+            moves.append({"layer": layers[i], "removed": d, "nats_per_expert": cost})
+            ev.log(f"dial:   greedy {form}: -{d / L:.4f} experts/token from layer {layers[i]} "
+                   f"({cost:+.4f} nats per expert/token): budgets "
+                   f"{', '.join(f'{b:.3f}' for b in budgets)}, loss {loss:.4f}")
+        out[target] = (*state, {"budgets": list(budgets), "moves": list(moves)})
+    return out
 
 
 def calibrate(ev: Evaluator, target: float, method: str, form: str,
-              max_experts: Optional[int], tolerance: float, base_cap, base_gates: dict
-              ) -> tuple:
+              max_experts: Optional[int], tolerance: float, base_cap, base_gates: dict,
+              step: Optional[float] = None) -> tuple:
     """-> (ComputeDial, capture at that dial, realised experts/token, extra info).
     `base_cap`, `base_gates`: the undialled pass (capture, {layer: gates})."""
     if method == "global":
         dial, cap, got = calibrate_global(ev, target, form, max_experts, tolerance, base_gates)
         extra = {}
     else:
-        budgets, extra = sensitivity_budgets(ev, target, form, max_experts, base_cap,
-                                             base_gates)
-        dial = calibrate_layers(ev, budgets, form, max_experts)
-        cap, got = ev.measure(dial)
-        extra["budgets"] = budgets
+        base = float(base_cap.routing.sum(axis=2).mean())
+        step = step or max((base - target) / 8, 1e-3)
+        dial, cap, got, extra = greedy_per_layer(ev, [target], form, max_experts, base_cap,
+                                                 base_gates, step)[target]
+    check_reached(got, target, tolerance, method, form)
+    return dial, cap, got, extra
+
+
+def check_reached(got: float, target: float, tolerance: float, method: str, form: str) -> None:
     if abs(got - target) > tolerance * target:
         raise DialError(f"calibration reached {got:.4f} experts/token, not {target:g} within "
                         f"{tolerance:.0%} ({method}, {form}); use more --tokens-per-domain")
-    return dial, cap, got, extra
 
 
 # ------------------------------------------------------------------------------------------------
 # Sweep
 # ------------------------------------------------------------------------------------------------
 def sweep_relu(ev: Evaluator, base_point: DialPoint, base_cap, base_gates: dict,
-               multiples: Sequence[float],
-               methods: Sequence[str], forms: Sequence[str], tolerance: float,
-               max_experts: Optional[int] = None) -> tuple:
-    """ReMoE points at `multiples` x trained k for every method and form; (points, skipped)."""
+               multiples: Sequence[float], methods: Sequence[str], forms: Sequence[str],
+               tolerance: float, max_experts: Optional[int] = None) -> tuple:
+    """ReMoE points at `multiples` x trained k for every method and form (per-layer: one greedy
+    path per form through all targets); returns (points, skipped)."""
     k = ev.lm.tcfg.moe_router_topk
     base = base_point.experts_per_token
-    points, skipped = [], []
+    points, skipped, targets = [], [], []
     for mult in multiples:
         target = mult * k
         if target > base * (1 + tolerance):
             skipped.append(f"{mult:g}x k = {target:g} experts/token: above the undialled "
                            f"{base:.4f}; thresholds >= 0 can only remove experts")
-            continue
-        for method in methods:
-            for form in forms:
-                t0 = time.perf_counter()
-                ev.log(f"dial: sweep {mult:g}x k = {target:.4g} experts/token, {method}, {form}")
-                dial, cap, got, extra = calibrate(ev, target, method, form, max_experts,
-                                                  tolerance, base_cap, base_gates)
+        else:
+            targets.append((mult, min(target, base)))
+    for method in methods:
+        for form in forms:
+            t0 = time.perf_counter()
+            ev.log(f"dial: sweep {method} {form}: targets "
+                   f"{', '.join(f'{t:.4g}' for _, t in targets)} experts/token")
+            if method == "per-layer":
+                path = greedy_per_layer(ev, [t for _, t in targets], form, max_experts,
+                                        base_cap, base_gates, step=k / 16)
+            for mult, target in targets:
+                if method == "global":
+                    dial, cap, got = calibrate_global(ev, target, form, max_experts, tolerance,
+                                                      base_gates)
+                    extra = {}
+                else:
+                    dial, cap, got, extra = path[target]
+                check_reached(got, target, tolerance, method, form)
                 p = ev.point("ReMoE", method, form, target, dial, cap=cap)
                 p.extra.update(multiple=mult, **extra)
-                p.seconds = time.perf_counter() - t0
-                ev.log(f"dial:   -> {p.experts_per_token:.4f} experts/token, valid loss "
-                       f"{p.valid_loss:.4f} ({p.valid_loss - base_point.valid_loss:+.4f}) in "
-                       f"{p.seconds:.0f} s")
+                ev.log(f"dial:   {mult:g}x k: {p.experts_per_token:.4f} experts/token, valid "
+                       f"loss {p.valid_loss:.4f} ({p.valid_loss - base_point.valid_loss:+.4f})")
                 points.append(p)
+            ev.log(f"dial: sweep {method} {form} done in {time.perf_counter() - t0:.0f} s")
     set_dial(ev.lm.model, None)
     return points, skipped
 
@@ -585,7 +626,7 @@ def build_parser(prog: str = "remoe dial") -> argparse.ArgumentParser:
                       help="quality vs compute: ReMoE over --sweep-multiples x k (both methods, "
                            "both forms) and the TopK model at k' = 1..E")
     p.add_argument("--method", choices=["global", "per-layer"], default="global",
-                   help="one tau for all layers, or per-layer budgets by loss sensitivity "
+                   help="one tau for all layers, or per-layer budgets chosen greedily by measured loss "
                         "[global]")
     p.add_argument("--form", choices=["cut", "shift"], default="cut",
                    help="cut: g*[g > tau]; shift: relu(xW - tau) [cut]")
