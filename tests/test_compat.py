@@ -206,6 +206,33 @@ def test_fixed_k_features_are_refused_in_one_line(bad, needle):
     one_line(err.value)
 
 
+# ---- MoE metrics: megatron-core's tracker (0.18+) or its module functions (0.16/0.17) ------------
+
+def test_topk_aux_loss_is_reported_and_cleared(single_rank):
+    from megatron.remoe.compat import clear_moe_metrics, report_moe_metrics
+
+    cfg = small_config("topk")
+    model = build_gpt_model(cfg, vocab_size=64, max_sequence_length=16,
+                            use_transformer_engine=False).train()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
+    report = dict(loss_scale=1.0, iteration=1, force_initialize=True,
+                  track_names=["load_balancing_loss"], num_layers=cfg.num_layers,
+                  moe_layer_freq=cfg.moe_layer_freq)
+
+    def step_and_report(clear_first=False):
+        model(ids, pos, None, labels=ids).float().mean().backward()
+        if clear_first:
+            clear_moe_metrics()
+        out = {}
+        report_moe_metrics(total_loss_dict=out, **report)
+        return float(out["load_balancing_loss"])
+
+    value = step_and_report()  # the Switch loss of a TopK router is positive
+    assert 0 < value < float("inf")
+    assert step_and_report(clear_first=True) == 0.0
+
+
 # ---- CPU backend: modules megatron-core imports late --------------------------------------------
 
 def test_modules_imported_after_the_backend_are_patched(single_rank):
