@@ -374,8 +374,9 @@ def print_time_table(title: str, table: dict, res: dict | None = None) -> None:
         cells = ""
         for b in bases:
             st = r["ratios"].get(b)
-            cells += (f"{st['of_medians']:>9.3f}{st['median']:>8.3f} ({st['q1']:.3f}-{st['q3']:.3f})"
-                      if st else f"{'1' if name == b else '':>9}{'':>24}")
+            cells += (f"{st['of_medians']:>9.3f}{st['median']:>8.3f} "
+                      f"({st['q1']:.3f}-{st['q3']:.3f})" if st else
+                      f"{'1' if name == b else '':>9}{'':>24}")
         sp = f"{r['sparsity']:.3f}" if "sparsity" in r else ""
         ept = f"{r['experts_per_token']:.2f}" if "experts_per_token" in r else ""
         gf = f"{r['gflops']:>9.1f}{100 * r['fraction_of_peak']:>7.0f}%" if "gflops" in r else \

@@ -31,7 +31,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     for needle in ("ReMoE demo finished", "validation loss", "shakespeare", "sparsity",
-                   "target 0.875", "lambda", "tokens/s", "parameters", "checkpoint"):
+                   "target 0.875", "lambda", "tokens/s", "parameters", "checkpoint",
+                   "settings             1 process(es) x "):
         assert needle in text, (needle, text[-2000:])
     assert (out / "relu" / "checkpoints" / "iter_0000003").is_dir()
     assert (out / "relu" / "metrics.jsonl").is_file()

@@ -1,8 +1,9 @@
-"""The grouped CPU experts (megatron/remoe/cpu_experts.py) against megatron-core's SequentialMLP on the
-same weights and against the dense float64 reference: outputs, input / router / expert gradients,
-and gradients accumulated by megatron-core's DDP into `main_grad`; on one process, under EP=2 and
-under TP=2 with sequence parallelism (real gloo processes). Plus: identical state dict and sharded
-checkpoint keys, and the loud fallback to SequentialMLP for configs it does not reproduce.
+"""The grouped CPU experts (megatron/remoe/cpu_experts.py) against megatron-core's SequentialMLP on
+the same weights and against the dense float64 reference: outputs, input / router / expert
+gradients, and gradients accumulated by megatron-core's DDP into `main_grad`; on one process,
+under EP=2 and under TP=2 with sequence parallelism (real gloo processes). Plus: identical state
+dict and sharded checkpoint keys, and the loud fallback to SequentialMLP for configs it does not
+reproduce.
 
 Tolerance: fp32. Grouped and sequential run the same GEMMs on the same rows, so they agree to a few
 ulps (rtol 1e-6); the dense reference is float64 (rtol 1e-5 / atol 1e-6 as in test_moe_parallel).

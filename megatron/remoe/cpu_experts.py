@@ -1,4 +1,4 @@
-"""Expert computation for CPU training: megatron-core's `SequentialMLP` parameters, one grouped pass.
+"""Expert computation for CPU training: SequentialMLP's parameters, one grouped pass over experts.
 
 `SequentialMLP` (the only megatron-core expert module that runs without CUDA) calls a full `MLP`
 module per local expert: two parallel-linear autograd functions, the activation and the prob
@@ -151,6 +151,9 @@ class GroupedCPUExperts(SequentialMLP):
             probs = torch.ones_like(probs)
         counts = [int(n) for n in tokens_per_expert.tolist()] if \
             isinstance(tokens_per_expert, torch.Tensor) else [int(n) for n in tokens_per_expert]
+        if sum(counts) != hidden.shape[0] or len(counts) != self.num_local_experts:
+            raise ValueError(f"tokens_per_expert {counts} does not cover the {hidden.shape[0]} "
+                             f"permuted tokens of {self.num_local_experts} local experts")
         fc1 = [expert.linear_fc1.weight for expert in self.local_experts]
         fc2 = [expert.linear_fc2.weight for expert in self.local_experts]
         h = GroupedLinear.apply(hidden, counts, *fc1)
