@@ -203,3 +203,16 @@ def test_threshold_for_hits_budgets():
             tau = threshold_for(g, want, cap)
             assert abs(count_at(g, tau, cap) - want) <= 1 / 4000 + 1e-9, (budget, cap)
     assert threshold_for(g, 10.0, None) == 0.0
+
+
+def test_default_output_folder(tmp_path):
+    from megatron.remoe.dial_calibration import default_out
+
+    ckpt = tmp_path / "relu" / "checkpoints"
+    (ckpt / "iter_0000600").mkdir(parents=True)
+    assert default_out(str(ckpt), True) == str(tmp_path / "relu" / "dial-sweep")
+    assert default_out(str(ckpt / "iter_0000600"), False) == str(tmp_path / "relu" / "dial")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert default_out(str(hf), False) == str(hf) + "-dial"

@@ -1,9 +1,9 @@
 """Calibration of the compute dial and the quality-vs-compute sweep: `remoe dial`.
 
-    remoe dial --load CKPT --target-experts-per-token X --out DIR [--method global|per-layer]
+    remoe dial --load CKPT --target-experts-per-token X [--out DIR] [--method global|per-layer]
                [--form cut|shift] [--max-experts M] [--demo-corpus DIR | --text D=FILE | --data D=PREFIX]
-    remoe dial --load CKPT --thresholds T[,T...] --out DIR          (evaluate given thresholds)
-    remoe dial --load CKPT --sweep --out DIR [--topk-load CKPT]
+    remoe dial --load CKPT --thresholds T[,T...] [--out DIR]        (evaluate given thresholds)
+    remoe dial --load CKPT --sweep [--out DIR] [--topk-load CKPT]
 
 CKPT is a Megatron checkpoint directory (any saved layout; rebuilt in this process by the
 converter's loader) or an exported HF folder (converted in memory to the same megatron model).
@@ -656,14 +656,30 @@ def build_parser(prog: str = "remoe dial") -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="override the run's tokenizer ('gpt2' or a directory)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-figures", action="store_true", help="--sweep without the PNG")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: dial/ or dial-sweep/ beside the run's "
+                        "checkpoint directory; <HF folder>-dial[-sweep] for an HF folder)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     return p
+
+
+def default_out(load: str, sweep: bool) -> str:
+    """runs/demo/relu/checkpoints[/iter_*] -> runs/demo/relu/dial[-sweep]; HF folder F ->
+    F-dial[-sweep]."""
+    name = "dial-sweep" if sweep else "dial"
+    path = os.path.abspath(load)
+    if is_hf_folder(path):
+        return f"{path}-{name}"
+    if os.path.basename(path).startswith("iter_"):
+        path = os.path.dirname(path)
+    return os.path.join(os.path.dirname(path), name)
 
 
 def _check_args(args) -> None:
     if not os.path.exists(args.load):
         raise DialUsageError(f"--load {args.load}: no such checkpoint or folder")
+    if args.out is None:
+        args.out = default_out(args.load, args.sweep)
     t = args.target_experts_per_token
     if t is not None and not (math.isfinite(t) and t > 0):
         raise DialUsageError(f"--target-experts-per-token {t} must be > 0")
