@@ -37,6 +37,9 @@ KNOWN_LOG_RECORDS = {
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
     # 0.19: logged by the synchronous torch_dist save path itself (we do not save asynchronously)
     "megatron.core.dist_checkpointing.strategies.torch": ("async save is deprecated",),
+    # 0.19 reading a checkpoint written by 0.16-0.18 (common.pt layout), once per rank and load:
+    # the supported upgrade path (docs/compat.md), nothing for the user to do
+    "megatron.core.dist_checkpointing.strategies.common": ("load_common is deprecated",),
     # --mock-data without --data-cache-path: mock indexes are regenerated in moments, nothing is
     # lost (for a real GPTDataset the same warning stays: its indexes are worth caching)
     "megatron.core.datasets.gpt_dataset": ("Unable to save MockGPTDataset indexes",),
