@@ -83,6 +83,17 @@ def run_pretrain(args, nproc: int = 1, timeout: float = 150, env: dict | None = 
     return proc
 
 
+def run_command(cmd, timeout: float = 120, expect: int = 0, env: dict | None = None):
+    """Run any project command (a tool or the trainer, offline) with the tests' environment;
+    asserts the exit code and returns the CompletedProcess."""
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=pretrain_env({"HF_HUB_OFFLINE": "1", **(env or {})}),
+                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert proc.returncode == expect, \
+        f"exit {proc.returncode} (want {expect})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
 def start_pretrain(args, log_path: str, nproc: int = 1, env: dict | None = None):
     """Start the trainer in the background, stdout+stderr to `log_path`; returns the Popen."""
     log = open(log_path, "w", encoding="utf-8")

@@ -8,14 +8,15 @@ check and, loaded back from the HF folder, gives the same experts per token and 
 thresholds and targets are one-line errors, exit 2, nothing written.
 """
 
+import functools
 import glob
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 
 import pytest
+from pretrain_utils import run_command
 
 pytest.importorskip("transformers")
 
@@ -27,20 +28,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
          "--log-interval", "10", "--eval-iters", "0", "--moe-relu-l1-reg-coeff-init", "1e-6"]
 
 
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"):
-        e.pop(k, None)
-    return e
-
-
-def run(cmd, timeout=120, expect=0):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout,
-                          cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert proc.returncode == expect, \
-        f"exit {proc.returncode} (want {expect})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+run = functools.partial(run_command, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,17 @@ back to a trainer checkpoint (--hf-to-megatron --verify) and resumed by the trai
 error cases: one-line errors, exit code 2, nothing written.
 """
 
+import functools
 import glob
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 
 import pytest
 
 from dist_utils import free_port
+from pretrain_utils import run_command
 
 pytest.importorskip("transformers")
 
@@ -30,20 +31,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
          "--moe-relu-l1-reg-coeff-init", "1e-3"]
 
 
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"):
-        e.pop(k, None)
-    return e
-
-
-def run(cmd, timeout=90, expect=0):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout,
-                          cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert proc.returncode == expect, \
-        f"exit {proc.returncode} (want {expect})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+run = functools.partial(run_command, timeout=90)
 
 
 @pytest.fixture(scope="module")
