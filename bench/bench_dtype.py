@@ -36,6 +36,8 @@ def window_means(rows: list, key: str, window: int) -> list:
 
 
 def main(argv=None) -> int:
+    from machine import finish
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=200, help="training steps per dtype [200]")
     p.add_argument("--threads", type=int, default=None, help="torch threads [usable cores]")
@@ -91,12 +93,7 @@ def main(argv=None) -> int:
     for (a0, a1, la), (_, _, lb), (_, _, sa), (_, _, sb) in zip(
             f32["windows"], b16["windows"], f32["sparsity_windows"], b16["sparsity_windows"]):
         print(f"{f'{a0}-{a1}':<12}{la:>10.4f}{lb:>10.4f}{lb - la:>+10.4f}{sa:>15.3f}{sb:>8.3f}")
-    print(f"\nload average: {results['load_start']} at the start, {results['load_end']} at the "
-          "end")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        print(f"results: {args.json}")
+    finish(results, args.json)
     return 0
 
 

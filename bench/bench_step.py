@@ -405,11 +405,10 @@ def print_memory_table(title: str, table: dict, baseline: str = "topk") -> None:
 
 
 def main(argv=None) -> int:
+    from machine import split_passthrough
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_passthrough(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", nargs="+", type=int, default=[3, 1], choices=[1, 3])

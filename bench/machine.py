@@ -72,3 +72,24 @@ def format_machine(info: dict) -> str:
             f"{info['platform']}; Python {info['python']}; torch {info['torch']}; "
             f"megatron-core {info['megatron_core']}; Transformer Engine "
             f"{info['transformer_engine']}")
+
+
+def split_passthrough(argv: list) -> tuple[list, list]:
+    """Split a benchmark's argv at `--`: its own flags, then flags passed on to the trainer."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def finish(results: dict, json_path) -> None:
+    """The closing lines every benchmark prints: the load average around the run, and where the
+    results went (`json_path`, written when set)."""
+    import json
+
+    print(f"\nload average: {results['load_start']} at the start, {results['load_end']} at the "
+          "end")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        print(f"results: {json_path}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import sys
 import time
@@ -194,11 +193,10 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from machine import finish, split_passthrough
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_passthrough(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch threads [1 2]")
@@ -246,12 +244,7 @@ def main(argv=None) -> int:
                 print(f"\ntop operators, {v}, {t} thread(s) (ms/step):")
                 for ph, op, ms in r["top_ops"]:
                     print(f"  {ms:8.1f}  {ph:<14} {op[:90]}")
-    print(f"\nload average: {results['load_start']} at the start, {results['load_end']} at "
-          "the end")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        print(f"results: {args.json}")
+    finish(results, args.json)
     return 0
 
 
