@@ -53,6 +53,7 @@ def main(argv=None) -> int:
         return 2
 
     from machine import format_machine, load_average, machine_info
+
     from megatron.remoe.cpu_settings import demo_settings, describe_settings
     from megatron.remoe.data.demo import prepare_demo_data
     from megatron.remoe.demo import train

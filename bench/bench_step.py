@@ -455,7 +455,6 @@ def main(argv=None) -> int:
         args.steps, args.warmup, args.mem_steps = 5, 1, 2
         args.settle_iters = min(args.settle_iters, 40)
     import torch
-
     from machine import format_machine, machine_info
 
     cuda = torch.cuda.is_available()

@@ -132,9 +132,9 @@ def phase_times(events) -> dict:
 def profile_variants(variants: dict, threads: int, steps: int, warmup: int, top: int = 0
                      ) -> dict:
     import torch
+    from bench_step import _build, _routing
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_step import _build, _routing
     from megatron.remoe.training import train_step
 
     torch.set_num_threads(threads)

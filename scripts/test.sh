@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test
 export OMP_NUM_THREADS=1
+.venv/bin/ruff check --quiet . || { echo "ruff: fix the lint findings above (ruff check --fix fixes most)"; exit 1; }
 exec .venv/bin/python -m pytest -q -W ignore::UserWarning -W ignore::DeprecationWarning -W ignore::FutureWarning "$@"

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import yaml
-
 from pretrain_utils import ROOT, build_corpus, pretrain_env
 
 from megatron.remoe import ablation as ab

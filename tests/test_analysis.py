@@ -3,10 +3,18 @@
 import numpy as np
 import pytest
 
-from megatron.remoe.analysis import (AnalysisError, RoutingCapture, active_experts_by_domain,
-                                     domain_expert_share, experts_by_frequency, flip_rates,
-                                     frequency_ranks, layer_summary, log_rank_buckets,
-                                     top_tokens_per_expert)
+from megatron.remoe.analysis import (
+    AnalysisError,
+    RoutingCapture,
+    active_experts_by_domain,
+    domain_expert_share,
+    experts_by_frequency,
+    flip_rates,
+    frequency_ranks,
+    layer_summary,
+    log_rank_buckets,
+    top_tokens_per_expert,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,7 +10,6 @@ import importlib.util
 import os
 
 import pytest
-
 from pretrain_utils import ROOT
 
 pytestmark = pytest.mark.timeout(420)

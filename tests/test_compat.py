@@ -13,8 +13,7 @@ import sys
 
 import pytest
 import torch
-
-from moe_reference import E, FFN, H, K, canonical_weights, load_canonical
+from moe_reference import FFN, E, H, K, canonical_weights, load_canonical
 
 from megatron.remoe.compat import build_from_spec, mcore_at_least, mcore_version_string
 from megatron.remoe.config import ConfigError

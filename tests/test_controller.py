@@ -16,7 +16,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from dist_utils import run_workers
 from pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
 

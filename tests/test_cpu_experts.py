@@ -13,10 +13,17 @@ import logging
 
 import pytest
 import torch
-
 from dist_utils import run_workers
-from moe_reference import (E, FFN, H, K, build_moe_layer, canonical_weights, dense_reference,
-                           load_canonical, local_expert_grads)
+from moe_reference import (
+    FFN,
+    E,
+    H,
+    K,
+    build_moe_layer,
+    canonical_weights,
+    dense_reference,
+    load_canonical,
+)
 
 S, B = 8, 2
 LAYOUTS = {"single": (1, 1), "ep2": (1, 2), "tp2_sp": (2, 1)}  # name: (tp, ep)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-
 from dist_utils import run_workers
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",

@@ -8,7 +8,12 @@ import pytest
 
 from megatron.remoe.data import sources
 from megatron.remoe.data.corpus import (
-    CorpusConfig, build_demo_corpus, iter_texts, load_manifest, split_documents)
+    CorpusConfig,
+    build_demo_corpus,
+    iter_texts,
+    load_manifest,
+    split_documents,
+)
 from megatron.remoe.data.errors import DataError
 from megatron.remoe.data.sources import Doc
 

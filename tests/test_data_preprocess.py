@@ -12,8 +12,12 @@ import pytest
 
 from megatron.remoe.data.errors import DataError
 from megatron.remoe.data.preprocess import (
-    PreprocessConfig, PreprocessJob, check_indexed_files, load_indexed_dataset, preprocess,
-    preprocess_files, read_sidecar)
+    PreprocessConfig,
+    check_indexed_files,
+    load_indexed_dataset,
+    preprocess_files,
+    read_sidecar,
+)
 from megatron.remoe.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +143,7 @@ def _write(path, data: bytes):
 BAD_INPUTS = {
     "missing": (None, "does not exist"),
     "empty": (b"", "is empty"),
-    "wrong_key": (b'{"text": "ok"}\n{"body": "x", "id": 3}\n', r"json key 'text' not found \(keys found: \['body', 'id'\]\)"),
+    "wrong_key": (b'{"text": "ok"}\n{"body": "x", "id": 3}\n', r"json key 'text' not found \(keys found: \['body', 'id'\]\)"),  # noqa: E501
     "bad_utf8_jsonl": (b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n', r"bad_utf8_jsonl.jsonl:3: invalid UTF-8"),
     "bad_json": (b'{"text": "ok"}\n{"text": \n', r":2: invalid JSON"),
     "not_string": (b'{"text": 5}\n', r"value of 'text' is int"),
@@ -211,7 +215,7 @@ def test_missing_files(small_dataset):
 
 
 def test_tokenizer_mismatch(small_dataset, bpe, gpt2):
-    with pytest.raises(DataError, match=rf"tokenizer mismatch.*'bpe-2000' \(fingerprint {bpe.fingerprint()}.*'gpt2' \(fingerprint {gpt2.fingerprint()}"):
+    with pytest.raises(DataError, match=rf"tokenizer mismatch.*'bpe-2000' \(fingerprint {bpe.fingerprint()}.*'gpt2' \(fingerprint {gpt2.fingerprint()}"):  # noqa: E501
         load_indexed_dataset(small_dataset, gpt2)
     assert len(load_indexed_dataset(small_dataset, bpe)) > 0
 

@@ -5,8 +5,7 @@ import sysconfig
 
 import pytest
 
-from megatron.remoe.data.tokenizer import (
-    EOD_TOKEN, TokenizerError, load_tokenizer, train_bpe_tokenizer)
+from megatron.remoe.data.tokenizer import EOD_TOKEN, TokenizerError, load_tokenizer, train_bpe_tokenizer
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 

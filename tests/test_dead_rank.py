@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-
 from dist_utils import free_port
 from pretrain_utils import MODEL, ROOT, pretrain_cmd, pretrain_env, read_metrics
 

@@ -15,11 +15,14 @@ import sys
 
 import pytest
 import torch
-
 from moe_reference import canonical_weights, dense_reference
 
-from megatron.remoe.compat import (fused_permute_available, gpu_fast_path_fields,
-                                   grouped_gemm_available, transformer_engine_usable)
+from megatron.remoe.compat import (
+    fused_permute_available,
+    gpu_fast_path_fields,
+    grouped_gemm_available,
+    transformer_engine_usable,
+)
 from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,6 @@ import sys
 import sysconfig
 
 import pytest
-
 from dist_utils import free_port
 from pretrain_utils import run_command
 

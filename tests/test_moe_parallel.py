@@ -13,10 +13,19 @@ integers and lambda is updated from them on every rank: both must match exactly.
 
 import pytest
 import torch
-
 from dist_utils import run_workers
-from moe_reference import (E, FFN, H, K, build_moe_layer, canonical_weights, dense_reference,
-                           load_canonical, local_expert_grads, reference_l1)
+from moe_reference import (
+    FFN,
+    E,
+    H,
+    K,
+    build_moe_layer,
+    canonical_weights,
+    dense_reference,
+    load_canonical,
+    local_expert_grads,
+    reference_l1,
+)
 
 S, B, STEPS, LAMBDA0 = 8, 2, 3, 0.05
 

@@ -21,7 +21,6 @@ import sys
 import time
 
 import pytest
-
 from pretrain_utils import MODEL, ROOT, read_metrics, run_pretrain, start_pretrain
 
 pytestmark = pytest.mark.timeout(300)

@@ -4,9 +4,17 @@ import math
 
 import pytest
 import torch
-
-from moe_reference import (E, FFN, H, K, build_moe_layer, canonical_weights, dense_reference,
-                           load_canonical, reference_l1)
+from moe_reference import (
+    FFN,
+    E,
+    H,
+    K,
+    build_moe_layer,
+    canonical_weights,
+    dense_reference,
+    load_canonical,
+    reference_l1,
+)
 
 from megatron.remoe.config import ConfigError, apply_granularity
 from megatron.remoe.model import build_controller, build_transformer_config

@@ -4,7 +4,6 @@ statistics and relies on probs/routing_map being masked already: check it agains
 
 import pytest
 import torch
-
 from moe_reference import E, H, K, build_moe_layer, canonical_weights, load_canonical
 
 from megatron.remoe.model import build_controller, build_transformer_config

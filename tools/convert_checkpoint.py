@@ -139,12 +139,15 @@ def main(argv=None) -> int:
             import transformers  # noqa: F401
         except ImportError:
             raise UsageError("transformers is not installed; pip install 'megatron-remoe[eval]'")
-        from megatron.remoe.distributed import ParallelConfig, destroy_distributed, \
-            init_distributed
-        from megatron.remoe.hf.convert import (ConversionError, check_output_dir,
-                                               load_hf_folder, load_megatron_checkpoint,
-                                               megatron_checkpoint_to_hf,
-                                               save_megatron_checkpoint_from_hf, verify_parity)
+        from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
+        from megatron.remoe.hf.convert import (
+            check_output_dir,
+            load_hf_folder,
+            load_megatron_checkpoint,
+            megatron_checkpoint_to_hf,
+            save_megatron_checkpoint_from_hf,
+            verify_parity,
+        )
 
         out_path = args.save if args.hf_to_megatron else args.out
         check_output_dir(out_path, args.overwrite)

@@ -84,8 +84,7 @@ def build_jobs(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron.remoe.data.errors import DataError
-    from megatron.remoe.data.preprocess import (
-        PreprocessConfig, preprocess, read_documents, resolve_inputs)
+    from megatron.remoe.data.preprocess import PreprocessConfig, preprocess, read_documents, resolve_inputs
     from megatron.remoe.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     try:

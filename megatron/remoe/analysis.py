@@ -1032,12 +1032,14 @@ def load_checkpoint_model(path: str, tokenizer=None, log: Callable = _default_lo
     from megatron.core import dist_checkpointing, tensor_parallel
 
     from megatron.remoe.arguments import transformer_config
-    from megatron.remoe.checkpointing import sharded_metadata
+    from megatron.remoe.checkpointing import (
+        read_checkpoint_config,
+        resolve_checkpoint,
+        sharded_metadata,
+        single_process_config,
+    )
     from megatron.remoe.datasets import padded_vocab_size
     from megatron.remoe.model import build_gpt_model
-
-    from megatron.remoe.checkpointing import (read_checkpoint_config, resolve_checkpoint,
-                                              single_process_config)
 
     path = resolve_checkpoint(path, log=log)
     cfg, common = read_checkpoint_config(path)

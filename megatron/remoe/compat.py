@@ -185,7 +185,6 @@ def transformer_engine_usable() -> bool:
     try:
         import transformer_engine  # noqa: F401
         import transformer_engine.pytorch  # noqa: F401
-
         from megatron.core.extensions import transformer_engine as _mcore_te  # noqa: F401
     except Exception:  # noqa: BLE001 - see docstring
         return False

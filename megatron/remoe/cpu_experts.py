@@ -30,7 +30,6 @@ import logging
 from typing import List, Optional
 
 import torch
-
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 

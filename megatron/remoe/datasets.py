@@ -57,8 +57,7 @@ def check_data_matches_tokenizer(cfg: TrainConfig, tokenizer) -> None:
     or with --full-data-check, sampled blocks of larger ones)."""
     if cfg.mock_data:
         return
-    from megatron.remoe.data.preprocess import (check_indexed_files, check_token_ids,
-                                                check_tokenizer_match)
+    from megatron.remoe.data.preprocess import check_indexed_files, check_token_ids, check_tokenizer_match
 
     for name in ("data_path", "valid_data_path"):
         items = getattr(cfg, name)
@@ -83,7 +82,9 @@ def _check_split_not_empty(cfg: TrainConfig, prefix: str, documents: int) -> Non
     """The train part of --split (and the valid part, when evaluating) must get documents of
     `prefix`; megatron-core's builder assigns round(share * documents) of them to each part."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
     parts = [("training", 0, "give the train part a non-zero share")]
@@ -111,8 +112,7 @@ def _gpt_config(cfg: TrainConfig, tokenizer, **blend_kwargs):
 
 
 def _build(cfg: TrainConfig, tokenizer, sizes: list, **blend_kwargs):
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     cls = MockGPTDataset if cfg.mock_data else GPTDataset

@@ -81,8 +81,12 @@ def load_model(path: str, tokenizer: Optional[str] = None, overrides: Optional[d
                log: Callable = _log) -> LoadedModel:
     """A Megatron checkpoint (converter's loader) or an HF folder (hf_to_megatron), fp32, eval,
     undialled."""
-    from megatron.remoe.hf.convert import (hf_to_megatron, load_hf_folder,
-                                           load_megatron_checkpoint, transformer_config_from_hf)
+    from megatron.remoe.hf.convert import (
+        hf_to_megatron,
+        load_hf_folder,
+        load_megatron_checkpoint,
+        transformer_config_from_hf,
+    )
 
     if is_hf_folder(path):
         hf, _ = load_hf_folder(path, torch.float32)
@@ -884,8 +888,7 @@ def main(argv: Optional[list] = None, prog: str = "remoe dial") -> int:
         _quiet()
         if args.threads:
             torch.set_num_threads(args.threads)
-        from megatron.remoe.distributed import (ParallelConfig, destroy_distributed,
-                                                init_distributed)
+        from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
 
         if "WORLD_SIZE" not in os.environ:
             os.environ.pop("MASTER_PORT", None)

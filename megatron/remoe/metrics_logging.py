@@ -6,9 +6,9 @@ ReMoE keys of `RoutingStats.as_dict()` (`moe_relu_sparsity`, `moe_relu_l1_reg_co
 `l1_reg_loss`, `moe/layer_{n}/...`), `load_balancing_loss` for TopK, and `valid/...` for evaluations.
 
 Across resumes the JSONL file stays one consistent history: a run started with --load that begins
-at iteration N (the checkpoint it resumed from; 0 when there was none yet) first rewrites the file without the records of
-iterations > N (the steps it replays; a crash left them behind) and without a half-written last
-line (a kill in the middle of a write), atomically (temporary file + rename); records of
+at iteration N (the checkpoint it resumed from; 0 when there was none yet) first rewrites the file
+without the records of iterations > N (the steps it replays; a crash left them behind) and without
+a half-written last line (a kill in the middle of a write), atomically (temporary file + rename); records of
 iterations <= N that it would write again (an evaluation at N) are not repeated. A crash therefore
 never leaves duplicated or broken lines once the next run has started. Without --load the file
 is appended to as before (it may be shared by several runs on purpose).

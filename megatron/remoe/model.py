@@ -7,8 +7,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.remoe.config import (ReMoETransformerConfig, apply_granularity, controller_options,
-                                   router_overrides)
+from megatron.remoe.config import (
+    ReMoETransformerConfig,
+    apply_granularity,
+    controller_options,
+    router_overrides,
+)
 from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.spec import check_routers, get_block_spec, num_moe_layers
 

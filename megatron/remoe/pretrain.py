@@ -28,8 +28,7 @@ def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pret
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     from megatron.remoe.checkpointing import EXIT_SAVE_FAILED, CheckpointSaveError
-    from megatron.remoe.distributed import (EXIT_COLLECTIVE_FAILED, CollectiveFailure,
-                                            destroy_distributed)
+    from megatron.remoe.distributed import EXIT_COLLECTIVE_FAILED, CollectiveFailure, destroy_distributed
     from megatron.remoe.training import EXIT_NONFINITE, NonFiniteError, pretrain
 
     try:

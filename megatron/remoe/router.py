@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
 

@@ -11,7 +11,6 @@ import functools
 from typing import Optional
 
 import torch
-
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
@@ -61,7 +60,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
 def make_router_builder(config, controller: Optional[SparsityController]):
     """The callable for `MoESubmodules.router`."""
-    if getattr(config, "moe_relu_routing", False):
+    if is_relu_routed(config):
         return functools.partial(ReLURouter, controller=controller)
     return TopKRouter
 
@@ -110,7 +109,7 @@ def expected_router_class(config) -> Optional[type]:
     """The router class every MoE layer of a model built from `config` must have."""
     if not config.num_moe_experts:
         return None
-    return ReLURouter if getattr(config, "moe_relu_routing", False) else TopKRouter
+    return ReLURouter if is_relu_routed(config) else TopKRouter
 
 
 def check_routers(model, config) -> int:
@@ -136,10 +135,30 @@ def check_routers(model, config) -> int:
     return checked
 
 
+def is_relu_routed(config) -> bool:
+    """Whether a config (TransformerConfig, TrainConfig or anything with the field) routes with ReLU."""
+    return bool(getattr(config, "moe_relu_routing", False))
+
+
+def moe_layer_pattern_of(num_layers: int, num_moe_experts, moe_layer_freq) -> list:
+    """0/1 per layer, 1 where the layer has a routed MoE MLP. megatron-core's `moe_layer_freq`: an int
+    N puts MoE in layers 0, N, 2N, ...; a list is the 0/1 pattern itself."""
+    if not num_moe_experts:
+        return [0] * num_layers
+    if isinstance(moe_layer_freq, (list, tuple)):
+        pattern = [1 if int(x) else 0 for x in moe_layer_freq]
+        if len(pattern) != num_layers:
+            raise ValueError(f"moe_layer_freq has {len(pattern)} entries for {num_layers} layers; "
+                             "give one 0/1 per layer")
+        return pattern
+    freq = int(moe_layer_freq or 1)
+    return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+
+
+def moe_layer_pattern(config) -> list:
+    """`moe_layer_pattern_of` for a config object (the one owner of 'which layers are MoE')."""
+    return moe_layer_pattern_of(config.num_layers, config.num_moe_experts, config.moe_layer_freq)
+
+
 def num_moe_layers(config) -> int:
-    freq = config.moe_layer_freq
-    if not config.num_moe_experts:
-        return 0
-    if isinstance(freq, int):
-        return sum(1 for i in range(config.num_layers) if i % freq == 0)
-    return sum(freq)
+    return sum(moe_layer_pattern(config))

@@ -30,21 +30,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.arguments import (TrainConfig, config_to_yaml, num_micro_batches,
-                                      transformer_config)
-from megatron.remoe.checkpointing import (CheckpointSaveError, check_checkpoint_matches,
-                                          check_writer_version, checkpoint_candidates,
-                                          find_loadable_checkpoint, load_checkpoint,
-                                          save_checkpoint)
+from megatron.remoe.arguments import TrainConfig, config_to_yaml, num_micro_batches, transformer_config
+from megatron.remoe.checkpointing import (
+    CheckpointSaveError,
+    check_checkpoint_matches,
+    check_writer_version,
+    checkpoint_candidates,
+    find_loadable_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron.remoe.compat import clear_moe_metrics, report_moe_metrics
 from megatron.remoe.config import ConfigError
-from megatron.remoe.datasets import (build_datasets, check_data_matches_tokenizer,
-                                     load_run_tokenizer, make_loader, padded_vocab_size)
-from megatron.remoe.distributed import (ParallelConfig, collective_failure, init_distributed,
-                                        is_collective_failure, is_rank0)
+from megatron.remoe.datasets import (
+    build_datasets,
+    check_data_matches_tokenizer,
+    load_run_tokenizer,
+    make_loader,
+    padded_vocab_size,
+)
+from megatron.remoe.distributed import (
+    ParallelConfig,
+    collective_failure,
+    init_distributed,
+    is_collective_failure,
+    is_rank0,
+)
 from megatron.remoe.log_filters import fallback_note
-from megatron.remoe.metrics_logging import (MetricsLogger, check_logging_backends,
-                                            format_train_line, memory_gb)
+from megatron.remoe.metrics_logging import MetricsLogger, check_logging_backends, format_train_line, memory_gb
 from megatron.remoe.model import build_controller, build_gpt_model, count_parameters
 from megatron.remoe.regularizer import RoutingWindow
 from megatron.remoe.run_lock import RunLock, check_not_held

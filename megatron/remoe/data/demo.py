@@ -19,12 +19,22 @@ import time
 from dataclasses import dataclass, field
 
 from megatron.remoe.data.corpus import (
-    SPLITS, CorpusConfig, CorpusManifest, _log, build_demo_corpus, iter_texts)
+    SPLITS,
+    CorpusConfig,
+    CorpusManifest,
+    _log,
+    build_demo_corpus,
+    iter_texts,
+)
 from megatron.remoe.data.errors import DataError
 from megatron.remoe.data.preprocess import (
-    PreprocessConfig, PreprocessJob, check_indexed_files, preprocess, read_sidecar)
-from megatron.remoe.data.tokenizer import (
-    META_FILE, Tokenizer, load_tokenizer, train_bpe_tokenizer)
+    PreprocessConfig,
+    PreprocessJob,
+    check_indexed_files,
+    preprocess,
+    read_sidecar,
+)
+from megatron.remoe.data.tokenizer import META_FILE, Tokenizer, load_tokenizer, train_bpe_tokenizer
 
 
 @dataclass

@@ -108,7 +108,8 @@ class Tokenizer:
             model = state["model"]
             vocab = sorted(model.get("vocab", {}).items(), key=lambda kv: kv[1])
             merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-            added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in state.get("added_tokens", []))
+            added = sorted((t["id"], t["content"], bool(t.get("special")))
+                           for t in state.get("added_tokens", []))
             canonical = json.dumps(
                 {"type": model.get("type"), "vocab": vocab, "merges": merges, "added": added,
                  "pre_tokenizer": state.get("pre_tokenizer"), "normalizer": state.get("normalizer")},

@@ -19,8 +19,8 @@ Routers (``router_type``):
 Inference-time compute dial (ReLU routers only), ``router_dial``: None (the trained model) or
 ``{"thresholds": [tau per MoE layer], "form": "cut" | "shift", "max_experts": m | None}``. Per
 MoE layer l, "cut" keeps ``gates * [gates > tau_l]``, "shift" uses ``ReLU(x W^T - tau_l)``;
-``max_experts`` keeps each token's m largest gates. All thresholds 0 and no cap is the trained model exactly. A
-dialled model refuses to run in training mode. Written by ``remoe dial`` / the converter's
+``max_experts`` keeps each token's m largest gates. All thresholds 0 and no cap is the trained model
+exactly. A dialled model refuses to run in training mode. Written by ``remoe dial`` / the converter's
 ``--dial`` (see docs/compute-dial.md).
 """
 

@@ -807,12 +807,14 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
     from megatron.core import dist_checkpointing, tensor_parallel
 
     from megatron.remoe.arguments import transformer_config
-    from megatron.remoe.checkpointing import sharded_metadata
+    from megatron.remoe.checkpointing import (
+        read_checkpoint_config,
+        resolve_checkpoint,
+        sharded_metadata,
+        single_process_config,
+    )
     from megatron.remoe.datasets import padded_vocab_size
     from megatron.remoe.model import build_gpt_model
-
-    from megatron.remoe.checkpointing import (read_checkpoint_config, resolve_checkpoint,
-                                              single_process_config)
 
     path = resolve_checkpoint(load, iteration, log=_log)
     cfg, common = read_checkpoint_config(path)
@@ -947,7 +949,7 @@ def train_config_from_hf(hf_dir: str, hf_config, config_yaml: Optional[str] = No
     exporter stored in the folder; else one derived from the HF config (seq_length =
     max_position_embeddings, tokenizer = the folder itself when it has tokenizer.json). The model
     fields must describe `hf_config` exactly."""
-    from megatron.remoe.arguments import FIELDS, TrainConfig, load_yaml_config, _coerce
+    from megatron.remoe.arguments import FIELDS, TrainConfig, _coerce, load_yaml_config
 
     fields = transformer_config_fields_from_hf(hf_config)
     router = fields["router"]
@@ -1016,9 +1018,8 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
     target reached; from remoe_conversion.json, else lambda_0), but no optimizer state (an HF
     folder has none): resume it with `remoe train --load SAVE_DIR --no-load-optim ...`.
     Needs init_distributed(ParallelConfig()) first (one process)."""
-    from megatron.remoe.arguments import config_to_yaml, finalize_config
+    from megatron.remoe.arguments import config_to_yaml, finalize_config, transformer_config
     from megatron.remoe.checkpointing import save_checkpoint
-    from megatron.remoe.arguments import transformer_config
     from megatron.remoe.model import build_controller
     from megatron.remoe.training import build_model, build_optimizer
 

@@ -1,0 +1,61 @@
+"""One logging configuration for the library and its tools.
+
+Progress lines are the user interface of the tools (`remoe demo`, `convert`, `dial`, `ablate`), so
+the handler writes the bare message to stdout, as `print` did; data preparation writes to stderr so
+that tools which print results on stdout stay pipeable. Multi-rank code logs on rank 0 only
+(`info0`). Set REMOE_LOG_LEVEL=WARNING (or DEBUG) to change how much is shown.
+"""
+import logging
+import os
+import sys
+
+_ROOT = "megatron.remoe"
+_STDERR = ("megatron.remoe.data",)  # loggers under these names write to stderr
+_configured = False
+
+
+class _StreamHandler(logging.StreamHandler):
+    """Resolves sys.stdout/sys.stderr at emit time so pytest's capture and redirects still work."""
+
+    def __init__(self, stream_name: str):
+        super().__init__()
+        self.stream_name = stream_name
+
+    def emit(self, record):
+        self.stream = getattr(sys, self.stream_name)
+        super().emit(record)
+        self.flush()
+
+
+def configure() -> None:
+    """Install the handlers once (idempotent); called by `get_logger`."""
+    global _configured
+    if _configured:
+        return
+    level = os.environ.get("REMOE_LOG_LEVEL", "INFO").upper()
+    for name, stream in [(_ROOT, "stdout")] + [(n, "stderr") for n in _STDERR]:
+        logger = logging.getLogger(name)
+        handler = _StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False  # each message prints once, whatever the application configures
+    _configured = True
+
+
+def get_logger(name: str) -> logging.Logger:
+    """`get_logger(__name__)` in every module of megatron.remoe (tools pass 'megatron.remoe.<tool>')."""
+    configure()
+    return logging.getLogger(name)
+
+
+def is_rank0() -> bool:
+    import torch.distributed as dist  # noqa: PLC0415  (torch is heavy; logs.py is imported by the CLI)
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def info0(logger: logging.Logger, message: str) -> None:
+    """Log on rank 0 only (the trainer's progress lines)."""
+    if is_rank0():
+        logger.info(message)
