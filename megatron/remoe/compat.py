@@ -11,8 +11,6 @@ import importlib.metadata
 import re
 from typing import Optional
 
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: F401 (re-export)
-
 
 @functools.lru_cache(maxsize=None)
 def mcore_version() -> tuple[int, int, int]:
@@ -78,6 +76,22 @@ def fixed_k_features(cfg) -> list:
         found.append(("moe_enable_routing_replay", "records and replays top-k expert indices",
                       "remove it with --moe-relu-routing"))
     return found
+
+
+# ------------------------------------------------------------------------------------------------
+# The router GEMM
+# ------------------------------------------------------------------------------------------------
+def patch_router_gemm(on_cpu: bool) -> None:
+    """Make megatron-core's `router_gating_linear` take its torch.mm path where it must.
+
+    mcore 0.16 calls `te_general_gemm` in router_gating_linear but only defines it when Transformer
+    Engine imports; without TE the name is missing, and with TE (on a CPU-only machine) it would
+    run a CUDA GEMM on CPU tensors. None selects the torch.mm path. Applied by
+    `cpu_backend.apply_cpu_backend` (on GPUs without TE too)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if on_cpu or not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,22 +203,6 @@ def transformer_engine_usable() -> bool:
     except Exception:  # noqa: BLE001 - see docstring
         return False
     return True
-
-
-def te_version() -> tuple[int, int, int] | None:
-    if not transformer_engine_usable():
-        return None
-    for name in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
-        try:
-            raw = importlib.metadata.version(name)
-            break
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    else:
-        import transformer_engine
-
-        raw = getattr(transformer_engine, "__version__", "0.0.0")
-    return parse_version(raw)
 
 
 def fused_permute_available() -> bool:

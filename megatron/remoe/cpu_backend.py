@@ -15,7 +15,8 @@ without editing site-packages:
 * the CUDA RNG state helpers of `megatron.core.tensor_parallel.random` use the CPU generator;
 * a handful of functions that test `Tensor.type()` for CUDA type names run with CPU tensors reporting
   their CUDA twin name (scoped to those calls only);
-* megatron-core 0.16 without Transformer Engine references an undefined `te_general_gemm`.
+* megatron-core 0.16 without Transformer Engine references an undefined `te_general_gemm` (a
+  version difference, fixed by `compat.patch_router_gemm`, applied here at the same moment).
 
 Call `apply_cpu_backend()` explicitly (our entry points and tests do) before building models. It is a
 no-op when CUDA is available, so the same code runs unchanged on GPUs with NCCL.
@@ -32,6 +33,8 @@ import types
 from typing import Any
 
 import torch
+
+from megatron.remoe.compat import patch_router_gemm
 
 _APPLIED = False
 
@@ -336,16 +339,6 @@ def _patch_type_name_checks() -> None:
             setattr(cls, name, _with_cuda_type_names(fn))
 
 
-def _patch_router_gemm(on_cpu: bool) -> None:
-    # mcore 0.16 calls `te_general_gemm` in router_gating_linear but only defines it when Transformer
-    # Engine imports; without TE the name is missing, and with TE (on a CPU-only machine) it would
-    # run a CUDA GEMM on CPU tensors. None selects the torch.mm path.
-    from megatron.core.transformer.moe import moe_utils
-
-    if on_cpu or not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def cpu_backend_needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -356,7 +349,7 @@ def apply_cpu_backend(force: bool = False) -> bool:
     A no-op on machines with CUDA (unless `force`). Idempotent.
     """
     global _APPLIED, _TORCH_PROXY
-    _patch_router_gemm(on_cpu=_APPLIED or force or cpu_backend_needed())  # GPUs without TE too
+    patch_router_gemm(on_cpu=_APPLIED or force or cpu_backend_needed())  # GPUs without TE too
     if _APPLIED:
         _patch_loaded_modules()  # pick up megatron.core modules imported since the last call
         return True
