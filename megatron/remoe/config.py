@@ -121,10 +121,8 @@ def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
     E, k = cfg.num_moe_experts, cfg.moe_router_topk
     if not E:
         raise ConfigError("moe_relu_routing needs num_moe_experts > 0; set --num-experts")
-    if k is None or k < 1 or k > E:
-        raise ConfigError(
-            f"moe_router_topk={k} must be in [1, num_moe_experts={E}]: it sets the target sparsity "
-            f"1 - k/E; lower --moe-router-topk")
+    check_topk_range(k, E, names=("moe_router_topk", "num_moe_experts"),
+                     tail=": it sets the target sparsity 1 - k/E; lower --moe-router-topk")
     if cfg.moe_apply_probs_on_input:
         raise ConfigError(
             "moe_apply_probs_on_input requires top-1 routing; ReLU routing weights expert outputs: "
@@ -162,13 +160,35 @@ def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
                           " (or unset)")
     if not 0.0 <= cfg.target_sparsity < 1.0:
         raise ConfigError(f"moe_relu_target_sparsity={cfg.target_sparsity} must be in [0, 1)")
-    if not cfg.moe_relu_l1_reg_coeff_init > 0:
-        raise ConfigError(f"moe_relu_l1_reg_coeff_init={cfg.moe_relu_l1_reg_coeff_init} must be > 0 "
-                          "(the update is multiplicative); the paper uses 1e-8")
-    if not cfg.moe_relu_l1_reg_coeff_multiplier > 1.0:
-        raise ConfigError(f"moe_relu_l1_reg_coeff_multiplier={cfg.moe_relu_l1_reg_coeff_multiplier}"
-                          " must be > 1; the paper uses 1.2")
+    check_l1_coeff_init(cfg.moe_relu_l1_reg_coeff_init)
+    check_l1_multiplier(cfg.moe_relu_l1_reg_coeff_multiplier)
     controller_options(cfg).validate()
+
+
+# The ReMoE range rules, owned here and worded in the caller's vocabulary: the trainer names flags
+# (`moe_router_topk=9 must be in [1, num_experts=8]`), the ablation tool its axes (`k=9 ... E=8`).
+def check_topk_range(k: Optional[int], num_experts: int,
+                     names: tuple = ("moe_router_topk", "num_experts"),
+                     tail: str = "; lower --moe-router-topk or raise --num-experts") -> None:
+    """k active experts of E: 1 <= k <= E (k/E sets ReLU routing's target sparsity)."""
+    if k is None or not 1 <= k <= num_experts:
+        raise ConfigError(f"{names[0]}={k} must be in [1, {names[1]}={num_experts}]{tail}")
+
+
+def check_l1_coeff_init(value: float, what: Optional[str] = None,
+                        tail: str = "; the paper uses 1e-8") -> None:
+    """lambda_0 > 0: the controller multiplies lambda, so it can never leave 0."""
+    if not value > 0:
+        what = what or f"moe_relu_l1_reg_coeff_init={value}"
+        raise ConfigError(f"{what} must be > 0 (the update is multiplicative){tail}")
+
+
+def check_l1_multiplier(value: float, what: Optional[str] = None,
+                        tail: str = "; the paper uses 1.2") -> None:
+    """alpha > 1: lambda grows by alpha below the target sparsity and shrinks above it."""
+    if not value > 1.0:
+        what = what or f"moe_relu_l1_reg_coeff_multiplier={value}"
+        raise ConfigError(f"{what} must be > 1{tail}")
 
 
 def controller_options(cfg: ReMoETransformerConfig):
