@@ -37,6 +37,9 @@ for _msg in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not
              ".*`load_state_dict` is deprecated.*"):
     warnings.filterwarnings("ignore", message=_msg)
 
+# megatron-core takes seconds to import: the functions below import megatron.remoe (and with it
+# megatron-core) when they run, so that --help and argument errors are instant.
+
 ROUTER_LABELS = {"relu": "ReMoE", "topk": "TopK", "topk-sigmoid-bias": "TopK-sigmoid-bias"}
 
 
@@ -114,19 +117,24 @@ def _parse_data(items: list) -> dict:
     return data
 
 
-def run(args, log) -> str:
-    from megatron.remoe import analysis as A
+def _check_args(args) -> None:
+    from megatron.remoe.analysis import AnalysisError
 
-    t_start = time.perf_counter()
     if len(args.label) > len(args.load):
-        raise A.AnalysisError(f"{len(args.label)} --label for {len(args.load)} --load")
+        raise AnalysisError(f"{len(args.label)} --label for {len(args.load)} --load")
     if args.compare_load and len(args.compare_load) != len(args.load):
-        raise A.AnalysisError(f"give one --compare-load per --load ({len(args.load)}), got "
-                              f"{len(args.compare_load)}")
+        raise AnalysisError(f"give one --compare-load per --load ({len(args.load)}), got "
+                            f"{len(args.compare_load)}")
     for name in ("tokens_per_domain", "batch_size", "buckets", "top"):
         if getattr(args, name) < 1:
-            raise A.AnalysisError(f"--{name.replace('_', '-')} must be >= 1")
-    # checkpoints and their configs (cheap: common state only)
+            raise AnalysisError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def _checkpoints(args, log) -> tuple:
+    """(paths, compare paths, their configs, compare configs): cheap, common state only."""
+    import torch
+
+    from megatron.remoe import analysis as A
     from megatron.remoe.checkpointing import read_checkpoint_config, resolve_checkpoint
 
     paths = [resolve_checkpoint(p, log=log) for p in args.load]
@@ -135,52 +143,52 @@ def run(args, log) -> str:
         A._plt()  # fail now, not after the forward passes
     A.prepare_out_dir(args.out, args.overwrite)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
-
     cfgs = [read_checkpoint_config(p)[0] for p in paths]
     ccfgs = [read_checkpoint_config(p)[0] for p in cpaths]
-    labels = _labels(args, cfgs)
     for p, cfg in zip(paths + cpaths, cfgs + ccfgs):
         if not cfg.moe:
             raise A.AnalysisError(f"checkpoint {p} is a dense model: no routing to analyse")
-    tokenizer = A.load_analysis_tokenizer(cfgs[0], args.tokenizer)
-    tok_names = {c.tokenizer for c in cfgs + ccfgs}
-    if len(tok_names) > 1 and not args.tokenizer:
-        log(f"analyze: warning: the checkpoints were trained with different tokenizers "
-            f"{sorted(map(str, tok_names))}; using {cfgs[0].tokenizer}")
+    return paths, cpaths, cfgs, ccfgs
 
-    # data
+
+def _eval_data(args, cfgs: list, tokenizer, log) -> tuple:
+    """({domain: prefix}, [training prefixes], EvalTokens, window length)."""
+    from megatron.remoe import analysis as A
+
     if args.data:
-        data = _parse_data(args.data)
-        train = []
+        data, train = _parse_data(args.data), []
     else:
         data, train = A.default_data(cfgs[0], args.split)
     if args.train_data:
         train = [] if args.train_data == ["none"] else args.train_data
-    seq = min(c.seq_length for c in cfgs + ccfgs)
+    seq = min(c.seq_length for c in cfgs)
     if args.seq_length:
         if args.seq_length > seq:
             raise A.AnalysisError(f"--seq-length {args.seq_length} exceeds the models' training "
-                                  f"sequence length {seq}")
+                                f"sequence length {seq}")
         seq = args.seq_length
     eval_tokens = A.make_eval_tokens(data, args.tokens_per_domain, seq, tokenizer, log=log)
     log(f"analyze: {len(eval_tokens.token_ids):,} tokens from {len(data)} domains "
         f"({', '.join(f'{d} {n:,}' for d, n in eval_tokens.tokens_per_domain().items())}), "
         f"windows of {seq}")
+    return data, train, eval_tokens, seq
 
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
 
-    init_distributed(ParallelConfig(), seed=cfgs[0].seed)
-    freq, freq_source = None, ""
+def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens, tokenizer,
+                 log) -> tuple:
+    """Load each checkpoint in turn (one model in memory at a time) and capture its routing;
+    with --compare-load also the flip rates against the compared checkpoint.
+    Returns (captures, flips, vocabulary size)."""
+    from megatron.remoe import analysis as A
+
     captures, flips, vocab = [], [], None
     for i, (path, label) in enumerate(zip(paths, labels)):
         model, cfg, info = A.load_checkpoint_model(path, tokenizer, log=log)
         vocab = model.vocab_size
         if int(eval_tokens.token_ids.max()) >= vocab:
             raise A.AnalysisError(f"the data holds token ids >= the vocabulary ({vocab}) of "
-                                  f"{path}; wrong --tokenizer/--data?")
+                                f"{path}; wrong --tokenizer/--data?")
         cap = A.capture_routing(model, eval_tokens, label, args.batch_size, log=log)
         cap.info.update(info)
         captures.append(cap)
@@ -192,18 +200,43 @@ def run(args, log) -> str:
             flips.append((label + (f"@{info.get('iteration')}" if info.get("iteration")
                                    is not None else ""), olabel, A.flip_rates(cap, ocap)))
             del other
-    if train:
-        t0 = time.perf_counter()
-        freq = A.token_frequencies(train, vocab, args.freq_max_tokens)
-        freq_source = (f"the training split ({len(train)} dataset"
-                       f"{'s' if len(train) > 1 else ''})")
-        log(f"analyze: token frequencies from {int(freq.sum()):,} training tokens in "
-            f"{time.perf_counter() - t0:.1f} s")
-    else:
-        import numpy as np
+    return captures, flips, vocab
 
-        freq = np.bincount(eval_tokens.token_ids, minlength=vocab)
-        freq_source = "the analysed tokens (no training split given)"
+
+def _frequencies(args, train: list, vocab: int, eval_tokens, log) -> tuple:
+    """(token counts, where they were counted): the training split, else the analysed tokens."""
+    import numpy as np
+
+    from megatron.remoe import analysis as A
+
+    if not train:
+        return (np.bincount(eval_tokens.token_ids, minlength=vocab),
+                "the analysed tokens (no training split given)")
+    t0 = time.perf_counter()
+    freq = A.token_frequencies(train, vocab, args.freq_max_tokens)
+    log(f"analyze: token frequencies from {int(freq.sum()):,} training tokens in "
+        f"{time.perf_counter() - t0:.1f} s")
+    return freq, f"the training split ({len(train)} dataset{'s' if len(train) > 1 else ''})"
+
+
+def run(args, log) -> str:
+    from megatron.remoe import analysis as A
+    from megatron.remoe.distributed import ParallelConfig, init_distributed
+
+    t_start = time.perf_counter()
+    _check_args(args)
+    paths, cpaths, cfgs, ccfgs = _checkpoints(args, log)
+    labels = _labels(args, cfgs)
+    tokenizer = A.load_analysis_tokenizer(cfgs[0], args.tokenizer)
+    tok_names = {c.tokenizer for c in cfgs + ccfgs}
+    if len(tok_names) > 1 and not args.tokenizer:
+        log(f"analyze: warning: the checkpoints were trained with different tokenizers "
+            f"{sorted(map(str, tok_names))}; using {cfgs[0].tokenizer}")
+    data, train, eval_tokens, seq = _eval_data(args, cfgs + ccfgs, tokenizer, log)
+    init_distributed(ParallelConfig(), seed=cfgs[0].seed)
+    captures, flips, vocab = _capture_all(args, paths, cpaths, labels, eval_tokens, tokenizer,
+                                          log)
+    freq, freq_source = _frequencies(args, train, vocab, eval_tokens, log)
     meta = {"command": " ".join(sys.argv), "data": data, "train_data": train,
             "tokens_per_domain": args.tokens_per_domain, "seq_length": seq}
     result = A.write_report(args.out, captures, freq, tokenizer, flips, freq_source,
@@ -214,15 +247,12 @@ def run(args, log) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
     from megatron.remoe.analysis import AnalysisError
     from megatron.remoe.config import ConfigError
+    from megatron.remoe.logs import get_logger
 
     try:
-        run(args, log)
+        run(args, get_logger("megatron.remoe.analyze_routing").info)
     except (AnalysisError, ConfigError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
