@@ -16,12 +16,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from dist_utils import run_workers
-from pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
 
 from megatron.remoe.config import ConfigError
 from megatron.remoe.controller import CONTROLLERS, ControllerOptions, sparsity_noise
 from megatron.remoe.regularizer import SparsityController
+from tests.helpers.dist_utils import run_workers
+from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.timeout(170)
 
@@ -54,13 +54,13 @@ def drive(ctrl: SparsityController, steps, split=None) -> list:
                 m = m[rank * TOKENS // world:(rank + 1) * TOKENS // world]
             ctrl.record(layer, m, None, None)
         ctrl.step()
-        out.append(np.float32(float(ctrl.coeff)))
+        out.append(np.float32(float(ctrl.l1_coeff)))
     return out
 
 
 def make(kind: str, **kw) -> SparsityController:
     return SparsityController(num_layers=LAYERS, num_experts=E, target_sparsity=TARGET,
-                              coeff_init=1e-3, multiplier=1.2,
+                              l1_coeff_init=1e-3, multiplier=1.2,
                               options=ControllerOptions(kind=kind, **kw))
 
 
@@ -108,7 +108,7 @@ def test_synthetic_sequence_crosses_the_target_and_is_noisy():
 
 def test_paper_rule_is_the_default_and_unchanged():
     default = SparsityController(num_layers=LAYERS, num_experts=E, target_sparsity=TARGET,
-                                 coeff_init=1e-3, multiplier=1.2)
+                                 l1_coeff_init=1e-3, multiplier=1.2)
     got = drive(default, range(len(ACTIVE)))
     assert got == reference("paper")  # exact fp32 values
     # the sign-only rule: every step multiplies or divides by 1.2 (in fp32)
@@ -152,7 +152,7 @@ def test_switching_rule_on_resume_starts_its_state_fresh():
     assert ema.state_dict()["rule"]["mean"] is not None
     pi = make("pi")
     pi.load_state_dict(ema.state_dict())
-    assert pi.rule.prev_error is None and float(pi.coeff) == float(ema.coeff)
+    assert pi.rule.prev_error is None and float(pi.l1_coeff) == float(ema.l1_coeff)
 
 
 def _rank_worker(rank, world, kind):

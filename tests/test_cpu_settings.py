@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from dist_utils import run_workers
+
+from tests.helpers.dist_utils import run_workers
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--seq-length", "32", "--num-experts", "4",
@@ -54,7 +55,7 @@ def _train(rank, world, flags, unfused_adam):
     param_dtypes = {str(p.dtype) for chunk in run.model for p in chunk.parameters()}
     return dict(losses=losses, sparsity=sparsity, params=digest.hexdigest(), fused=fused,
                 router_dtypes={str(d) for d in router_dtypes}, param_dtypes=param_dtypes,
-                lam=str(run.controller.coeff.dtype) if run.controller is not None else None,
+                lam=str(run.controller.l1_coeff.dtype) if run.controller is not None else None,
                 experts=type(next(m for chunk in run.model for n, m in chunk.named_modules()
                                   if n.endswith("mlp.experts"))).__name__)
 

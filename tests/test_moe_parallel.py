@@ -13,8 +13,9 @@ integers and lambda is updated from them on every rank: both must match exactly.
 
 import pytest
 import torch
-from dist_utils import run_workers
-from moe_reference import (
+
+from tests.helpers.dist_utils import run_workers
+from tests.helpers.moe_reference import (
     FFN,
     E,
     H,
@@ -80,7 +81,7 @@ def _worker(rank, world, layout):
             out, _ = layer(x.contiguous())
             (out * g).sum().backward()
             outs[b] = out.detach()
-        lam_used = ctrl.coeff.clone()
+        lam_used = ctrl.l1_coeff.clone()
         stats = ctrl.step()
 
         # ---- gather everything back to the canonical, unsharded form ----
@@ -110,11 +111,11 @@ def _worker(rank, world, layout):
         elif world > 1:
             for t in (gate, up, down):
                 dist.all_reduce(t)
-        coeffs = [torch.empty_like(ctrl.coeff) for _ in range(world)]
+        coeffs = [torch.empty_like(ctrl.l1_coeff) for _ in range(world)]
         if world > 1:
-            dist.all_gather(coeffs, ctrl.coeff)
+            dist.all_gather(coeffs, ctrl.l1_coeff)
         else:
-            coeffs = [ctrl.coeff]
+            coeffs = [ctrl.l1_coeff]
         results.append(dict(output=output, router=router_grad, gate=gate, up=up, down=down,
                             sparsity=stats.sparsity, l1_reg_loss=stats.l1_reg_loss,
                             lam_used=lam_used, lam_after=[c.clone() for c in coeffs],

@@ -4,7 +4,11 @@ import math
 
 import pytest
 import torch
-from moe_reference import (
+
+from megatron.remoe.config import ConfigError, apply_granularity
+from megatron.remoe.model import build_controller, build_transformer_config
+from megatron.remoe.regularizer import SparsityController, l1_reg_loss
+from tests.helpers.moe_reference import (
     FFN,
     E,
     H,
@@ -15,10 +19,6 @@ from moe_reference import (
     load_canonical,
     reference_l1,
 )
-
-from megatron.remoe.config import ConfigError, apply_granularity
-from megatron.remoe.model import build_controller, build_transformer_config
-from megatron.remoe.regularizer import SparsityController, l1_reg_loss
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,25 +66,25 @@ def test_l1_ignores_padding_tokens():
 
 def test_lambda_update_follows_rule_step_by_step():
     ctrl = SparsityController(num_layers=1, num_experts=8, target_sparsity=0.875,
-                              coeff_init=1e-8, multiplier=1.2)
+                              l1_coeff_init=1e-8, multiplier=1.2)
     sparsities = [0.5, 0.6, 0.875, 0.9, 0.8, 0.875, 0.99, 0.1]
     expected = 1e-8
     for s in sparsities:
         ctrl.update(s)
         # equality divides (sign(0) counts as "at or above target")
         expected = expected * 1.2 if s < 0.875 else expected / 1.2
-        assert math.isclose(float(ctrl.coeff), expected, rel_tol=1e-5), (s, float(ctrl.coeff))
-        assert ctrl.coeff.dtype == torch.float32
+        assert math.isclose(float(ctrl.l1_coeff), expected, rel_tol=1e-5), (s, float(ctrl.l1_coeff))
+        assert ctrl.l1_coeff.dtype == torch.float32
 
 
 def test_lambda_is_clamped():
-    ctrl = SparsityController(1, 8, 0.875, coeff_init=1e-8, multiplier=10.0)
+    ctrl = SparsityController(1, 8, 0.875, l1_coeff_init=1e-8, multiplier=10.0)
     for _ in range(100):
         ctrl.update(0.0)
-    assert math.isfinite(float(ctrl.coeff)) and float(ctrl.coeff) <= 1e4
+    assert math.isfinite(float(ctrl.l1_coeff)) and float(ctrl.l1_coeff) <= 1e4
     for _ in range(200):
         ctrl.update(1.0)
-    assert float(ctrl.coeff) > 0
+    assert float(ctrl.l1_coeff) > 0
 
 
 def test_controller_state_round_trip():
@@ -93,7 +93,7 @@ def test_controller_state_round_trip():
         ctrl.update(s)
     other = SparsityController(1, 8, 0.875)
     other.load_state_dict(ctrl.state_dict())
-    assert torch.equal(other.coeff, ctrl.coeff) and other.steps == 3
+    assert torch.equal(other.l1_coeff, ctrl.l1_coeff) and other.steps == 3
 
 
 # ---- the router inside megatron-core's MoE layer ------------------------------------------------

@@ -4,10 +4,10 @@ statistics and relies on probs/routing_map being masked already: check it agains
 
 import pytest
 import torch
-from moe_reference import E, H, K, build_moe_layer, canonical_weights, load_canonical
 
 from megatron.remoe.model import build_controller, build_transformer_config
 from megatron.remoe.regularizer import SparsityController, l1_reg_loss
+from tests.helpers.moe_reference import E, H, K, build_moe_layer, canonical_weights, load_canonical
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,7 +34,7 @@ def test_router_training_path_matches_general_path_with_padding(single_rank):
     gates = torch.relu(x.reshape(-1, H) @ w["router"].T)
     expected_reg = l1_reg_loss(gates, gates > 0, K, True, valid)
     ref = SparsityController(num_layers=1, num_experts=E, target_sparsity=cfg.target_sparsity,
-                             coeff_init=0.1)
+                             l1_coeff_init=0.1)
     ref.record(1, gates > 0, valid, expected_reg)
     expected = ref.step()
 

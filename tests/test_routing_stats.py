@@ -43,12 +43,12 @@ def test_stats_match_hand_count():
 
 def test_lambda_moves_with_global_not_per_layer_sparsity():
     """Two layers, one dense-ish and one sparse: the update uses the pooled fraction of zeros."""
-    ctrl = SparsityController(num_layers=2, num_experts=4, target_sparsity=0.5, coeff_init=1.0,
+    ctrl = SparsityController(num_layers=2, num_experts=4, target_sparsity=0.5, l1_coeff_init=1.0,
                               multiplier=2.0)
     ctrl.record(1, torch.ones(4, 4, dtype=torch.bool), None, None)   # sparsity 0
     ctrl.record(2, torch.zeros(4, 4, dtype=torch.bool), None, None)  # sparsity 1
     stats = ctrl.step()
-    assert stats.sparsity == 0.5 and float(ctrl.coeff) == 0.5  # equality divides
+    assert stats.sparsity == 0.5 and float(ctrl.l1_coeff) == 0.5  # equality divides
 
 
 def test_dead_experts_over_a_window():
@@ -65,3 +65,30 @@ def test_dead_experts_over_a_window():
     assert window.as_dict() == {"moe/layer_1/dead_experts": 0}
     window.reset()
     assert window.dead_experts() == {}
+
+
+def test_report_gives_the_step_statistics_without_updating_lambda():
+    """`report()` (a step that is not applied) reduces and resets the counts like `step()`, but
+    lambda, the step count and the rule's state stay; the next `step()` updates as usual."""
+    ctrl = SparsityController(num_layers=1, num_experts=4, target_sparsity=0.75, l1_coeff_init=1.0,
+                              multiplier=2.0)
+    ctrl.record(1, MAP, VALID, reg_term=torch.tensor(0.5))
+    reported = ctrl.report()
+    assert float(ctrl.l1_coeff) == 1.0 and ctrl.steps == 0 and not ctrl.reached_target
+    assert ctrl.report() is None  # counts were reset
+    ctrl.record(1, MAP, VALID, reg_term=torch.tensor(0.5))
+    stepped = ctrl.step()
+    assert reported.as_dict() == stepped.as_dict()
+    assert float(ctrl.l1_coeff) == 2.0 and ctrl.steps == 1  # sparsity 0.5 < 0.75: lambda * alpha
+
+
+def test_saved_state_round_trips_through_its_plain_form():
+    """What a checkpoint holds under CHECKPOINT_KEY, as floats (an HF export's metadata), loads back."""
+    ctrl = SparsityController(num_layers=1, num_experts=4, target_sparsity=0.75, l1_coeff_init=0.25)
+    plain = SparsityController.plain_state(ctrl.state_dict())
+    assert plain[SparsityController.L1_COEFF_KEY] == 0.25
+    assert SparsityController.saved_l1_coeff(plain) == 0.25
+    assert SparsityController.saved_l1_coeff(None) is None
+    other = SparsityController(num_layers=1, num_experts=4, target_sparsity=0.75)
+    other.load_state_dict(plain)
+    assert torch.equal(other.l1_coeff, ctrl.l1_coeff) and other.l1_coeff.dtype == torch.float32

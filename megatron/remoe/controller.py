@@ -81,19 +81,19 @@ class LambdaRule:
         self.multiplier = float(multiplier)
         self.options = options
 
-    def update(self, coeff: torch.Tensor, sparsity: float, tokens: float,
+    def update(self, l1_coeff: torch.Tensor, sparsity: float, tokens: float,
                reached_target: bool) -> torch.Tensor:
         if not reached_target:  # Stages I/II: the paper's rule for every option
-            return self.paper(coeff, sparsity)
-        return self.steady(coeff, sparsity, tokens)
+            return self.paper(l1_coeff, sparsity)
+        return self.steady(l1_coeff, sparsity, tokens)
 
-    def paper(self, coeff: torch.Tensor, sparsity: float) -> torch.Tensor:
+    def paper(self, l1_coeff: torch.Tensor, sparsity: float) -> torch.Tensor:
         """lambda * alpha if S < target else lambda / alpha (equality divides), clamped."""
-        new = coeff * self.multiplier if sparsity < self.target else coeff / self.multiplier
+        new = l1_coeff * self.multiplier if sparsity < self.target else l1_coeff / self.multiplier
         return new.clamp(L1_COEFF_MIN, L1_COEFF_MAX)
 
-    def steady(self, coeff: torch.Tensor, sparsity: float, tokens: float) -> torch.Tensor:
-        return self.paper(coeff, sparsity)
+    def steady(self, l1_coeff: torch.Tensor, sparsity: float, tokens: float) -> torch.Tensor:
+        return self.paper(l1_coeff, sparsity)
 
     def state_dict(self) -> dict:
         return {}
@@ -112,10 +112,10 @@ class EMARule(LambdaRule):
         super().__init__(*args)
         self.mean: Optional[float] = None
 
-    def steady(self, coeff, sparsity, tokens):
+    def steady(self, l1_coeff, sparsity, tokens):
         beta = self.options.ema_beta
         self.mean = sparsity if self.mean is None else beta * self.mean + (1.0 - beta) * sparsity
-        return self.paper(coeff, self.mean)
+        return self.paper(l1_coeff, self.mean)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean}
@@ -129,13 +129,13 @@ class DeadbandRule(LambdaRule):
 
     kind = "deadband"
 
-    def steady(self, coeff, sparsity, tokens):
+    def steady(self, l1_coeff, sparsity, tokens):
         if tokens is None:
             raise ValueError("the deadband rule needs the step's tokens per layer")
         band = self.options.deadband_z * sparsity_noise(self.target, tokens)
         if abs(sparsity - self.target) <= band:
-            return coeff.clone()
-        return self.paper(coeff, sparsity)
+            return l1_coeff.clone()
+        return self.paper(l1_coeff, sparsity)
 
 
 class PIRule(LambdaRule):
@@ -147,7 +147,7 @@ class PIRule(LambdaRule):
         super().__init__(*args)
         self.prev_error: Optional[float] = None
 
-    def steady(self, coeff, sparsity, tokens):
+    def steady(self, l1_coeff, sparsity, tokens):
         error = self.target - sparsity
         prev = error if self.prev_error is None else self.prev_error
         self.prev_error = error
@@ -155,8 +155,8 @@ class PIRule(LambdaRule):
         step = self.options.pi_ki * error + self.options.pi_kp * (error - prev)
         step = min(max(step, -bound), bound)
         # float64 on the host, one rounding to fp32: the same bits on every rank
-        new = torch.tensor(float(coeff) * math.exp(step), dtype=torch.float32,
-                           device=coeff.device)
+        new = torch.tensor(float(l1_coeff) * math.exp(step), dtype=torch.float32,
+                           device=l1_coeff.device)
         return new.clamp(L1_COEFF_MIN, L1_COEFF_MAX)
 
     def state_dict(self) -> dict:

@@ -67,7 +67,7 @@ def build_controller(config: ReMoETransformerConfig,
     return SparsityController(
         num_layers=config.num_layers, num_experts=config.num_moe_experts,
         target_sparsity=config.target_sparsity,
-        coeff_init=config.moe_relu_l1_reg_coeff_init,
+        l1_coeff_init=config.moe_relu_l1_reg_coeff_init,
         multiplier=config.moe_relu_l1_reg_coeff_multiplier, device=device,
         options=controller_options(config))
 

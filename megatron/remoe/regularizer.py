@@ -177,7 +177,7 @@ class SparsityController:
     """
 
     def __init__(self, num_layers: int, num_experts: int, target_sparsity: float,
-                 coeff_init: float = 1e-8, multiplier: float = 1.2,
+                 l1_coeff_init: float = 1e-8, multiplier: float = 1.2,
                  device: Optional[torch.device] = None,
                  group: Optional[dist.ProcessGroup] = None,
                  options: Optional[ControllerOptions] = None):
@@ -187,7 +187,7 @@ class SparsityController:
         self.multiplier = float(multiplier)
         self.device = device or torch.device("cpu")
         self.group = group  # None = the default (world) group
-        self.coeff = torch.tensor(coeff_init, dtype=torch.float32, device=self.device)
+        self.l1_coeff = torch.tensor(l1_coeff_init, dtype=torch.float32, device=self.device)
         # the update rule (controller.py): the paper's unless --moe-relu-l1-reg-coeff-controller
         self.rule = build_rule(self.target_sparsity, self.multiplier, options)
         self.counts = torch.zeros(num_layers, stats_width(num_experts), dtype=torch.int64,
@@ -259,6 +259,14 @@ class SparsityController:
     # ---- called by the trainer -------------------------------------------------------------
     def step(self) -> Optional[RoutingStats]:
         """Reduce this step's counts over all ranks, update lambda, reset. None if nothing ran."""
+        return self._reduce(update=True)
+
+    def report(self) -> Optional[RoutingStats]:
+        """`step()` without the lambda update (a step that is not applied): the counts are reduced
+        over all ranks and reset as usual; lambda, the step count and the rule's state stay."""
+        return self._reduce(update=False)
+
+    def _reduce(self, update: bool) -> Optional[RoutingStats]:
         counts = torch.cat([self.counts.flatten().to(torch.float64), self.reg_sum])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             # Counts are integers < 2^53: the float64 sum is exact and identical on every rank.
@@ -278,8 +286,9 @@ class SparsityController:
         # Forward calls were counted on every rank that shares a micro-batch's tokens.
         calls = table[:, 2 * E + 2].double() / self.reg_group_size
         l1_reg = float((reg_sum[layers] / calls.clamp(min=1)).mean())
-        used = float(self.coeff)
-        self.update(sparsity, tokens=float(table[:, 2 * E + 1].double().mean()))
+        used = float(self.l1_coeff)
+        if update:
+            self.update(sparsity, tokens=float(table[:, 2 * E + 1].double().mean()))
         return RoutingStats(
             sparsity=sparsity, l1_coeff=used, l1_reg_loss=l1_reg,
             layer_numbers=[i + 1 for i in layers], tokens_per_expert=table[:, :E],
@@ -289,22 +298,41 @@ class SparsityController:
         """One lambda update from the step's global sparsity and its tokens per MoE layer. The
         paper's rule: lambda <- lambda * alpha if S < target else lambda / alpha (equality
         divides); the other rules are in controller.py."""
-        self.coeff = self.rule.update(self.coeff, sparsity, tokens, self.reached_target)
+        self.l1_coeff = self.rule.update(self.l1_coeff, sparsity, tokens, self.reached_target)
         self.reached_target = self.reached_target or sparsity >= self.target_sparsity
         self.steps += 1
 
     # ---- checkpointing ---------------------------------------------------------------------
+    # The controller's state is saved in a checkpoint's common state under CHECKPOINT_KEY (and in
+    # an HF export's conversion metadata under the same key); lambda is its L1_COEFF_KEY entry.
+    CHECKPOINT_KEY = "controller"
+    L1_COEFF_KEY = "l1_coeff"
+
     def state_dict(self) -> dict:
-        return {"l1_coeff": self.coeff.detach().cpu().clone(), "steps": self.steps,
+        return {self.L1_COEFF_KEY: self.l1_coeff.detach().cpu().clone(), "steps": self.steps,
                 "target_sparsity": self.target_sparsity, "multiplier": self.multiplier,
                 "reached_target": self.reached_target,
                 "rule": {"kind": self.rule.kind, **self.rule.state_dict()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.coeff = state["l1_coeff"].to(device=self.device, dtype=torch.float32).clone()
+        """Restore from `state_dict()`, or from its `plain_state` form (lambda as a float)."""
+        l1_coeff = torch.as_tensor(state[self.L1_COEFF_KEY])
+        self.l1_coeff = l1_coeff.to(device=self.device, dtype=torch.float32).clone()
         self.steps = int(state["steps"])
         self.reached_target = bool(state.get("reached_target", False))
         # The configured rule decides; its state resumes only from a checkpoint of the same rule
         # (switching rules on resume starts the new rule's state afresh, see docs/training.md).
         rule = state.get("rule") or {"kind": "paper"}
         self.rule.load_state_dict(rule if rule.get("kind") == self.rule.kind else {})
+
+    @classmethod
+    def plain_state(cls, state: Optional[dict]) -> dict:
+        """A saved `state_dict()` with tensors as floats (JSON-serialisable; {} for None)."""
+        return {key: float(value) if isinstance(value, torch.Tensor) else value
+                for key, value in (state or {}).items()}
+
+    @classmethod
+    def saved_l1_coeff(cls, state: Optional[dict]) -> Optional[float]:
+        """lambda of a saved (or plain) controller state, None if there is none."""
+        value = (state or {}).get(cls.L1_COEFF_KEY)
+        return None if value is None else float(value)

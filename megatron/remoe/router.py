@@ -90,7 +90,7 @@ class ReLURouter(Router):
                               reduce_group=tp_cp, local_counts=local_counts)
             controller = self.controller
             if controller is not None:
-                probs = MoEAuxLossAutoScaler.apply(probs, controller.coeff.to(reg.dtype) * reg)
+                probs = MoEAuxLossAutoScaler.apply(probs, controller.l1_coeff.to(reg.dtype) * reg)
                 controller.record(self.layer_number, routing_map, valid, reg,
                                   reg_group_size=tp_cp.size() if tp_cp is not None else 1,
                                   tokens_per_expert=local_counts)

@@ -862,7 +862,7 @@ def _summary(run: Run, history: list, last_eval: dict, last_saved, step_times: l
                    sparsity_last10=sum(tail) / len(tail) if tail else None,
                    sparsity_first=history[0].get("moe_relu_sparsity"),
                    target_sparsity=run.tcfg.target_sparsity,
-                   final_lambda=float(run.controller.coeff))
+                   final_lambda=float(run.controller.l1_coeff))
     if "load_balancing_loss" in last:
         out["final_load_balancing_loss"] = last["load_balancing_loss"]
     return out
