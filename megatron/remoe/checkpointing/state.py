@@ -1,0 +1,133 @@
+"""What a checkpoint holds per rank: the sharded state dict of the model chunk(s), the optimizer
+and the RNG states, with the fixes megatron-core's DistributedOptimizer needs around torch Adam."""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.remoe.checkpointing.files import _rank
+
+
+def sharded_metadata() -> dict:
+    """Passed to sharded_state_dict() on save and recorded in the checkpoint (content metadata), so
+    a load builds the matching structure.
+
+    Distributed-optimizer state: 'fully_reshardable' (canonical per-parameter layout: loads into any
+    TP/PP/EP/DP layout) when megatron-core runs with Transformer Engine or Apex Adam. With torch Adam
+    (CPU, or GPUs without TE) megatron-core 0.16 cannot load that format (its gathered state lacks
+    torch Adam's per-parameter 'step') and its 'fully_sharded_model_space' is unsupported, so we use
+    'dp_reshardable' there: re-shardable across DP only (model weights always re-shard).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    kind = "fully_reshardable" if distrib_optimizer.HAVE_APEX_OR_TE else "dp_reshardable"
+    return {"distrib_optim_sharding_type": kind, "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True}
+
+
+def _layout(cfg) -> dict:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {"world_size": world, "tp": cfg.tensor_model_parallel_size,
+            "pp": cfg.pipeline_model_parallel_size, "vp": cfg.virtual_pipeline_model_parallel_size,
+            "ep": cfg.expert_model_parallel_size, "cp": cfg.context_parallel_size}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    try:
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:  # tracker not initialised (no model-parallel RNG in use)
+        state["tracker"] = None
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker") is not None:
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(rng: Optional[dict]):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)
+
+
+def _prime_empty_optimizer_state(optimizer) -> None:
+    """Without Transformer Engine / Apex, megatron-core's DistributedOptimizer wraps torch Adam,
+    whose state is empty until the first step, and `state_dict()` (called while building the
+    loading state dict) asserts on a missing 'step'. Allocate zero state with step 0 first; the
+    load then overwrites all of it (step included) from the checkpoint."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or opt.optimizer.state:
+            continue
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                opt.optimizer.state[p] = {"exp_avg": torch.zeros_like(p.data),
+                                          "exp_avg_sq": torch.zeros_like(p.data),
+                                          "step": torch.tensor(0.0)}
+
+
+def _restore_torch_adam_steps(optimizer, loaded) -> None:
+    """Without Transformer Engine / Apex, megatron-core 0.16's DistributedOptimizer loads torch
+    Adam's 'step' as ONE tensor shared by every parameter and leaves it at a stale value (0 after
+    loading a step-3 checkpoint), so the updates after a resume used the wrong Adam bias
+    correction (found by tests/test_parity.py, exact resume). Give every parameter its own step
+    tensor holding the saved count."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(opts) == 1 else [loaded[i] for i in range(len(opts))]
+    for opt, saved in zip(opts, states):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        steps = {float(g["step"]) for g in saved["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = steps.pop()
+        for param_state in opt.optimizer.state.values():
+            param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def _state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
+                with_rng: bool, metadata: dict) -> dict:
+    """The sharded state dict of this rank (model chunk(s), optimizer, RNG)."""
+    from megatron.core.utils import unwrap_model
+
+    model = unwrap_model(model)  # keys of the bare GPTModel, without DDP/Float16Module prefixes
+    sd = {}
+    if len(model) == 1:
+        sd["model"] = model[0].sharded_state_dict(metadata=metadata)
+    else:
+        for i, chunk in enumerate(model):
+            sd[f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+    if with_optimizer:
+        if is_loading:
+            _prime_empty_optimizer_state(optimizer)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
+                                                       metadata=metadata)
+    if with_rng:
+        sd["rng_state"] = _rng_sharded(None if is_loading else _rng_state())
+    return sd
