@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -14,7 +15,7 @@ from megatron.remoe.config import (
     router_overrides,
 )
 from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.spec import check_routers, get_block_spec, num_moe_layers
+from megatron.remoe.spec import check_routers, get_block_spec, moe_layer_pattern_of, num_moe_layers
 
 # The paper's models: SwiGLU (ffn = 4h), RoPE base 1e6, RMSNorm, untied embeddings, no biases,
 # no dropout, GQA with 4 groups, init std 0.01.
@@ -107,22 +108,111 @@ def build_gpt_model(config: ReMoETransformerConfig, vocab_size: int, max_sequenc
     return model
 
 
+# ------------------------------------------------------------------------------------------------
+# Parameter and FLOP counts: one owner for the trainer's summary, the ablation collector, the
+# compute dial and the benchmarks (definitions in docs/results.md)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that parameter and FLOP counts read. Experts are counted after granularity (E*G
+    experts of width ffn/G, k*G active); a dense model has no experts and no MoE layers."""
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int  # a dense MLP's width
+    expert_ffn_hidden_size: int
+    num_experts: int  # 0: dense
+    topk: int  # experts per token at the target (0: dense)
+    moe_layers: int
+    glu: int = 3  # SwiGLU: gate, up and down projections
+
+    @classmethod
+    def of_transformer_config(cls, config) -> "ModelShape":
+        """From a (ReMoE)TransformerConfig: granularity already applied."""
+        heads = config.num_attention_heads
+        experts = config.num_moe_experts or 0
+        return cls(hidden_size=config.hidden_size, num_layers=config.num_layers,
+                   num_attention_heads=heads, num_query_groups=config.num_query_groups or heads,
+                   head_dim=config.kv_channels or config.hidden_size // heads,
+                   ffn_hidden_size=config.ffn_hidden_size,
+                   expert_ffn_hidden_size=config.moe_ffn_hidden_size or config.ffn_hidden_size,
+                   num_experts=experts, topk=config.moe_router_topk if experts else 0,
+                   moe_layers=num_moe_layers(config), glu=3 if config.gated_linear_unit else 2)
+
+    @classmethod
+    def of_train_fields(cls, cfg: dict) -> "ModelShape":
+        """From TrainConfig fields (a run's config.yaml; E experts of width ffn before granularity
+        G; `router` dense: no experts). Defaults as in TrainConfig."""
+        h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        ffn = cfg.get("ffn_hidden_size") or 4 * h
+        experts = topk = expert_ffn = moe_layers = 0
+        if cfg.get("router", "relu") != "dense":
+            G = cfg.get("moe_granularity", 1)
+            experts = cfg.get("num_experts", 8) * G
+            topk = cfg.get("moe_router_topk", 1) * G
+            expert_ffn = ffn // G
+            moe_layers = sum(moe_layer_pattern_of(cfg["num_layers"], experts,
+                                                  cfg.get("moe_layer_freq", 1)))
+        return cls(hidden_size=h, num_layers=cfg["num_layers"], num_attention_heads=heads,
+                   num_query_groups=cfg.get("num_query_groups") or heads,
+                   head_dim=cfg.get("kv_channels") or h // heads, ffn_hidden_size=ffn,
+                   expert_ffn_hidden_size=expert_ffn, num_experts=experts, topk=topk,
+                   moe_layers=moe_layers)
+
+    @property
+    def attention(self) -> int:
+        """Q, K, V and output projections of one layer (GQA: K and V per query group)."""
+        h, hd, heads = self.hidden_size, self.head_dim, self.num_attention_heads
+        return h * hd * (heads + 2 * self.num_query_groups) + heads * hd * h
+
+    @property
+    def expert(self) -> int:
+        return self.glu * self.hidden_size * self.expert_ffn_hidden_size
+
+    def mlp(self, experts_per_token):
+        """MLP parameters a token uses in all layers with `experts_per_token` experts per MoE layer
+        (every MoE layer's router, E x h, included)."""
+        dense_mlp = self.glu * self.hidden_size * self.ffn_hidden_size
+        return self.moe_layers * (experts_per_token * self.expert + self.num_experts * self.hidden_size) \
+            + (self.num_layers - self.moe_layers) * dense_mlp
+
+
 def count_parameters(config: ReMoETransformerConfig, vocab_size: int) -> dict:
     """Total and active (per token, at the target k) parameter counts, computed from the config."""
-    h, L = config.hidden_size, config.num_layers
-    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
-    head_dim = config.kv_channels or h // heads
-    attn = h * head_dim * (heads + 2 * groups) + heads * head_dim * h
-    glu = 3 if config.gated_linear_unit else 2
-    dense_mlp = glu * h * config.ffn_hidden_size
-    n_moe = num_moe_layers(config)
-    expert = glu * h * (config.moe_ffn_hidden_size or config.ffn_hidden_size)
-    E = config.num_moe_experts or 0
-    k = config.moe_router_topk if E else 0
+    shape = ModelShape.of_transformer_config(config)
+    h, L = shape.hidden_size, shape.num_layers
     norms = 2 * h * L + h
     embed = 2 * vocab_size * h
-    mlp_total = n_moe * (E * expert + E * h) + (L - n_moe) * dense_mlp
-    mlp_active = n_moe * (k * expert + E * h) + (L - n_moe) * dense_mlp
-    total = embed + L * attn + norms + mlp_total
-    active = embed + L * attn + norms + mlp_active
+    total = embed + L * shape.attention + norms + shape.mlp(shape.num_experts)
+    active = embed + L * shape.attention + norms + shape.mlp(shape.topk)
     return {"total": total, "active": active, "active_non_embedding": active - embed}
+
+
+def train_flops_per_token(shape: ModelShape, seq_length: int, vocab_size: int,
+                          experts_per_token: Optional[float] = None) -> dict:
+    """Training FLOPs per token (forward + backward = 3 x forward) of a LLaMA-style GPT.
+
+    forward = 2 x (matmul parameters a token uses: attention projections, the experts it is
+    routed to, the router, dense MLPs, the output layer) + causal attention 2 x seq x heads x
+    head_dim per layer (QK^T and AV, half of the full 4 s d). Norms, softmax, activations and
+    the input embedding lookup are not counted. `experts_per_token` (after granularity) defaults
+    to k*G; pass the measured E*G*(1 - sparsity) for a ReLU step.
+    Returns train FLOPs, the MoE experts' share of them at k*G experts, and the expert FLOPs of
+    one expert in all MoE layers (train)."""
+    h, L, n_moe, k = shape.hidden_size, shape.num_layers, shape.moe_layers, shape.topk
+    core = L * 2 * seq_length * shape.num_attention_heads * shape.head_dim
+    active = k if experts_per_token is None else experts_per_token
+    forward = 2 * (L * shape.attention + shape.mlp(active) + vocab_size * h) + core
+    at_k = 2 * (L * shape.attention + shape.mlp(k) + vocab_size * h) + core
+    return {"train": 3 * forward,
+            "moe_share": (3 * 2 * n_moe * k * shape.expert / (3 * at_k)) if n_moe else 0.0,
+            "expert_train": 3 * 2 * n_moe * shape.expert}
+
+
+def flops_per_token(cfg: dict, vocab_size: int, experts_per_token: Optional[float] = None) -> dict:
+    """`train_flops_per_token` of a run given by its TrainConfig fields (`ModelShape.of_train_fields`)."""
+    return train_flops_per_token(ModelShape.of_train_fields(cfg), cfg["seq_length"], vocab_size,
+                                 experts_per_token)
