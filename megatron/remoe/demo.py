@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Optional
@@ -23,6 +22,7 @@ from typing import Optional
 import yaml
 
 from megatron.remoe.cpu_settings import demo_settings, describe_settings
+from megatron.remoe.launch import run_logged, training_command
 from megatron.remoe.metrics_logging import format_duration
 
 # The demo model: measured on 2 CPU cores (see docs/training.md).
@@ -98,49 +98,6 @@ def train(router: str, data, out_dir: str, iters: int, nproc: int,
     summary["config"] = config_path
     summary["settings"] = settings
     return summary
-
-
-def training_command(config_path: str, nproc: int) -> list:
-    """`python -m megatron.remoe.pretrain --config FILE` (under torchrun when nproc > 1)."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", "megatron.remoe.pretrain"]
-    else:
-        cmd = [sys.executable, "-m", "megatron.remoe.pretrain"]
-    return cmd + ["--config", config_path]
-
-
-def run_logged(cmd: list, log_path: str, nproc: int, echo=None, mode: str = "w",
-               extra_env: Optional[dict] = None) -> int:
-    """Run a training command, teeing its output into `log_path` and echoing the lines that
-    `echo` accepts (default: progress, eval, checkpoint and error lines), indented; returns the
-    exit code. OMP threads default to 1 per process under torchrun, all cores for one process."""
-    echo = echo or _interesting
-    env = dict(os.environ, **(extra_env or {}))
-    env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else str(os.cpu_count() or 1))
-    env["PYTHONWARNINGS"] = "ignore"
-    with open(log_path, mode, encoding="utf-8") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, bufsize=1)
-        for line in proc.stdout:
-            log_file.write(line)
-            log_file.flush()  # the log can be followed with tail -f
-            if echo(line):
-                print("  " + line.rstrip(), flush=True)
-        return proc.wait()
-
-
-def _interesting(line: str) -> bool:
-    return line.startswith(("[", "model:", "checkpoint:", "error", "Traceback")) or \
-        "Error" in line
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def print_summary(s: dict, domains: list) -> None:
