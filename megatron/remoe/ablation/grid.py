@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron.remoe.arguments import FIELDS, _close_match, _coerce, load_yaml_config, read_yaml_mapping
-from megatron.remoe.config import ROUTERS, ConfigError
+from megatron.remoe.config import (
+    ROUTERS,
+    ConfigError,
+    check_l1_coeff_init,
+    check_l1_multiplier,
+    check_topk_range,
+)
 
 GRID_KEYS = ("name", "description", "out", "config", "base", "demo_data", "axes",
              "compute_match", "checkpoints", "nproc", "settle_window", "settle_tol")
@@ -324,23 +330,30 @@ def _add_compute_matched(runs: list) -> None:
         runs.insert(at, cm)
 
 
+def _default(f: dict, name: str):
+    return f[name] if name in f else FIELDS[name].default
+
+
 def _check_run(spec: RunSpec) -> None:
-    """Contradictions visible without data: k vs E, granularity vs width, lambda/alpha ranges."""
+    """Contradictions visible without data, worded with the grid's axes: k vs E, granularity vs
+    width, lambda/alpha ranges. The rules are config.py's; the trainer's own validation of the
+    whole run follows before anything is launched (runner.validate_fields)."""
     f = spec.fields
     if spec.router == "dense":
         return
-    E, k, G = f.get("num_experts", 8), f.get("moe_router_topk", 1), f.get("moe_granularity", 1)
-    if not 1 <= k <= E:
-        raise GridError(f"run {spec.name}: k={k} must be in [1, E={E}]; change the k or E axis")
-    if G < 1:
-        raise GridError(f"run {spec.name}: G={G} must be >= 1; fix the G axis")
-    ffn = f.get("ffn_hidden_size") or 4 * (f.get("hidden_size") or 0)
-    if ffn and ffn % G:
-        raise GridError(f"run {spec.name}: G={G} does not divide the expert width {ffn}; pick "
-                        "a divisor")
-    if spec.router == "relu":
-        if f.get("moe_relu_l1_reg_coeff_init", 1e-8) <= 0:
-            raise GridError(f"run {spec.name}: lambda_0 must be > 0 (the update is "
-                            "multiplicative); fix the lambda_0 axis")
-        if f.get("moe_relu_l1_reg_coeff_multiplier", 1.2) <= 1:
-            raise GridError(f"run {spec.name}: alpha must be > 1; fix the alpha axis")
+    E, k = _default(f, "num_experts"), _default(f, "moe_router_topk")
+    G = _default(f, "moe_granularity")
+    try:
+        check_topk_range(k, E, names=("k", "E"), tail="; change the k or E axis")
+        if G < 1:
+            raise ConfigError(f"G={G} must be >= 1; fix the G axis")
+        ffn = f.get("ffn_hidden_size") or 4 * (f.get("hidden_size") or 0)
+        if ffn and ffn % G:
+            raise ConfigError(f"G={G} does not divide the expert width {ffn}; pick a divisor")
+        if spec.router == "relu":
+            check_l1_coeff_init(_default(f, "moe_relu_l1_reg_coeff_init"), what="lambda_0",
+                                tail="; fix the lambda_0 axis")
+            check_l1_multiplier(_default(f, "moe_relu_l1_reg_coeff_multiplier"), what="alpha",
+                                tail="; fix the alpha axis")
+    except ConfigError as e:
+        raise GridError(f"run {spec.name}: {e}") from None
