@@ -1,10 +1,7 @@
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The core subset (`pytest -m core`): what proves the product on a megatron-core release. CI runs it
@@ -28,15 +25,83 @@ CORE_TESTS = (
 )
 
 
+# Tests by kind. The fast unit tests are what is left: `pytest -m "not multiprocess and not slow"`
+# (README, "Tests"). Node ids or their prefixes (a test function's id covers its parameters).
+# multiprocess: starts real processes -- gloo workers (dist_utils.run_workers), torchrun, the trainer
+# or a tool or a Python script as a subprocess (also in a module fixture the test uses).
+MULTIPROCESS_TESTS = (
+    "tests/test_ablate.py::test_tool_collects_real_runs_and_skips_finished",
+    "tests/test_bad_inputs.py::test_bad_input_exits_2_with_one_line_and_writes_nothing",
+    "tests/test_bad_inputs.py::test_bad_input_as_a_real_process",
+    "tests/test_chaos_resume.py",
+    "tests/test_cli_config.py::test_pretrain_exits_2_with_one_line_and_no_checkpoint_dir",
+    "tests/test_cli_demo.py",
+    "tests/test_compat.py::test_known_noise_is_filtered_and_real_warnings_still_show",
+    "tests/test_compute_dial_cli.py",
+    "tests/test_controller.py::test_same_lambda_on_every_rank",
+    "tests/test_controller.py::test_trainer_resume_with_option",
+    "tests/test_cpu_experts.py::test_grouped_equals_sequential_mlp_and_dense_reference",
+    "tests/test_cpu_experts.py::test_state_dict_and_sharded_keys_are_sequential_mlps",
+    "tests/test_cpu_settings.py::test_fused_cpu_adam_gives_the_adam_loops_losses",
+    "tests/test_cpu_settings.py::test_grouped_experts_train_like_sequential_mlp",
+    "tests/test_cpu_settings.py::test_bf16_on_cpu_keeps_router_and_lambda_fp32_and_follows_fp32",
+    "tests/test_dead_rank.py",
+    "tests/test_gpu.py::test_train_steps_single_gpu",
+    "tests/test_hf_cli.py",
+    "tests/test_moe_parallel.py",
+    "tests/test_parity.py",
+    "tests/test_reliability.py::test_reference_keeps_last_two_verified_checkpoints",
+    "tests/test_reliability.py::test_kill9_during_save_then_resume",
+    "tests/test_reliability.py::test_sigterm_mid_run_saves_exits_0_and_resumes_identically",
+    "tests/test_reliability.py::test_sigusr1_on_one_rank_stops_both_ranks",
+    "tests/test_reliability.py::test_corrupt_newest_checkpoint_falls_back_with_warning",
+    "tests/test_reliability.py::test_unloadable_checkpoints_fall_back_or_stop_with_exit_2",
+    "tests/test_reliability.py::test_nan_stop_policy_exits_3_naming_step_and_layers",
+    "tests/test_reliability.py::test_nan_skip_step_skips_and_continues",
+    "tests/test_reliability.py::test_nan_on_one_rank_is_seen_by_all_and_skips_are_bounded",
+    "tests/test_reliability.py::test_exit_duration_in_mins_saves_and_exits_0",
+    "tests/test_reliability.py::test_signal_handler_defers_then_second_signal_kills",
+    "tests/test_run_lock.py::test_second_trainer_refused_then_stale_lock_taken_over",
+    "tests/test_save_failures.py",
+    "tests/test_train_loop.py::test_single_process_trains_and_logs",
+    "tests/test_train_loop.py::test_saved_config_round_trips",
+    "tests/test_train_loop.py::test_resume_equals_uninterrupted_run",
+    "tests/test_train_loop.py::test_two_processes_train",
+    "tests/test_train_loop.py::test_resume_tp2_checkpoint_on_one_process",
+)
+# gpu: needs a CUDA GPU (skipped without one); scripts/gpu_check.sh runs them on a GPU machine.
+GPU_TESTS = (
+    "tests/test_gpu.py::test_relu_router_bf16_model_routes_like_fp32",
+    "tests/test_gpu.py::test_controller_and_regulariser_stay_fp32_in_bf16",
+    "tests/test_gpu.py::test_te_moe_layer_is_exact_with_variable_k",
+    "tests/test_gpu.py::test_te_spec_gpt_forward_backward_bf16",
+    "tests/test_gpu.py::test_train_steps_single_gpu",
+)
+# slow: one process, but more than a few seconds each on the 2-core CI machine.
+SLOW_TESTS = (
+)
+KINDS = {"core": CORE_TESTS, "multiprocess": MULTIPROCESS_TESTS, "gpu": GPU_TESTS, "slow": SLOW_TESTS}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: the core subset (tests/conftest.py CORE_TESTS)")
+    config.addinivalue_line("markers", "multiprocess: starts real processes (tests/conftest.py "
+                                       "MULTIPROCESS_TESTS)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/conftest.py GPU_TESTS)")
+    config.addinivalue_line("markers", "slow: single-process but slow (tests/conftest.py SLOW_TESTS)")
+
+
+def listed(nodeid: str, prefixes) -> bool:
+    """Whether a test's node id is one of `prefixes` or under one (a file, a test's parameters)."""
+    return any(nodeid == t or nodeid.startswith((t + "::", t + "[")) or
+               (t.endswith(".py") and nodeid.startswith(t)) for t in prefixes)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if any(item.nodeid == t or item.nodeid.startswith(t + "::") or
-               (t.endswith(".py") and item.nodeid.startswith(t)) for t in CORE_TESTS):
-            item.add_marker(pytest.mark.core)
+        for marker, prefixes in KINDS.items():
+            if listed(item.nodeid, prefixes):
+                item.add_marker(getattr(pytest.mark, marker))
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import yaml
-from pretrain_utils import ROOT, build_corpus, pretrain_env
 
 from megatron.remoe import ablation as ab
+from tests.helpers.pretrain_utils import ROOT, build_corpus, pretrain_env
 
 pytestmark = pytest.mark.timeout(150)
 

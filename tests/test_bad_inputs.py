@@ -11,7 +11,8 @@ import os
 import shutil
 
 import pytest
-from pretrain_utils import build_corpus, run_pretrain
+
+from tests.helpers.pretrain_utils import build_corpus, run_pretrain
 
 pytestmark = pytest.mark.timeout(120)
 

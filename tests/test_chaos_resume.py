@@ -10,7 +10,8 @@ import importlib.util
 import os
 
 import pytest
-from pretrain_utils import ROOT
+
+from tests.helpers.pretrain_utils import ROOT
 
 pytestmark = pytest.mark.timeout(420)
 

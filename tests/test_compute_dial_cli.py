@@ -16,7 +16,8 @@ import sys
 import sysconfig
 
 import pytest
-from pretrain_utils import run_command
+
+from tests.helpers.pretrain_utils import run_command
 
 pytest.importorskip("transformers")
 

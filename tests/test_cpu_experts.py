@@ -13,8 +13,9 @@ import logging
 
 import pytest
 import torch
-from dist_utils import run_workers
-from moe_reference import (
+
+from tests.helpers.dist_utils import run_workers
+from tests.helpers.moe_reference import (
     FFN,
     E,
     H,

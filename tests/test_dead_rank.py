@@ -10,8 +10,9 @@ import subprocess
 import time
 
 import pytest
-from dist_utils import free_port
-from pretrain_utils import MODEL, ROOT, pretrain_cmd, pretrain_env, read_metrics
+
+from tests.helpers.dist_utils import free_port
+from tests.helpers.pretrain_utils import MODEL, ROOT, pretrain_cmd, pretrain_env, read_metrics
 
 pytestmark = pytest.mark.timeout(180)
 

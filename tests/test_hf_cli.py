@@ -15,8 +15,9 @@ import sys
 import sysconfig
 
 import pytest
-from dist_utils import free_port
-from pretrain_utils import run_command
+
+from tests.helpers.dist_utils import free_port
+from tests.helpers.pretrain_utils import run_command
 
 pytest.importorskip("transformers")
 

@@ -44,9 +44,10 @@ they must, since their DP group is the whole world. The LM loss moved by < 1e-6 
 (the grad norm by 2.3e-4 with PP): the exact sparsity / lambda / per-rank checks catch this bug.
 """
 
-import parity_utils as P
 import pytest
-from pretrain_utils import build_corpus
+
+from tests.helpers import parity_utils as P
+from tests.helpers.pretrain_utils import build_corpus
 
 pytestmark = pytest.mark.timeout(480)
 

@@ -21,7 +21,8 @@ import sys
 import time
 
 import pytest
-from pretrain_utils import MODEL, ROOT, read_metrics, run_pretrain, start_pretrain
+
+from tests.helpers.pretrain_utils import MODEL, ROOT, read_metrics, run_pretrain, start_pretrain
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,7 +15,8 @@ import socket
 import time
 
 import pytest
-from pretrain_utils import MODEL, run_pretrain, start_pretrain
+
+from tests.helpers.pretrain_utils import MODEL, run_pretrain, start_pretrain
 
 pytestmark = pytest.mark.timeout(180)
 

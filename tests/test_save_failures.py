@@ -12,7 +12,8 @@ import os
 import re
 
 import pytest
-from pretrain_utils import MODEL, read_metrics, run_pretrain
+
+from tests.helpers.pretrain_utils import MODEL, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -13,7 +13,8 @@ import json
 import os
 
 import pytest
-from pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
+
+from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.timeout(170)
 

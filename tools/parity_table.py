@@ -22,10 +22,10 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
-import parity_utils as P  # noqa: E402
-from pretrain_utils import build_corpus  # noqa: E402
+from tests.helpers import parity_utils as P  # noqa: E402
+from tests.helpers.pretrain_utils import build_corpus  # noqa: E402
 
 # the reduced matrix = the CI set of tests/test_parity.py
 REDUCED = {

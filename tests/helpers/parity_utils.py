@@ -33,12 +33,8 @@ import subprocess
 import sys
 import time
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
-
-from dist_utils import free_port  # noqa: E402
-from pretrain_utils import MODEL, ROOT, data_args, pretrain_env, read_metrics  # noqa: E402
+from tests.helpers.dist_utils import free_port
+from tests.helpers.pretrain_utils import MODEL, ROOT, data_args, pretrain_env, read_metrics
 
 # name -> (processes, flags). Global batch 8, micro-batch 2: 4 micro-batches per step on 1 process
 # and with PP2 (DP1), 2 with DP2.
@@ -433,16 +429,17 @@ def _worker(argv: list) -> int:
         return run
 
     def train_step(run, data_iterator, stop_flags=None):
-        metrics = orig_step(run, data_iterator, stop_flags)
+        result = orig_step(run, data_iterator, stop_flags)
+        metrics = result.metrics
         relu = run.controller is not None
         record({"kind": "step", "iteration": run.iteration + 1, "lm_loss": metrics["lm_loss"],
                 "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
                 "sparsity": metrics.get("moe_relu_sparsity"),
                 "lambda": metrics.get("moe_relu_l1_reg_coeff"),
                 "lambda_bits": _fp32_bits(metrics["moe_relu_l1_reg_coeff"]) if relu else None,
-                "lambda_next": float(run.controller.coeff) if relu else None,
-                "lambda_next_bits": _fp32_bits(run.controller.coeff) if relu else None})
-        return metrics
+                "lambda_next": float(run.controller.l1_coeff) if relu else None,
+                "lambda_next_bits": _fp32_bits(run.controller.l1_coeff) if relu else None})
+        return result
 
     def evaluate(run, valid_sets, weights):
         out = orig_eval(run, valid_sets, weights)

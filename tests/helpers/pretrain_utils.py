@@ -11,9 +11,9 @@ import subprocess
 import sys
 import sysconfig
 
-from dist_utils import free_port
+from tests.helpers.dist_utils import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
          "--num-query-groups", "2", "--seq-length", "32", "--num-experts", "4",
