@@ -176,7 +176,7 @@ def worker_time(spec: dict) -> dict:
             run, it = runs[name]
             _sync(device)
             t0 = time.perf_counter()
-            metrics = train_step(run, it)
+            metrics = train_step(run, it).metrics
             _sync(device)
             dt = time.perf_counter() - t0
             if i >= spec["warmup"]:
@@ -236,7 +236,7 @@ def worker_memory(spec: dict) -> dict:
         base = _proc_status_mib("VmRSS")
         reset = _reset_peak_rss()
     for _ in range(spec["steps"]):
-        r = _routing(train_step(run, it))
+        r = _routing(train_step(run, it).metrics)
         if r:
             routing.append(r)
     _sync(device)

@@ -152,7 +152,7 @@ def profile_variants(variants: dict, threads: int, steps: int, warmup: int, top:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
-                r = _routing(train_step(run, it))
+                r = _routing(train_step(run, it).metrics)
                 if r:
                     routing.append(r)
             profiled = (time.perf_counter() - t0) / steps

@@ -44,7 +44,7 @@ def _train(rank, world, flags, unfused_adam):
     it = iter(make_loader(train_ds, 0, cfg.train_iters * cfg.global_batch_size, cfg, 0, 1))
     losses, sparsity = [], []
     for _ in range(STEPS):
-        m = train_step(run, it)
+        m = train_step(run, it).metrics
         losses.append(m["lm_loss"])
         sparsity.append(m.get("moe_relu_sparsity"))
     # a digest, not tensors: tensors returned through the result queue race the worker's exit
@@ -129,7 +129,7 @@ def test_nonfinite_gradient_check_finds_every_nan_and_inf(threads):
     first, last, middle of a buffer, in the second buffer, and in bf16 buffers."""
     from types import SimpleNamespace
 
-    from megatron.remoe.training import _grads_nonfinite
+    from megatron.remoe.nonfinite import grads_nonfinite
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -138,14 +138,14 @@ def test_nonfinite_gradient_check_finds_every_nan_and_inf(threads):
             bufs = [torch.randn(1_000_003).to(dtype), torch.randn(4097).to(dtype)]
             model = [SimpleNamespace(buffers=[SimpleNamespace(grad_data=b) for b in bufs],
                                      expert_parallel_buffers=[])]
-            assert _grads_nonfinite(model).item() == 0.0
+            assert grads_nonfinite(model).item() == 0.0
             for value in (float("nan"), float("inf"), -float("inf")):
                 for which, pos in ((0, 0), (0, -1), (0, 500_001), (1, 17)):
                     old = bufs[which][pos].clone()
                     bufs[which][pos] = value
-                    assert _grads_nonfinite(model).item() == 1.0, (dtype, value, which, pos)
+                    assert grads_nonfinite(model).item() == 1.0, (dtype, value, which, pos)
                     bufs[which][pos] = old
             bufs[0][3] = torch.finfo(dtype).max  # large but finite: not flagged
-            assert _grads_nonfinite(model).item() == 0.0
+            assert grads_nonfinite(model).item() == 0.0
     finally:
         torch.set_num_threads(before)

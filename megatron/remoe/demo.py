@@ -113,7 +113,7 @@ def print_summary(s: dict, domains: list) -> None:
         lines.append(f"  sparsity             {s['sparsity_first']:.3f} at step 1 -> "
                      f"{s['sparsity_last10']:.3f} (mean of the last 10 steps); target "
                      f"{s['target_sparsity']:.3f} = 1 - k/E")
-        lines.append(f"  lambda (L1 coeff)    1e-08 -> {s['final_lambda']:.3e}")
+        lines.append(f"  lambda (L1 coeff)    {s['start_lambda']:g} -> {s['final_lambda']:.3e}")
     lines += [f"  throughput           {s['tokens_per_s']:,.0f} tokens/s, "
               f"{s['s_per_step']:.3f} s/step, peak RSS {s['memory_gb']:.2f} GB",
               f"  settings             {describe_settings(s['settings'])}",

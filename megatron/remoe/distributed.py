@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import signal
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -41,7 +43,8 @@ def set_parent_death_signal(signum: int) -> bool:
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, backend: str | None = None,
                      timeout_minutes: int = 10) -> torch.device:
     """Initialise torch.distributed from the torchrun environment (or as a single process), then
-    megatron-core's model-parallel groups and RNG. Returns the device to use."""
+    megatron-core's model-parallel groups, and seed every RNG (`seed_everything`). Returns the
+    device to use."""
     apply_cpu_backend()
     if os.environ.get("TORCHELASTIC_RUN_ID") and set_parent_death_signal(signal.SIGTERM) and \
             os.getppid() == 1:  # a torchrun worker: stop (saving) if torchrun is killed
@@ -65,7 +68,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, backend: str | 
             f"world size {world} is not divisible by TP*PP*CP = {model_parallel}; "
             "change the parallel sizes or the number of processes")
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -78,11 +80,24 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, backend: str | 
             distributed_timeout_minutes=timeout_minutes,
         )
     apply_cpu_backend()  # patch megatron.core modules imported during initialisation
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    seed_everything(seed)
     if cpu_backend_needed():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron-LM's seeding (python, numpy, torch, megatron-core's model-parallel RNG tracker): a
+    different stream per pipeline stage (so stages do not initialise identical layers), the same
+    across TP/DP ranks (CPU init then splits identical weights). Called by `init_distributed`."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_distributed() -> None:

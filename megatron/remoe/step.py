@@ -1,0 +1,175 @@
+"""One optimizer step of the trainer: `train_step` returns a `StepResult`.
+
+    forward/backward over the micro-batches (megatron-core pipeline schedule; it calls
+    finalize_model_grads = DP/TP/PP gradient reductions) -> optimizer.step() (clips inside)
+    -> scheduler.step() -> controller.step() (lambda update, once per step on every rank)
+
+Between the backward pass and the optimizer step, one all-reduce (MAX over all ranks) of a few flags
+makes every rank take the same decision: a non-finite loss or gradient on any rank (the loop then
+applies `--nan-policy`, see nonfinite.py), a preemption signal received by any rank, the wall-clock
+budget (`--exit-duration-in-mins`) used up on any rank, the --save lock lost on any rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.remoe.compat import report_moe_metrics
+from megatron.remoe.nonfinite import grads_nonfinite
+from megatron.remoe.regularizer import RoutingStats
+from megatron.remoe.signals import agree
+from megatron.remoe.spec import is_relu_routed
+
+
+@dataclass
+class StopVote:
+    """Reasons to stop, agreed by all ranks (MAX) in the step's all-reduce."""
+
+    signum: int = 0  # a signal received on some rank (0: none)
+    time_up: bool = False  # --exit-duration-in-mins used up on some rank
+    lock_lost: bool = False  # another run took the --save directory's lock over
+
+    @classmethod
+    def from_flags(cls, flags: list) -> "StopVote":
+        if not flags:
+            return cls()
+        signum, time_up, lock_lost = flags
+        return cls(int(signum), bool(time_up), bool(lock_lost))
+
+
+@dataclass
+class StepResult:
+    """What one step returns to the loop: the metrics to log and the decisions beside them."""
+
+    metrics: dict  # scalars for the loggers (lm_loss, lr, grad_norm, sparsity, ...)
+    routing: Optional[RoutingStats] = None  # ReLU routing statistics (None for other routers)
+    stop: StopVote = field(default_factory=StopVote)
+
+    @property
+    def nonfinite(self) -> bool:
+        """The loss or a gradient (or the gradient norm) was NaN/inf on some rank."""
+        return bool(self.metrics.get("nonfinite"))
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses, the token count, and [sum, count] for reporting. The schedule
+    divides by the count and the number of micro-batches (calculate_per_token_loss=False)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum().detach()])}
+
+
+def make_forward_step(device: torch.device, cp_size: int):
+    def forward_step(data_iterator, model):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()
+                 if torch.is_tensor(v)}
+        if cp_size > 1:
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            batch = get_batch_on_this_cp_rank(batch)
+        # causal attention without an explicit mask; non-first pipeline stages ignore the tokens
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
+
+    return forward_step
+
+
+def reduce_lm_loss(losses_reduced: list, device) -> float:
+    """Mean token loss of the global batch, on every rank (computed on the last stage)."""
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses_reduced:
+            total += item["lm loss"].to(torch.float64)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def forward_backward(run, data_iterator, forward_only: bool = False) -> list:
+    """The pipeline schedule over `num_micro_batches` micro-batches; the losses it reduced."""
+    cfg = run.cfg
+    return run.forward_backward(
+        forward_step_func=make_forward_step(run.device, cfg.context_parallel_size),
+        data_iterator=data_iterator, model=run.model, num_microbatches=run.num_micro_batches,
+        seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
+        forward_only=forward_only)
+
+
+def train_step(run, data_iterator, stop_flags: Optional[Callable[[], list]] = None) -> StepResult:
+    """One optimizer step over `num_micro_batches` micro-batches.
+
+    Before the optimizer step all ranks agree (one all-reduce, MAX) on whether the loss or any
+    gradient is non-finite anywhere, together with the local `stop_flags()` (signal number, wall-
+    clock budget used up, --save lock lost); the agreed flags come back as `StepResult.stop`. On a
+    non-finite step nothing is updated (no optimizer, scheduler or lambda step) and
+    `StepResult.nonfinite` is True; the caller applies --nan-policy.
+    """
+    for chunk in run.model:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    losses = forward_backward(run, data_iterator)
+    # finalize_model_grads (DP all-reduce / reduce-scatter, TP/PP shared grads) ran in the schedule
+    run.hooks.inject_nan(run)
+    lm_loss = reduce_lm_loss(losses, run.device)
+    local_bad = grads_nonfinite(run.model)
+    if not math.isfinite(lm_loss):
+        local_bad = torch.ones_like(local_bad)
+    bad, *stop = agree([local_bad, *(stop_flags() if stop_flags else [])], run.device)
+    stop = StopVote.from_flags(stop)
+    if bad:
+        return _not_applied(run, lm_loss, stop)
+    update_ok, grad_norm, _ = run.optimizer.step()  # gradient clipping happens inside
+    if update_ok:
+        run.scheduler.step(increment=1)
+    routing = run.controller.step() if run.controller is not None else None  # on EVERY rank
+    metrics = {"lm_loss": lm_loss,
+               "lr": run.optimizer.param_groups[0]["lr"],
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "update_skipped": not update_ok}
+    if routing is not None:
+        metrics.update(routing.as_dict())
+    metrics.update(topk_aux_losses(run))
+    # finite gradients can still overflow the norm (fp32 sum of squares): that is reported too
+    if update_ok and grad_norm is not None and not math.isfinite(float(grad_norm)):
+        metrics["nonfinite"] = True
+    return StepResult(metrics, routing, stop)
+
+
+def _not_applied(run, lm_loss: float, stop: StopVote) -> StepResult:
+    """A step with a non-finite loss or gradient: the routing statistics are reduced (all ranks,
+    as usual) but lambda keeps its value; neither the optimizer nor the scheduler advances."""
+    routing = run.controller.report() if run.controller is not None else None
+    metrics = {"lm_loss": lm_loss, "lr": run.optimizer.param_groups[0]["lr"],
+               "grad_norm": float("nan"), "update_skipped": True, "nonfinite": True}
+    if routing is not None:
+        metrics.update(routing.as_dict())
+    metrics.update(topk_aux_losses(run))
+    return StepResult(metrics, routing, stop)
+
+
+def topk_aux_losses(run) -> dict:
+    """TopK routers log their aux loss through megatron-core's tracker: reduce and clear it."""
+    tcfg = run.tcfg
+    if not tcfg.num_moe_experts or is_relu_routed(tcfg):
+        return {}
+    if tcfg.moe_router_load_balancing_type != "aux_loss":
+        return {}
+    out: dict = {}
+    report_moe_metrics(loss_scale=1.0 / run.num_micro_batches, iteration=run.iteration,
+                       total_loss_dict=out, force_initialize=True,
+                       track_names=["load_balancing_loss"], num_layers=tcfg.num_layers,
+                       moe_layer_freq=tcfg.moe_layer_freq)
+    return {k: float(v) for k, v in out.items()}
