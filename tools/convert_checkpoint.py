@@ -124,6 +124,65 @@ def _quiet() -> None:
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
+def _hf_to_megatron(args) -> tuple:
+    """--hf-to-megatron: the checkpoint, then (with --verify) its parity with the HF folder."""
+    import torch
+
+    from megatron.remoe.hf.convert import (
+        load_hf_folder,
+        load_megatron_checkpoint,
+        save_megatron_checkpoint_from_hf,
+        verify_parity,
+    )
+
+    save_megatron_checkpoint_from_hf(args.hf, args.save, args.config, overwrite=args.overwrite)
+    summary = {"save": os.path.abspath(args.save)}
+    if not args.verify:
+        return summary, True
+    model, _, _, _ = load_megatron_checkpoint(args.save)
+    hf, _ = load_hf_folder(args.hf, torch.float32)
+    rep = verify_parity(model, hf, tolerance=args.tolerance)
+    print(rep.summary(), flush=True)
+    summary["verify"] = rep.as_dict()
+    return summary, rep.ok
+
+
+def _megatron_to_hf(args) -> tuple:
+    from megatron.remoe.hf.convert import megatron_checkpoint_to_hf
+
+    summary = megatron_checkpoint_to_hf(
+        args.load, args.out, iteration=args.iteration, dtype=args.dtype,
+        verify=args.verify, tokenizer=args.tokenizer, overwrite=args.overwrite,
+        tolerance=args.tolerance, dial=getattr(args, "dial_dict", None))
+    ok = summary.get("verify", {}).get("ok", True)
+    if not ok:
+        print(f"error: parity check failed; nothing written to {args.out}", file=sys.stderr)
+    return summary, ok
+
+
+def _convert(args) -> int:
+    """Run the conversion in a one-process megatron-core parallel state."""
+    # imported after the argument checks: megatron-core and transformers take seconds to import
+    try:
+        import transformers  # noqa: F401  (optional dependency: the eval extra)
+    except ImportError:
+        raise UsageError("transformers is not installed; pip install 'megatron-remoe[eval]'")
+    from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron.remoe.hf.convert import check_output_dir
+
+    check_output_dir(args.save if args.hf_to_megatron else args.out, args.overwrite)
+    os.environ.pop("MASTER_PORT", None) if "WORLD_SIZE" not in os.environ else None
+    init_distributed(ParallelConfig(), seed=1234)
+    try:
+        summary, ok = _hf_to_megatron(args) if args.hf_to_megatron else _megatron_to_hf(args)
+    finally:
+        destroy_distributed()
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2, default=str)
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     parser = build_parser()
 
@@ -135,54 +194,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         _check_args(args)
         _quiet()
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise UsageError("transformers is not installed; pip install 'megatron-remoe[eval]'")
-        from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
-        from megatron.remoe.hf.convert import (
-            check_output_dir,
-            load_hf_folder,
-            load_megatron_checkpoint,
-            megatron_checkpoint_to_hf,
-            save_megatron_checkpoint_from_hf,
-            verify_parity,
-        )
-
-        out_path = args.save if args.hf_to_megatron else args.out
-        check_output_dir(out_path, args.overwrite)
-        os.environ.pop("MASTER_PORT", None) if "WORLD_SIZE" not in os.environ else None
-        init_distributed(ParallelConfig(), seed=1234)
-        try:
-            if args.hf_to_megatron:
-                save_megatron_checkpoint_from_hf(args.hf, args.save, args.config,
-                                                 overwrite=args.overwrite)
-                summary = {"save": os.path.abspath(args.save)}
-                ok = True
-                if args.verify:
-                    import torch
-
-                    model, _, _, _ = load_megatron_checkpoint(args.save)
-                    hf, _ = load_hf_folder(args.hf, torch.float32)
-                    rep = verify_parity(model, hf, tolerance=args.tolerance)
-                    print(rep.summary(), flush=True)
-                    summary["verify"] = rep.as_dict()
-                    ok = rep.ok
-            else:
-                summary = megatron_checkpoint_to_hf(
-                    args.load, args.out, iteration=args.iteration, dtype=args.dtype,
-                    verify=args.verify, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                    tolerance=args.tolerance, dial=getattr(args, "dial_dict", None))
-                ok = summary.get("verify", {}).get("ok", True)
-                if not ok:
-                    print(f"error: parity check failed; nothing written to {args.out}",
-                          file=sys.stderr)
-        finally:
-            destroy_distributed()
-        if args.report:
-            with open(args.report, "w", encoding="utf-8") as fh:
-                json.dump(summary, fh, indent=2, default=str)
-        return 0 if ok else 1
+        return _convert(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

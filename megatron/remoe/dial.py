@@ -118,7 +118,7 @@ def dial_from_dict(d: dict, layer_numbers: Sequence[int], num_experts: Optional[
 
 def moe_layer_numbers(config) -> tuple:
     """Global 1-based layer numbers of a TransformerConfig's MoE layers."""
-    from megatron.remoe.hf.convert import moe_layer_pattern
+    from megatron.remoe.spec import moe_layer_pattern  # spec imports the router, which imports this
 
     return tuple(i + 1 for i, moe in enumerate(moe_layer_pattern(config)) if moe)
 

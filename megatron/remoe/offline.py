@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron.remoe.arguments import TrainConfig, transformer_config
@@ -102,12 +101,19 @@ def _build_model(path: str, cfg: TrainConfig, vocab: int, overrides: Optional[di
         tcfg = transformer_config(single, use_cpu_initialization=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointLoadError(f"{path}: cannot rebuild the model config: {e}") from None
-    model = build_gpt_model(tcfg, vocab_size=vocab, max_sequence_length=cfg.seq_length,
+    return build_single_process_model(tcfg, vocab, cfg.seq_length, cfg.rotary_base), tcfg
+
+
+def build_single_process_model(tcfg, vocab_size: int, max_sequence_length: int,
+                               rotary_base: float):
+    """A GPTModel of `tcfg` for this one process (local layers, no controller, no DDP) whose
+    parameters carry megatron's tensor-parallel attributes (sharded_state_dict needs them)."""
+    model = build_gpt_model(tcfg, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
                             controller=None, use_transformer_engine=False,
-                            rotary_base=cfg.rotary_base)
+                            rotary_base=rotary_base)
     for p in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
-    return model, tcfg
+    return model
 
 
 def _load_weights(model, path: str) -> None:
@@ -147,8 +153,3 @@ def load_offline_model(load: str, iteration: Optional[int] = None, tokenizer=Non
     return OfflineCheckpoint(model, tcfg, cfg, path, common, tok, vocab,
                              seconds=time.perf_counter() - t0)
 
-
-def float_controller_state(common: dict) -> dict:
-    """The sparsity controller's saved state with tensors as floats (JSON-ready); {} if none."""
-    state = dict(common.get("controller") or {})
-    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}

@@ -3,16 +3,14 @@ summary table, and routing flips between two checkpoints."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from megatron.remoe.analysis.capture import RoutingCapture
 from megatron.remoe.analysis.errors import AnalysisError
 from megatron.remoe.regularizer import RoutingStats
-
-if TYPE_CHECKING:  # capture.py needs megatron-core; the statistics only read its fields
-    from megatron.remoe.analysis.capture import RoutingCapture
 
 
 def routing_stats(routing: np.ndarray, layer_numbers: Sequence[int]):

@@ -2,7 +2,10 @@
 
 * `configuration_remoe.ReMoEConfig`, `modeling_remoe.ReMoEForCausalLM`: plain-PyTorch HF classes
   (copied into exported folders for `trust_remote_code`).
-* `convert`: Megatron <-> HF state-dict mapping, checkpoint front ends, parity check.
+* `convert`: the converter's public names, from its modules: `configs` (which HF class, configs
+  both ways), `key_map` (the parameter-name table read in both directions), `to_hf` / `to_megatron`
+  (models, checkpoints and folders each way), `parity` (the parity check), `folders` (atomic HF
+  folder writes and reads).
 
 Needs the `eval` extra (`transformers`, `safetensors`); attributes are imported lazily so that
 `import megatron.remoe.hf` works without them.
