@@ -7,7 +7,7 @@ target number of active experts per token, or sweep quality vs compute against T
     python tools/compute_dial.py --load runs/demo/relu/checkpoints --sweep \
         --demo-corpus runs/demo/data --out DIR       # TopK from runs/demo/topk/checkpoints
 
-Same as `remoe dial`; see megatron/remoe/dial_calibration.py and docs/compute-dial.md.
+Same as `remoe dial`; see megatron/remoe/dial_calibration/ and docs/compute-dial.md.
 Exit codes: 0 success, 2 bad input (one-line error, nothing written).
 """
 
