@@ -51,12 +51,8 @@ def existing_config(path: str) -> Optional[dict]:
 
 
 def resolved_config(path: str) -> dict:
-    """A run's config.yaml with the dataclass defaults filled in (ffn, query groups)."""
+    """A run's config.yaml with TrainConfig's defaults filled in (sizes that default to others,
+    such as the FFN width, stay None: model.ModelShape resolves them)."""
     values = {k: _coerce(k, v) for k, v in load_yaml_config(os.path.join(path, "config.yaml"))
               .items()}
-    cfg = TrainConfig(**values).to_dict()
-    if cfg["ffn_hidden_size"] is None:
-        cfg["ffn_hidden_size"] = 4 * cfg["hidden_size"]
-    if cfg["num_query_groups"] is None:
-        cfg["num_query_groups"] = cfg["num_attention_heads"]
-    return cfg
+    return TrainConfig(**values).to_dict()
