@@ -26,9 +26,10 @@ CORE_TESTS = (
 
 
 # Tests by kind. The fast unit tests are what is left: `pytest -m "not multiprocess and not slow"`
-# (README, "Tests"). Node ids or their prefixes (a test function's id covers its parameters).
+# (README, "Tests"). Node ids or their prefixes (a test function's id covers its parameters; an id
+# cut inside its brackets, e.g. "...::test_x[2-", covers the parameter sets that start so).
 # multiprocess: starts real processes -- gloo workers (dist_utils.run_workers), torchrun, the trainer
-# or a tool or a Python script as a subprocess (also in a module fixture the test uses).
+# or a tool or a Python script as a subprocess, worker pools (also in a module fixture the test uses).
 MULTIPROCESS_TESTS = (
     "tests/test_ablate.py::test_tool_collects_real_runs_and_skips_finished",
     "tests/test_bad_inputs.py::test_bad_input_exits_2_with_one_line_and_writes_nothing",
@@ -45,6 +46,9 @@ MULTIPROCESS_TESTS = (
     "tests/test_cpu_settings.py::test_fused_cpu_adam_gives_the_adam_loops_losses",
     "tests/test_cpu_settings.py::test_grouped_experts_train_like_sequential_mlp",
     "tests/test_cpu_settings.py::test_bf16_on_cpu_keeps_router_and_lambda_fp32_and_follows_fp32",
+    "tests/test_data_preprocess.py::test_output_independent_of_worker_count",  # 2 worker processes
+    "tests/test_data_preprocess.py::test_multi_domain_cli",
+    "tests/test_data_preprocess.py::test_bad_inputs_cli[2-",
     "tests/test_dead_rank.py",
     "tests/test_gpu.py::test_train_steps_single_gpu",
     "tests/test_hf_cli.py",
@@ -77,8 +81,13 @@ GPU_TESTS = (
     "tests/test_gpu.py::test_te_spec_gpt_forward_backward_bf16",
     "tests/test_gpu.py::test_train_steps_single_gpu",
 )
-# slow: one process, but more than a few seconds each on the 2-core CI machine.
+# slow: one process, but more than ~2 s each on the 2-core CI machine (measured under load).
 SLOW_TESTS = (
+    "tests/test_ablate.py::test_plots_vs_E_and_G",
+    "tests/test_analysis_e2e.py::test_report_in_memory_relu_vs_topk",
+    "tests/test_analysis_e2e.py::test_cli_on_checkpoints",
+    "tests/test_hf_evaluate.py::test_backends_agree_and_routing_counts",
+    "tests/test_sparsity_training.py",
 )
 KINDS = {"core": CORE_TESTS, "multiprocess": MULTIPROCESS_TESTS, "gpu": GPU_TESTS, "slow": SLOW_TESTS}
 
@@ -94,7 +103,8 @@ def pytest_configure(config):
 def listed(nodeid: str, prefixes) -> bool:
     """Whether a test's node id is one of `prefixes` or under one (a file, a test's parameters)."""
     return any(nodeid == t or nodeid.startswith((t + "::", t + "[")) or
-               (t.endswith(".py") and nodeid.startswith(t)) for t in prefixes)
+               (t.endswith(".py") and nodeid.startswith(t)) or
+               ("[" in t and not t.endswith("]") and nodeid.startswith(t)) for t in prefixes)
 
 
 def pytest_collection_modifyitems(config, items):
