@@ -2,7 +2,7 @@
 
 The same tiny GPT (2 layers, hidden 64, seq 32, E=4, global batch 8), same seed and data, is trained
 for 6 steps under each layout and compared with the 1-process run, step by step (harness:
-tests/parity_utils.py; the full matrix and a table: `python tools/parity_table.py --full`).
+tests/helpers/parity_utils.py; the full matrix and a table: `python tools/parity_table.py --full`).
 
 Same initial weights: with one seed, megatron-core initialises PP stages (seed + 100 * PP rank)
 and expert weights (a per-EP-rank RNG stream) differently per layout, so the same seed does *not*
