@@ -15,20 +15,17 @@ Guarantees:
   * ``<prefix>.meta.json`` records the tokenizer fingerprint, document and token counts and the
     domain, so :func:`load_indexed_dataset` can refuse data tokenized with another vocabulary.
 
-``megatron.core`` is imported lazily: it takes seconds to import, and spawned tokenizer workers
-(and CLI error paths) do not need it.
+Reading the inputs lives in readers.py, checking and opening the written datasets in indexed.py;
+their names stay importable from here. ``megatron.core`` is imported lazily: it takes seconds to
+import, and spawned tokenizer workers (and CLI error paths) do not need it.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
 import itertools
 import json
 import multiprocessing as mp
 import os
-import re
-import struct
 import sys
 import time
 from collections import deque
@@ -38,21 +35,29 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from megatron.remoe.data.errors import DataError
+from megatron.remoe.data.indexed import (  # noqa: F401 (re-exported: this module's old contents)
+    _IDX_HEADER,
+    _IDX_MAGIC,
+    _NP_DTYPE_CODES,
+    SIDECAR_SUFFIX,
+    SIDECAR_VERSION,
+    check_indexed_files,
+    check_token_ids,
+    check_tokenizer_match,
+    load_indexed_dataset,
+    read_sidecar,
+    sidecar_path,
+)
+from megatron.remoe.data.readers import (  # noqa: F401 (re-exported)
+    JSONL_EXTS,
+    PARQUET_EXTS,
+    SUPPORTED_EXTS,
+    TEXT_EXTS,
+    TEXT_MODES,
+    read_documents,
+    resolve_inputs,
+)
 from megatron.remoe.data.tokenizer import Tokenizer
-
-SIDECAR_SUFFIX = ".meta.json"
-SIDECAR_VERSION = 1
-JSONL_EXTS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-TEXT_EXTS = (".txt", ".md", ".text", ".txt.gz")
-PARQUET_EXTS = (".parquet",)
-SUPPORTED_EXTS = JSONL_EXTS + TEXT_EXTS + PARQUET_EXTS
-TEXT_MODES = ("file", "paragraph")
-
-# Megatron .idx layout: magic(9) version(<Q) dtype(<B) sequence_count(<Q) document_count(<Q).
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEADER = struct.Struct("<9sQBQQ")
-_NP_DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
-                   6: np.float64, 7: np.float32, 8: np.uint16}
 
 
 @dataclass
@@ -109,158 +114,11 @@ class DatasetInfo:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading documents
-# ---------------------------------------------------------------------------------------------
-def _has_ext(path: str, exts: Sequence[str]) -> bool:
-    return path.lower().endswith(tuple(exts))
-
-
-def _is_hf_disk_dataset(path: str) -> bool:
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
-
-
-def resolve_inputs(inputs: Iterable[str]) -> list[str]:
-    """Expand globs/directories and check every input exists and is non-empty (fail fast)."""
-    resolved: list[str] = []
-    for item in inputs:
-        if item.startswith("hf:"):
-            resolved.append(item)
-            continue
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not matches or not os.path.exists(matches[0]):
-            raise DataError(f"input {item!r} does not exist; fix: check the path (or use hf:NAME "
-                            f"for a Hugging Face dataset)")
-        for path in matches:
-            if os.path.isdir(path) and not _is_hf_disk_dataset(path):
-                found = sorted(
-                    os.path.join(root, f) for root, _, files in os.walk(path) for f in files
-                    if _has_ext(f, SUPPORTED_EXTS))
-                if not found:
-                    raise DataError(f"directory {path!r} has no input files ({', '.join(SUPPORTED_EXTS)})")
-                resolved.extend(found)
-            else:
-                resolved.append(path)
-    for path in resolved:
-        if path.startswith("hf:") or _is_hf_disk_dataset(path):
-            continue
-        if not _has_ext(path, SUPPORTED_EXTS):
-            raise DataError(f"input {path!r} has an unsupported extension; fix: use one of "
-                            f"{', '.join(SUPPORTED_EXTS)} (or a saved HF dataset directory)")
-        if os.path.getsize(path) == 0:
-            raise DataError(f"input {path!r} is empty (0 bytes); fix: remove it from the inputs")
-    return resolved
-
-
-def _read_bytes_lines(path: str) -> Iterator[bytes]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        yield from f
-
-
-def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + raw[: e.start].count(b"\n")
-        column = e.start - raw.rfind(b"\n", 0, e.start)  # 1-based byte column
-        raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte column {column}); fix: "
-                        f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-
-
-def _suggest_key(keys: Sequence[str]) -> str:
-    strings = [k for k in keys if k in ("text", "content", "body", "document", "article")]
-    return strings[0] if strings else (keys[0] if keys else "KEY")
-
-
-def _iter_jsonl(path: str, key: str) -> Iterator[str]:
-    for lineno, raw in enumerate(_read_bytes_lines(path), 1):
-        line = _decode(raw, path, lineno)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix: write one JSON object "
-                            f"per line (JSON Lines)") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        if key not in obj:
-            keys = sorted(obj)
-            raise DataError(f"{path}:{lineno}: json key {key!r} not found (keys found: {keys}); "
-                            f"fix: --json-key {_suggest_key(keys)}")
-        text = obj[key]
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{lineno}: value of {key!r} is {type(text).__name__}, "
-                            f"not a string; fix: choose a text field with --json-key")
-        yield text
-
-
-def _iter_text(path: str, mode: str) -> Iterator[str]:
-    raw = b"".join(_read_bytes_lines(path))
-    text = _decode(raw, path)
-    if mode == "file":
-        yield text
-    else:
-        yield from (p for p in re.split(r"\n\s*\n", text) if p.strip())
-
-
-def _iter_parquet(path: str, key: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"reading {path!r} needs pyarrow; fix: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    if key not in names:
-        raise DataError(f"{path}: column {key!r} not found (columns found: {names}); "
-                        f"fix: --json-key {_suggest_key(names)}")
-    for batch in pf.iter_batches(columns=[key], batch_size=1024):
-        yield from (t for t in batch.column(0).to_pylist() if t is not None)
-
-
-def _iter_hf(spec: str, key: str, split: str) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"reading {spec!r} needs the 'datasets' package; fix: pip install datasets") from None
-    if spec.startswith("hf:"):
-        name, _, config = spec[3:].partition(":")
-        try:
-            ds = datasets.load_dataset(name, config or None, split=split)
-        except Exception as e:  # hub/network/format errors: surface them in one line
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): {msg}") from None
-    else:
-        ds = datasets.load_from_disk(spec)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{spec}: split {split!r} not found (splits: {sorted(ds)}); fix: --hf-split")
-            ds = ds[split]
-    if key not in ds.column_names:
-        raise DataError(f"{spec}: column {key!r} not found (columns found: {ds.column_names}); "
-                        f"fix: --json-key {_suggest_key(ds.column_names)}")
-    for batch in ds.select_columns([key]).iter(batch_size=1024):
-        yield from (t for t in batch[key] if t is not None)
-
-
-def read_documents(path: str, config: PreprocessConfig) -> Iterator[str]:
-    """Yield the documents of one resolved input, in file order (empty documents skipped)."""
-    if path.startswith("hf:") or _is_hf_disk_dataset(path):
-        docs = _iter_hf(path, config.json_key, config.hf_split)
-    elif _has_ext(path, JSONL_EXTS):
-        docs = _iter_jsonl(path, config.json_key)
-    elif _has_ext(path, PARQUET_EXTS):
-        docs = _iter_parquet(path, config.json_key)
-    else:
-        docs = _iter_text(path, config.text_mode)
-    return (d for d in docs if d)
-
-
-# ---------------------------------------------------------------------------------------------
 # Tokenizing (optionally in worker processes)
 # ---------------------------------------------------------------------------------------------
 _WORKER_TOKENIZER: Tokenizer | None = None
+
+
 _WORKER_EOD: int | None = None
 
 
@@ -388,17 +246,9 @@ def token_dtype(vocab_size: int) -> type:
     return DType.optimal_dtype(vocab_size)
 
 
-def sidecar_path(prefix: str) -> str:
-    return prefix + SIDECAR_SUFFIX
-
-
 def _tmp_prefix(prefix: str) -> str:
     head, tail = os.path.split(prefix)
     return os.path.join(head, f".{tail}.tmp{os.getpid()}")
-
-
-def _outputs(prefix: str) -> list[str]:
-    return [prefix + ".bin", prefix + ".idx", sidecar_path(prefix)]
 
 
 def _write_one(job: PreprocessJob, tokenizer: Tokenizer, config: PreprocessConfig,
@@ -514,146 +364,3 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-def read_sidecar(prefix: str) -> dict | None:
-    path = sidecar_path(prefix)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); fix: re-run preprocessing") from None
-
-
-def check_indexed_files(prefix: str) -> tuple[int, int]:
-    """Check ``.bin``/``.idx`` exist and have exactly the sizes the index implies.
-
-    Returns (documents, tokens). Megatron itself would only fail later with an assert or a
-    mmap error deep inside training; this names the file and the fix.
-    """
-    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
-    fix = "fix: re-run tools/preprocess_data.py for this prefix"
-    for path in (idx_path, bin_path):
-        if not os.path.isfile(path):
-            raise DataError(f"{path} not found; {fix}")
-    idx_size = os.path.getsize(idx_path)
-    with open(idx_path, "rb") as f:
-        header = f.read(_IDX_HEADER.size)
-    if len(header) < _IDX_HEADER.size:
-        raise DataError(f"{idx_path} is truncated ({idx_size} bytes, header alone is "
-                        f"{_IDX_HEADER.size}); {fix}")
-    magic, version, code, n_seq, n_doc_idx = _IDX_HEADER.unpack(header)
-    if magic != _IDX_MAGIC or version != 1 or code not in _NP_DTYPE_CODES:
-        raise DataError(f"{idx_path} is not a Megatron index file (bad header); {fix}")
-    expected_idx = _IDX_HEADER.size + n_seq * (4 + 8) + n_doc_idx * 8
-    # Multimodal indices append one mode byte per sequence.
-    if idx_size not in (expected_idx, expected_idx + n_seq):
-        what = "truncated" if idx_size < expected_idx else "longer than its header says"
-        raise DataError(f"{idx_path} is {what} ({idx_size} bytes, expected {expected_idx}); {fix}")
-    itemsize = np.dtype(_NP_DTYPE_CODES[code]).itemsize
-    bin_size = os.path.getsize(bin_path)
-    if n_seq:
-        lengths = np.memmap(idx_path, np.int32, "r", _IDX_HEADER.size, (n_seq,))
-        pointers = np.memmap(idx_path, np.int64, "r", _IDX_HEADER.size + 4 * n_seq, (n_seq,))
-        _check_index_entries(idx_path, bin_path, bin_size, lengths, pointers, itemsize, fix)
-        doc_idx = np.memmap(idx_path, np.int64, "r", _IDX_HEADER.size + 12 * n_seq, (n_doc_idx,))
-        if n_doc_idx < 1 or doc_idx[0] != 0 or doc_idx[-1] != n_seq or \
-                (n_doc_idx > 1 and bool((np.diff(doc_idx) < 0).any())):
-            raise DataError(f"{idx_path} has a corrupt document index (it must rise from 0 to "
-                            f"{n_seq} sequences); {fix}")
-        tokens = int(lengths.sum(dtype=np.int64))
-        expected_bin = int(pointers[-1]) + int(lengths[-1]) * itemsize
-        del lengths, pointers, doc_idx
-    else:
-        tokens, expected_bin = 0, 0
-    if bin_size != expected_bin:
-        what = "truncated" if bin_size < expected_bin else "longer than its index says"
-        raise DataError(f"{bin_path} is {what} ({bin_size} bytes, expected {expected_bin}); {fix}")
-    return max(n_doc_idx - 1, 0), tokens
-
-
-def _check_index_entries(idx_path, bin_path, bin_size, lengths, pointers, itemsize, fix) -> None:
-    """Every sequence must start where the previous one ends (Megatron writes them back to back)
-    and have a non-negative length; one that does not, or that reaches past the end of the
-    .bin, means a corrupt index or one belonging to another .bin. Vectorised over the index
-    (a sequential read of the .idx, not of the .bin)."""
-    lengths64 = np.asarray(lengths, dtype=np.int64)
-    ends = np.asarray(pointers, dtype=np.int64) + lengths64 * itemsize
-    starts_ok = np.empty(len(ends), dtype=bool)
-    starts_ok[0] = pointers[0] == 0
-    starts_ok[1:] = np.asarray(pointers[1:]) == ends[:-1]
-    bad = np.flatnonzero(~starts_ok | (lengths64 < 0))
-    if bad.size:
-        i = int(bad[0])
-        start, end = int(pointers[i]), int(ends[i])
-        where = (f"points past the end of {bin_path} ({bin_size} bytes)" if end > bin_size else
-                 f"does not start where sequence {i - 1} ends" if i else "does not start at 0")
-        raise DataError(f"{idx_path} is corrupt: sequence {i} (bytes {start}..{end}) {where}; "
-                        f"{fix}")
-
-
-def check_token_ids(prefix: str, vocab_size: int, full: bool = False,
-                    scan_limit_bytes: int = 256 << 20, samples: int = 64,
-                    sample_bytes: int = 1 << 20) -> None:
-    """DataError if ``prefix.bin`` holds a token id outside [0, vocab_size).
-
-    Reads the whole .bin when ``full`` or when it is at most ``scan_limit_bytes``, otherwise
-    ``samples`` evenly spaced blocks of ``sample_bytes`` (cheap, catches data made with another,
-    larger vocabulary; a lone bad id in a big file needs ``full``)."""
-    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
-    with open(idx_path, "rb") as f:
-        code = _IDX_HEADER.unpack(f.read(_IDX_HEADER.size))[2]
-    dtype = np.dtype(_NP_DTYPE_CODES[code])
-    count = os.path.getsize(bin_path) // dtype.itemsize
-    if not count:
-        return
-    tokens = np.memmap(bin_path, dtype, "r", 0, (count,))
-    block = max(sample_bytes // dtype.itemsize, 1)
-    if full or count * dtype.itemsize <= scan_limit_bytes:
-        starts = range(0, count, 1 << 24)
-        block = 1 << 24
-    else:
-        starts = np.linspace(0, count - block, samples).astype(np.int64)
-    for start in starts:
-        chunk = np.asarray(tokens[int(start):int(start) + block])
-        bad = np.flatnonzero((chunk >= vocab_size) | (chunk < 0))
-        if bad.size:
-            position = int(start) + int(bad[0])
-            raise DataError(
-                f"{bin_path} holds token id {int(chunk[bad[0]])} (token {position}), outside the "
-                f"vocabulary of {vocab_size} tokens of this run; fix: re-run "
-                "tools/preprocess_data.py with this run's tokenizer, or pass the tokenizer the "
-                "data was made with")
-    del tokens
-
-
-def check_tokenizer_match(prefix: str, tokenizer: Tokenizer, meta: dict | None = None) -> None:
-    meta = meta if meta is not None else read_sidecar(prefix)
-    if meta is None:
-        return  # e.g. data from Megatron-LM's own preprocess_data.py: nothing to compare
-    want = meta.get("tokenizer", {})
-    if want.get("fingerprint") != tokenizer.fingerprint():
-        raise DataError(
-            f"{prefix}: tokenizer mismatch: the data was tokenized with {want.get('name')!r} "
-            f"(fingerprint {want.get('fingerprint')}, vocab {want.get('vocab_size')}) but the "
-            f"tokenizer is {tokenizer.name!r} (fingerprint {tokenizer.fingerprint()}, vocab "
-            f"{tokenizer.vocab_size}); fix: use the same tokenizer or re-run preprocessing with it")
-
-
-def load_indexed_dataset(prefix: str, tokenizer: Tokenizer | None = None):
-    """Open ``prefix`` as a ``megatron.core`` ``IndexedDataset`` after integrity checks.
-
-    Raises :class:`DataError` if ``.bin``/``.idx`` are missing or truncated, or if ``tokenizer``
-    is given and its fingerprint differs from the one recorded in ``<prefix>.meta.json``.
-    """
-    check_indexed_files(prefix)
-    if tokenizer is not None:
-        check_tokenizer_match(prefix, tokenizer)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    return IndexedDataset(prefix)
