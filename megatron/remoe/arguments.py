@@ -36,6 +36,7 @@ from megatron.remoe.validation import (  # noqa: F401 (re-exported)
     check_output_dir,
     finalize_config,
     parse_blend,
+    resolve_derived,
     validate,
 )
 

@@ -85,7 +85,7 @@ class ReMoETransformerConfig(TransformerConfig):
         if self.moe_relu_routing:
             validate_relu_routing(self)
         if self.moe_relu_dial is not None:
-            from megatron.remoe.dial import check_config_dial
+            from megatron.remoe.dial import check_config_dial  # dial.py imports this module
 
             check_config_dial(self)
 
@@ -191,9 +191,20 @@ def check_l1_multiplier(value: float, what: Optional[str] = None,
         raise ConfigError(f"{what} must be > 1{tail}")
 
 
+def check_granularity(granularity: int, width: Optional[int], name: str = "moe_granularity",
+                      range_tail: str = "", divides: str = "must divide",
+                      divide_tail: str = "; pick a divisor or change --ffn-hidden-size") -> None:
+    """G >= 1 and G divides the expert width (E*G experts of width ffn/G); an unknown width (None
+    or 0) is not checked. The ablation tool words it `G=3 does not divide the expert width ...`."""
+    if granularity < 1:
+        raise ConfigError(f"{name}={granularity} must be >= 1{range_tail}")
+    if width and width % granularity:
+        raise ConfigError(f"{name}={granularity} {divides} the expert width {width}{divide_tail}")
+
+
 def controller_options(cfg: ReMoETransformerConfig):
     """The lambda update rule of this config (megatron/remoe/controller.py)."""
-    from megatron.remoe.controller import ControllerOptions
+    from megatron.remoe.controller import ControllerOptions  # controller.py imports this module
 
     return ControllerOptions(
         kind=cfg.moe_relu_l1_reg_coeff_controller, ema_beta=cfg.moe_relu_l1_reg_coeff_ema_beta,
@@ -207,12 +218,7 @@ def apply_granularity(num_experts: int, topk: int, expert_ffn_hidden_size: int,
 
     Returns (num_moe_experts, moe_router_topk, moe_ffn_hidden_size).
     """
-    if granularity < 1:
-        raise ConfigError(f"moe_granularity={granularity} must be >= 1")
-    if expert_ffn_hidden_size % granularity:
-        raise ConfigError(
-            f"moe_granularity={granularity} must divide the expert width "
-            f"{expert_ffn_hidden_size}; pick a divisor or change --ffn-hidden-size")
+    check_granularity(granularity, expert_ffn_hidden_size)
     return num_experts * granularity, topk * granularity, expert_ffn_hidden_size // granularity
 
 

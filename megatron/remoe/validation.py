@@ -32,6 +32,23 @@ def finalize_config(cfg: TrainConfig, world_size: Optional[int] = None,
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cuda is None:
         cuda = torch.cuda.is_available()
+    _resolve_field_defaults(cfg)
+    validate(cfg, world_size, cuda)
+    _resolve_schedule_defaults(cfg, world_size)
+    return cfg
+
+
+def resolve_derived(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """The defaults finalize_config fills in (FFN width 4h, query groups = heads, metrics file in
+    --save, global batch = micro batch * DP, decay length = --train-iters), without validating:
+    for tools that read a saved config.yaml of a run that already passed validation."""
+    _resolve_field_defaults(cfg)
+    _resolve_schedule_defaults(cfg, world_size)
+    return cfg
+
+
+def _resolve_field_defaults(cfg: TrainConfig) -> None:
+    """The router spelling and the defaults that follow from other fields (before validation)."""
     if cfg.moe_relu_routing is True and cfg.router != "relu":
         raise ConfigError(f"--moe-relu-routing contradicts --router {cfg.router}; drop one of them")
     if cfg.moe_relu_routing is False and cfg.router == "relu":
@@ -46,12 +63,14 @@ def finalize_config(cfg: TrainConfig, world_size: Optional[int] = None,
         cfg.sequence_parallel = False  # a no-op with one TP rank (as in Megatron-LM)
     if cfg.save and cfg.metrics_file is None:
         cfg.metrics_file = os.path.join(cfg.save, "metrics.jsonl")
-    validate(cfg, world_size, cuda)
+
+
+def _resolve_schedule_defaults(cfg: TrainConfig, world_size: int) -> None:
+    """Global batch and decay length (after validation, which checks them with these defaults)."""
     if cfg.global_batch_size is None:
         cfg.global_batch_size = cfg.micro_batch_size * data_parallel_size(cfg, world_size)
     if cfg.lr_decay_iters is None:
         cfg.lr_decay_iters = cfg.train_iters
-    return cfg
 
 
 def validate(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
