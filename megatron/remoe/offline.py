@@ -1,9 +1,10 @@
 """The one offline checkpoint loader: a trainer checkpoint -> the same model in this one CPU process.
 
-Routing analysis (`analysis.checkpoint`), HF conversion (`hf.megatron_checkpoint`), the compute dial
-and the tools all read checkpoints through `load_offline_model`: it rebuilds the saved model as a
-single-process fp32 model (TP=PP=EP=CP=1, local layers, no DDP) from the config stored in the
-checkpoint and lets dist_checkpointing re-shard the weights of whatever layout was saved into it.
+Routing analysis (`analysis.checkpoint`), HF conversion and the compute dial (both through
+`hf.to_hf.load_megatron_checkpoint`) and their tools all read checkpoints with
+`load_offline_model`: it rebuilds the saved model as a single-process fp32 model (TP=PP=EP=CP=1,
+local layers, no DDP) from the config stored in the checkpoint and lets dist_checkpointing
+re-shard the weights of whatever layout was saved into it.
 bf16 checkpoints are read into the fp32 model (exact: every bf16 value is an fp32 value); offline
 work runs in fp32 because ReLU gates near zero flip sign in bf16.
 

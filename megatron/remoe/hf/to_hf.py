@@ -96,7 +96,8 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
             "consumed_train_samples": common.get("consumed_train_samples"),
             "saved_layout": ckpt.saved_layout, "router": cfg.router,
             "l1_reg_coeff": SparsityController.saved_l1_coeff(controller),
-            "controller": controller or None,
+            # remoe_conversion.json keeps it under the same key (to_megatron reads it back)
+            SparsityController.CHECKPOINT_KEY: controller or None,
             "vocab_size": ckpt.vocab_size, "tokenizer": ckpt.tokenizer,
             "tokenizer_name": tokenizer or cfg.tokenizer}
     log(f"convert: loaded {ckpt.path} ({cfg.router}, {cfg.num_layers} layers, iteration "

@@ -39,6 +39,7 @@ from megatron.remoe.logs import get_logger
 from megatron.remoe.model import build_controller
 from megatron.remoe.offline import build_single_process_model
 from megatron.remoe.regularizer import SparsityController
+from megatron.remoe.run_state import build_model, build_optimizer
 
 logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
 
@@ -190,8 +191,6 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
     target reached; from remoe_conversion.json, else lambda_0), but no optimizer state (an HF
     folder has none): resume it with `remoe train --load SAVE_DIR --no-load-optim ...`.
     Needs init_distributed(ParallelConfig()) first (one process)."""
-    from megatron.remoe.training import build_model, build_optimizer  # the trainer's builders
-
     save_dir = check_output_dir(save_dir, overwrite)
     _refuse_dialled_folder(hf_dir)
     hf, kind = load_hf_folder(hf_dir, torch.float32)
