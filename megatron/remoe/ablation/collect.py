@@ -128,7 +128,7 @@ def collect_run(grid: Grid, spec: RunSpec) -> Optional[dict]:
     summary = read_summary(path)
     if not summary:
         return None
-    cfg = resolved_config(path)
+    cfg = resolved_config(path, grid.nproc)
     if summary.get("iterations") != cfg["train_iters"]:
         return None
     train, valid = read_metrics(path)

@@ -31,6 +31,7 @@ from megatron.remoe.arguments import FIELDS, _close_match, _coerce, load_yaml_co
 from megatron.remoe.config import (
     ROUTERS,
     ConfigError,
+    check_granularity,
     check_l1_coeff_init,
     check_l1_multiplier,
     check_topk_range,
@@ -345,11 +346,9 @@ def _check_run(spec: RunSpec) -> None:
     G = _default(f, "moe_granularity")
     try:
         check_topk_range(k, E, names=("k", "E"), tail="; change the k or E axis")
-        if G < 1:
-            raise ConfigError(f"G={G} must be >= 1; fix the G axis")
-        ffn = f.get("ffn_hidden_size") or 4 * (f.get("hidden_size") or 0)
-        if ffn and ffn % G:
-            raise ConfigError(f"G={G} does not divide the expert width {ffn}; pick a divisor")
+        check_granularity(G, f.get("ffn_hidden_size") or 4 * (f.get("hidden_size") or 0),
+                          name="G", range_tail="; fix the G axis", divides="does not divide",
+                          divide_tail="; pick a divisor")
         if spec.router == "relu":
             check_l1_coeff_init(_default(f, "moe_relu_l1_reg_coeff_init"), what="lambda_0",
                                 tail="; fix the lambda_0 axis")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.arguments import TrainConfig, _coerce, load_yaml_config
+from megatron.remoe.arguments import TrainConfig, _coerce, load_yaml_config, resolve_derived
 
 
 def read_summary(path: str) -> Optional[dict]:
@@ -50,9 +50,9 @@ def existing_config(path: str) -> Optional[dict]:
         return yaml.safe_load(fh) or {}
 
 
-def resolved_config(path: str) -> dict:
-    """A run's config.yaml with TrainConfig's defaults filled in (sizes that default to others,
-    such as the FFN width, stay None: model.ModelShape resolves them)."""
+def resolved_config(path: str, world_size: int) -> dict:
+    """A run's config.yaml with the defaults the trainer filled in (FFN width, query groups,
+    global batch: validation.resolve_derived)."""
     values = {k: _coerce(k, v) for k, v in load_yaml_config(os.path.join(path, "config.yaml"))
               .items()}
-    return TrainConfig(**values).to_dict()
+    return resolve_derived(TrainConfig(**values), world_size).to_dict()
