@@ -404,11 +404,7 @@ def print_memory_table(title: str, table: dict, baseline: str = "topk") -> None:
               f"{rp:>13}{rs:>19}{sp:>10}{ept:>8}")
 
 
-def main(argv=None) -> int:
-    from machine import split_passthrough
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv, extra = split_passthrough(argv)
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", nargs="+", type=int, default=[3, 1], choices=[1, 3])
@@ -438,13 +434,90 @@ def main(argv=None) -> int:
     p.add_argument("--_worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--_spec", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
 
+
+def run_as_worker(args) -> int:
+    """One measurement in this process (the parent started it with --_worker)."""
+    result = WORKERS[args._worker](json.loads(args._spec))
+    with open(args._result, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    return 0
+
+
+def print_header(args, base: list, log_path: str) -> dict:
+    """The machine and configuration lines; returns the results dict they start."""
+    from machine import format_machine, machine_info
+
+    info_start = machine_info()
+    print(f"machine: {format_machine(info_start)}")
+    print(f"config:  {' '.join(base)}")
+    print(f"         steps={args.steps} warmup={args.warmup} mem_steps={args.mem_steps} "
+          f"settle_iters={args.settle_iters} settle_lambda={args.settle_lambda:g} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"worker logs: {log_path}")
+    return {"machine_start": info_start, "config": base, "args": {
+        k: v for k, v in vars(args).items() if not k.startswith("_")}}
+
+
+def time_stage(args, stage: str, variants: dict, log_path: str) -> dict:
+    """Alternate the variants' steps in one worker; print and return the summary."""
+    print(f"{stage} timing ...", flush=True)
+    res = run_worker("time", {"variants": variants, "steps": args.steps,
+                              "warmup": args.warmup}, log_path)
+    table = summarise_time(res)
+    print_time_table(f"{stage} step time ({res['device']}, {res['tokens_per_step']} "
+                     f"tokens/step, load average now {_load()})", table, res)
+    return {"raw": res, "summary": table}
+
+
+def bench_stage3(args, base: list, log_path: str, mem_env: dict, results: dict) -> None:
+    """Stage III: the ReMoE variants resume a settled checkpoint; time, then memory."""
+    settle_flags, ckpt, settled = settled_checkpoint(base, args.workdir, args.settle_iters,
+                                                     args.settle_lambda, log_path)
+    results["settled"] = settled
+    # ReMoE variants resume the settled checkpoint (same model and router state)
+    stage3 = {n: settle_flags + variant_flags(n)[2:] + ["--load", ckpt]
+              if n.startswith("relu") else base + variant_flags(n)
+              for n in args.stage3_variants}
+    if not args.no_time:
+        results["stage3_time"] = time_stage(args, "Stage III", stage3, log_path)
+    if not args.no_memory:
+        mem = {}
+        for name, flags in stage3.items():
+            print(f"Stage III memory: {name} ...", flush=True)
+            mem[name] = run_worker("memory", {"flags": flags, "warmup": 2,
+                                              "steps": args.mem_steps}, log_path, mem_env)
+        results["stage3_memory"] = mem
+        print_memory_table("Stage III peak memory (one process per variant)", mem)
+
+
+def bench_stage1(args, base: list, log_path: str, mem_env: dict, results: dict) -> None:
+    """Stage I: every variant from initialisation; time, then memory."""
+    stage1 = {n: base + variant_flags(n) for n in args.stage1_variants}
+    if not args.no_time:
+        print()
+        results["stage1_time"] = time_stage(args, "Stage I", stage1, log_path)
+    if not args.no_memory:
+        mem = {}
+        for name in args.stage1_memory_variants:
+            print(f"Stage I memory: {name} ...", flush=True)
+            mem[name] = run_worker("memory", {"flags": base + variant_flags(name),
+                                              "warmup": 1, "steps": args.mem_steps},
+                                   log_path, mem_env)
+        results["stage1_memory"] = mem
+        print_memory_table("Stage I peak memory (one process per variant, first steps from "
+                           "initialisation)", mem)
+
+
+def main(argv=None) -> int:
+    from machine import split_passthrough
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, extra = split_passthrough(argv)
+    args = build_parser().parse_args(argv)
     if args._worker:
-        result = WORKERS[args._worker](json.loads(args._spec))
-        with open(args._result, "w", encoding="utf-8") as f:
-            json.dump(result, f)
-        return 0
+        return run_as_worker(args)
 
     if args.threads is not None:
         if args.threads < 1:
@@ -455,67 +528,18 @@ def main(argv=None) -> int:
         args.steps, args.warmup, args.mem_steps = 5, 1, 2
         args.settle_iters = min(args.settle_iters, 40)
     import torch
-    from machine import format_machine, machine_info
+    from machine import machine_info
 
     cuda = torch.cuda.is_available()
     base = DEMO_FLAGS + extra
     os.makedirs(args.workdir, exist_ok=True)
     log_path = os.path.join(args.workdir, "workers.log")
-    info_start = machine_info()
-    print(f"machine: {format_machine(info_start)}")
-    print(f"config:  {' '.join(base)}")
-    print(f"         steps={args.steps} warmup={args.warmup} mem_steps={args.mem_steps} "
-          f"settle_iters={args.settle_iters} settle_lambda={args.settle_lambda:g} "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"worker logs: {log_path}")
-    results = {"machine_start": info_start, "config": base, "args": {
-        k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    results = print_header(args, base, log_path)
     mem_env = {} if cuda else {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-    def time_stage(stage: str, variants: dict) -> dict:
-        """Alternate the variants' steps in one worker; print and return the summary."""
-        print(f"{stage} timing ...", flush=True)
-        res = run_worker("time", {"variants": variants, "steps": args.steps,
-                                  "warmup": args.warmup}, log_path)
-        table = summarise_time(res)
-        print_time_table(f"{stage} step time ({res['device']}, {res['tokens_per_step']} "
-                         f"tokens/step, load average now {_load()})", table, res)
-        return {"raw": res, "summary": table}
-
     if 3 in args.stages:
-        settle_flags, ckpt, settled = settled_checkpoint(base, args.workdir, args.settle_iters,
-                                                         args.settle_lambda, log_path)
-        results["settled"] = settled
-        # ReMoE variants resume the settled checkpoint (same model and router state)
-        stage3 = {n: settle_flags + variant_flags(n)[2:] + ["--load", ckpt]
-                  if n.startswith("relu") else base + variant_flags(n)
-                  for n in args.stage3_variants}
-        if not args.no_time:
-            results["stage3_time"] = time_stage("Stage III", stage3)
-        if not args.no_memory:
-            mem = {}
-            for name, flags in stage3.items():
-                print(f"Stage III memory: {name} ...", flush=True)
-                mem[name] = run_worker("memory", {"flags": flags, "warmup": 2,
-                                                  "steps": args.mem_steps}, log_path, mem_env)
-            results["stage3_memory"] = mem
-            print_memory_table("Stage III peak memory (one process per variant)", mem)
-
+        bench_stage3(args, base, log_path, mem_env, results)
     if 1 in args.stages:
-        stage1 = {n: base + variant_flags(n) for n in args.stage1_variants}
-        if not args.no_time:
-            print()
-            results["stage1_time"] = time_stage("Stage I", stage1)
-        if not args.no_memory:
-            mem = {}
-            for name in args.stage1_memory_variants:
-                print(f"Stage I memory: {name} ...", flush=True)
-                mem[name] = run_worker("memory", {"flags": base + variant_flags(name),
-                                                  "warmup": 1, "steps": args.mem_steps},
-                                       log_path, mem_env)
-            results["stage1_memory"] = mem
-            print_memory_table("Stage I peak memory (one process per variant, first steps from "
-                               "initialisation)", mem)
+        bench_stage1(args, base, log_path, mem_env, results)
 
     results["machine_end"] = machine_info()
     print(f"\nload average at the end: {results['machine_end']['load_average_1_5_15']}")
