@@ -107,11 +107,26 @@ def listed(nodeid: str, prefixes) -> bool:
                ("[" in t and not t.endswith("]") and nodeid.startswith(t)) for t in prefixes)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: the stale-entry check sees every test
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for marker, prefixes in KINDS.items():
             if listed(item.nodeid, prefixes):
                 item.add_marker(getattr(pytest.mark, marker))
+    check_kind_lists(config, [item.nodeid for item in items])
+
+
+def check_kind_lists(config, nodeids: list) -> None:
+    """A renamed test must not silently lose its marker: every listed id of a collected file has to
+    match a collected test (checked when whole files are collected, not single node ids)."""
+    if any("::" in str(arg) for arg in config.args):
+        return
+    files = {n.split("::")[0] for n in nodeids}
+    stale = [t for prefixes in KINDS.values() for t in prefixes
+             if t.split("::")[0] in files and not any(listed(n, [t]) for n in nodeids)]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py lists tests that do not exist: {stale}; "
+                                "rename or remove them there")
 
 
 @pytest.fixture(scope="module")
