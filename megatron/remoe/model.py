@@ -15,7 +15,13 @@ from megatron.remoe.config import (
     router_overrides,
 )
 from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.spec import check_routers, get_block_spec, moe_layer_pattern_of, num_moe_layers
+from megatron.remoe.spec import (
+    check_routers,
+    get_block_spec,
+    is_relu_routed,
+    moe_layer_pattern_of,
+    num_moe_layers,
+)
 
 # The paper's models: SwiGLU (ffn = 4h), RoPE base 1e6, RMSNorm, untied embeddings, no biases,
 # no dropout, GQA with 4 groups, init std 0.01.
@@ -63,7 +69,7 @@ def build_transformer_config(router: str = "relu", num_experts: Optional[int] = 
 def build_controller(config: ReMoETransformerConfig,
                      device: torch.device | None = None) -> Optional[SparsityController]:
     """The shared lambda controller for a ReLU-routed model (None for other routers)."""
-    if not getattr(config, "moe_relu_routing", False):
+    if not is_relu_routed(config):
         return None
     return SparsityController(
         num_layers=config.num_layers, num_experts=config.num_moe_experts,

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -32,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 from megatron.remoe.data import sources
 from megatron.remoe.data.errors import DataError
 from megatron.remoe.data.sources import Doc
+from megatron.remoe.logs import get_logger
 
 DOMAINS = ("bible", "shakespeare", "wikipedia", "news", "code", "docs")
 SPLITS = ("train", "valid", "test")
@@ -85,8 +85,7 @@ class CorpusManifest:
         return out
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+_log = get_logger(__name__).info  # megatron.remoe.data.*: stderr (megatron/remoe/logs.py)
 
 
 # ---------------------------------------------------------------------------------------------
