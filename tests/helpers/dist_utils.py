@@ -7,6 +7,7 @@ list of results by rank. A worker exception or a hang (distributed deadlock) fai
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -26,7 +27,9 @@ def _entry(fn, rank, world_size, port, queue, args):
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle, not the queue's ForkingPickler: torch would pass tensors as shared-memory file
+        # descriptors, which vanish if this process exits before the parent reads them (flaky CI).
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report everything, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -60,7 +63,7 @@ def run_workers(fn, world_size: int, *args, timeout: float = 180.0):
             if status == "error":
                 errors.append(f"rank {rank}:\n{payload}")
                 break
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=10)
