@@ -43,6 +43,7 @@ MULTIPROCESS_TESTS = (
     "tests/test_controller.py::test_trainer_resume_with_option",
     "tests/test_cpu_experts.py::test_grouped_equals_sequential_mlp_and_dense_reference",
     "tests/test_cpu_experts.py::test_state_dict_and_sharded_keys_are_sequential_mlps",
+    "tests/test_cpu_experts.py::test_bf16_expert_grads_go_to_fp32_main_grad_as_ddp_would",
     "tests/test_cpu_settings.py::test_fused_cpu_adam_gives_the_adam_loops_losses",
     "tests/test_cpu_settings.py::test_grouped_experts_train_like_sequential_mlp",
     "tests/test_cpu_settings.py::test_bf16_on_cpu_keeps_router_and_lambda_fp32_and_follows_fp32",

@@ -179,3 +179,44 @@ def test_unsupported_config_keeps_sequential_mlp_loudly(caplog):
     assert chosen.module is cpu_experts.GroupedCPUExperts
     with pytest.raises(ValueError, match="add_bias_linear"):
         cpu_experts.GroupedCPUExperts(E, cfg, None)
+
+
+def _bf16_worker(rank, world):
+    """bf16 weights, fp32 `main_grad` (megatron-core's bf16 default): grouped vs SequentialMLP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron.remoe.distributed import ParallelConfig, init_distributed
+    from megatron.remoe.model import build_controller
+
+    init_distributed(ParallelConfig(), seed=1)
+    out = {}
+    for impl in ("grouped", "sequential"):
+        cfg = _config(1, 1, impl, bf16=True, params_dtype=torch.bfloat16)
+        layer = build_moe_layer(cfg, build_controller(cfg))
+        load_canonical(layer, canonical_weights(), 0, 1, 0, 1)
+        module = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True), layer)
+        module.zero_grad_buffer()
+        X, G = _data()
+        x = X.bfloat16().requires_grad_(True)
+        y, _ = module(x)
+        (y.float() * G).sum().backward()
+        experts = layer.experts.local_experts
+        out[impl] = dict(
+            output=y.detach().float(), x=x.grad.float(),
+            dtypes={str(e.linear_fc1.weight.main_grad.dtype) for e in experts},
+            fused={e.linear_fc1.weight.grad_added_to_main_grad for e in experts},
+            fc1=torch.stack([e.linear_fc1.weight.main_grad.clone() for e in experts]),
+            fc2=torch.stack([e.linear_fc2.weight.main_grad.clone() for e in experts]))
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_bf16_expert_grads_go_to_fp32_main_grad_as_ddp_would():
+    res = run_workers(_bf16_worker, 1, timeout=150)[0]
+    got, want = res["grouped"], res["sequential"]
+    assert got["dtypes"] == want["dtypes"] == {"torch.float32"}
+    assert got["fused"] == {True} and want["fused"] == {False}  # grouped skipped DDP's hook
+    assert want["fc1"].abs().sum() > 0
+    for key in ("output", "x", "fc1", "fc2"):  # the same bf16 GEMMs and fp32 adds: equal bits
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)

@@ -12,8 +12,9 @@ replaces `forward`:
   GEMM per expert into slices of one output; backward likewise), and the activation and prob
   scaling run once over all tokens;
 * under megatron-core DDP the expert weight gradients are accumulated straight into `main_grad`
-  (`addmm_`), as megatron-core's `gradient_accumulation_fusion` does on GPUs, so the separate
-  gradient tensor and the extra accumulation pass disappear.
+  (`addmm_`; with bf16 weights and an fp32 `main_grad`, the bf16 GEMM then the same `add_` DDP's
+  hook does), as megatron-core's `gradient_accumulation_fusion` does on GPUs, so autograd's
+  gradient accumulation and DDP's per-parameter hook pass disappear.
 
 The computation is the expert MLP's local computation: with expert tensor parallelism
 (`explicit_expert_comm`) megatron-core's expert linears are plain local GEMMs and the token
@@ -67,12 +68,10 @@ def _group_slices(counts: List[int]):
         start += n
 
 
-def _accumulates_into_main_grad(weight: torch.Tensor, grad_dtype: torch.dtype) -> bool:
-    """megatron-core DDP gave the weight a `main_grad` buffer that the weight gradient can be
-    accumulated into directly (same dtype as the GEMM output)."""
-    return (getattr(weight, "main_grad", None) is not None
-            and hasattr(weight, "grad_added_to_main_grad")
-            and weight.main_grad.dtype == grad_dtype)
+def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
+    """megatron-core DDP gave the weight a `main_grad` buffer to accumulate its gradient into."""
+    return getattr(weight, "main_grad", None) is not None and \
+        hasattr(weight, "grad_added_to_main_grad")
 
 
 class GroupedLinear(torch.autograd.Function):
@@ -105,8 +104,11 @@ class GroupedLinear(torch.autograd.Function):
             g, xe = grad_out[rows], x[rows]
             if not ctx.needs_input_grad[2 + i]:
                 grad_ws.append(None)
-            elif _accumulates_into_main_grad(w, g.dtype):
-                w.main_grad.addmm_(g.t(), xe)
+            elif _accumulates_into_main_grad(w):
+                if w.main_grad.dtype == g.dtype:
+                    w.main_grad.addmm_(g.t(), xe)
+                else:  # bf16 GEMM, fp32 main_grad: the add_ DDP's hook would do
+                    w.main_grad.add_(g.t().mm(xe))
                 if getattr(w, "zero_out_wgrad", False):
                     grad_ws.append(torch.zeros(w.shape, dtype=w.dtype))
                 else:
