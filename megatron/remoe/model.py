@@ -22,6 +22,7 @@ from megatron.remoe.spec import (
     moe_layer_pattern_of,
     num_moe_layers,
 )
+from megatron.remoe.train_config import default_ffn_hidden_size
 
 # The paper's models: SwiGLU (ffn = 4h), RoPE base 1e6, RMSNorm, untied embeddings, no biases,
 # no dropout, GQA with 4 groups, init std 0.01.
@@ -153,7 +154,7 @@ class ModelShape:
         """From TrainConfig fields (a run's config.yaml; E experts of width ffn before granularity
         G; `router` dense: no experts). Defaults as in TrainConfig."""
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        ffn = cfg.get("ffn_hidden_size") or 4 * h
+        ffn = cfg.get("ffn_hidden_size") or default_ffn_hidden_size(h)
         experts = topk = expert_ffn = moe_layers = 0
         if cfg.get("router", "relu") != "dense":
             G = cfg.get("moe_granularity", 1)

@@ -216,6 +216,11 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def default_ffn_hidden_size(hidden_size: int) -> int:
+    """The FFN width when `ffn_hidden_size` is not given: 4 x hidden, as in megatron-core."""
+    return 4 * hidden_size
+
+
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
     """Data-parallel ranks: the world divided by the model-parallel sizes TP * PP * CP."""
     return world_size // (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size

@@ -15,7 +15,12 @@ from typing import Optional
 import torch
 
 from megatron.remoe.config import ConfigError, check_topk_range
-from megatron.remoe.train_config import TrainConfig, data_parallel_size, transformer_config
+from megatron.remoe.train_config import (
+    TrainConfig,
+    data_parallel_size,
+    default_ffn_hidden_size,
+    transformer_config,
+)
 
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters")
 POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -56,7 +61,7 @@ def _resolve_field_defaults(cfg: TrainConfig) -> None:
                           "--router topk|topk-sigmoid-bias|dense")
     cfg.moe_relu_routing = cfg.router == "relu"
     if cfg.hidden_size and cfg.ffn_hidden_size is None:
-        cfg.ffn_hidden_size = 4 * cfg.hidden_size
+        cfg.ffn_hidden_size = default_ffn_hidden_size(cfg.hidden_size)
     if cfg.num_attention_heads and cfg.num_query_groups is None:
         cfg.num_query_groups = cfg.num_attention_heads
     if cfg.tensor_model_parallel_size == 1:

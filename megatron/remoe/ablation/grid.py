@@ -36,6 +36,7 @@ from megatron.remoe.config import (
     check_l1_multiplier,
     check_topk_range,
 )
+from megatron.remoe.train_config import default_ffn_hidden_size
 
 GRID_KEYS = ("name", "description", "out", "config", "base", "demo_data", "axes",
              "compute_match", "checkpoints", "nproc", "settle_window", "settle_tol")
@@ -186,7 +187,7 @@ def _apply_axes(base: dict, router: str, axes: dict) -> dict:
     if router == "dense":
         k = fields.get("moe_router_topk", 1) or 1
         if k > 1:  # matched active parameters: a dense MLP as wide as k experts
-            ffn = fields.get("ffn_hidden_size") or 4 * fields["hidden_size"]
+            ffn = fields.get("ffn_hidden_size") or default_ffn_hidden_size(fields["hidden_size"])
             fields["ffn_hidden_size"] = k * ffn
         for name in list(fields):
             if name != "router" and FIELDS[name].metadata["group"] == "moe":
@@ -346,7 +347,7 @@ def _check_run(spec: RunSpec) -> None:
     G = _default(f, "moe_granularity")
     try:
         check_topk_range(k, E, names=("k", "E"), tail="; change the k or E axis")
-        check_granularity(G, f.get("ffn_hidden_size") or 4 * (f.get("hidden_size") or 0),
+        check_granularity(G, f.get("ffn_hidden_size") or default_ffn_hidden_size(f.get("hidden_size") or 0),
                           name="G", range_tail="; fix the G axis", divides="does not divide",
                           divide_tail="; pick a divisor")
         if spec.router == "relu":

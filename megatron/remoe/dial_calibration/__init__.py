@@ -59,7 +59,7 @@ from megatron.remoe.dial_calibration.inputs import (
     is_hf_folder,
     load_model,
 )
-from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator, flops_config, forward_flops
+from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator, forward_flops
 from megatron.remoe.dial_calibration.sweep import (
     CSV_FIELDS,
     sweep_figure,
@@ -71,7 +71,7 @@ from megatron.remoe.dial_calibration.sweep import (
 __all__ = [
     "CSV_FIELDS", "DEFAULT_MULTIPLES", "DialPoint", "DialUsageError", "Evaluator", "LoadedModel",
     "build_parser", "calibrate", "calibrate_global", "calibrate_layers", "check_reached", "count_at",
-    "default_out", "eval_tokens_from_texts", "flops_config", "forward_flops", "greedy_per_layer",
+    "default_out", "eval_tokens_from_texts", "forward_flops", "greedy_per_layer",
     "held_out_tokens", "is_hf_folder", "load_model", "main", "point_dict", "run", "sweep_figure",
     "sweep_relu", "sweep_topk", "threshold_for", "write_csv",
 ]

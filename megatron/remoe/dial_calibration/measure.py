@@ -39,25 +39,13 @@ class DialPoint:
     extra: dict = field(default_factory=dict)
 
 
-def flops_config(tcfg, seq_length: int) -> dict:
-    """The model-shape dict of model.flops_per_token, from a megatron config."""
-    G = getattr(tcfg, "moe_granularity", 1) or 1
-    E, k = tcfg.num_moe_experts or 0, tcfg.moe_router_topk or 0
-    return dict(hidden_size=tcfg.hidden_size, num_layers=tcfg.num_layers, seq_length=seq_length,
-                num_attention_heads=tcfg.num_attention_heads,
-                num_query_groups=tcfg.num_query_groups, kv_channels=tcfg.kv_channels,
-                ffn_hidden_size=(tcfg.moe_ffn_hidden_size * G) if E else tcfg.ffn_hidden_size,
-                router="relu" if E else "dense", num_experts=E // G, moe_router_topk=k // G,
-                moe_granularity=G, moe_layer_freq=tcfg.moe_layer_freq)
-
-
 def forward_flops(lm: LoadedModel, experts_per_token: float) -> tuple:
     """(forward FLOPs per token, of which the routed experts') at `experts_per_token`."""
-    from megatron.remoe.model import flops_per_token
+    from megatron.remoe.model import ModelShape, train_flops_per_token
 
-    shape = flops_config(lm.tcfg, lm.seq_length)
-    total = flops_per_token(shape, lm.vocab_size, experts_per_token)["train"] / 3
-    no_experts = flops_per_token(shape, lm.vocab_size, 0.0)["train"] / 3
+    shape = ModelShape.of_transformer_config(lm.tcfg)
+    total = train_flops_per_token(shape, lm.seq_length, lm.vocab_size, experts_per_token)["train"] / 3
+    no_experts = train_flops_per_token(shape, lm.seq_length, lm.vocab_size, 0.0)["train"] / 3
     return total, total - no_experts
 
 
