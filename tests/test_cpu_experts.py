@@ -45,23 +45,26 @@ def _config(tp, ep, impl, **extra):
         sequence_parallel=tp > 1, moe_cpu_experts=impl, **extra)
 
 
-def _run(rank, layout, impl, ddp: bool):
+def _run(rank, layout, impl, ddp: bool, bf16: bool = False):
     """Forward + backward of one MoE layer on this rank's share of the batch; returns the local
-    output, input grad, router grad and expert grads (from `main_grad` under DDP)."""
+    output, input grad, router grad and expert grads (from `main_grad` under DDP). bf16: bf16
+    weights and activations with an fp32 `main_grad` (megatron-core's bf16 default); then also
+    whether each expert's fc1 gradient went into `main_grad` past DDP's hook (`fused`)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron.remoe.cpu_experts import GroupedCPUExperts
     from megatron.remoe.model import build_controller
 
     tp, ep = LAYOUTS[layout]
-    cfg = _config(tp, ep, impl)
+    cfg = _config(tp, ep, impl, **(dict(bf16=True, params_dtype=torch.bfloat16) if bf16 else {}))
     layer = build_moe_layer(cfg, build_controller(cfg))
     assert isinstance(layer.experts, GroupedCPUExperts) == (impl == "grouped")
     load_canonical(layer, canonical_weights(), rank if tp > 1 else 0, tp, rank if ep > 1 else 0,
                    ep)
     module = layer
     if ddp:
-        module = DistributedDataParallel(cfg, DistributedDataParallelConfig(), layer)
+        module = DistributedDataParallel(
+            cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=bf16), layer)
         module.zero_grad_buffer()
     X, G = _data()
     x, g = X, G
@@ -70,9 +73,9 @@ def _run(rank, layout, impl, ddp: bool):
     elif tp > 1:  # TP + SP: each rank holds half of the sequence
         rows = slice(rank * S // tp, (rank + 1) * S // tp)
         x, g = X[rows], G[rows]
-    x = x.contiguous().requires_grad_(True)
+    x = (x.bfloat16() if bf16 else x.contiguous()).requires_grad_(True)
     out, _ = module(x)
-    (out * g).sum().backward()
+    (out.float() * g).sum().backward()
     grad = (lambda p: p.main_grad) if ddp else (lambda p: p.grad)
     gate, up, down = [], [], []
     for expert in layer.experts.local_experts:
@@ -80,8 +83,13 @@ def _run(rank, layout, impl, ddp: bool):
         gate.append(g1[:FFN // tp].clone())
         up.append(g1[FFN // tp:].clone())
         down.append(grad(expert.linear_fc2.weight).clone())
-    return dict(output=out.detach(), x=x.grad.detach(), router=grad(layer.router.weight).clone(),
-                gate=torch.stack(gate), up=torch.stack(up), down=torch.stack(down))
+    res = dict(output=out.detach().float(), x=x.grad.detach().float(),
+               router=grad(layer.router.weight).clone(),
+               gate=torch.stack(gate), up=torch.stack(up), down=torch.stack(down))
+    if bf16:
+        res["fused"] = {e.linear_fc1.weight.grad_added_to_main_grad
+                        for e in layer.experts.local_experts}
+    return res
 
 
 def _worker(rank, world, layout):
@@ -182,41 +190,19 @@ def test_unsupported_config_keeps_sequential_mlp_loudly(caplog):
 
 
 def _bf16_worker(rank, world):
-    """bf16 weights, fp32 `main_grad` (megatron-core's bf16 default): grouped vs SequentialMLP."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     from megatron.remoe.distributed import ParallelConfig, init_distributed
-    from megatron.remoe.model import build_controller
 
     init_distributed(ParallelConfig(), seed=1)
-    out = {}
-    for impl in ("grouped", "sequential"):
-        cfg = _config(1, 1, impl, bf16=True, params_dtype=torch.bfloat16)
-        layer = build_moe_layer(cfg, build_controller(cfg))
-        load_canonical(layer, canonical_weights(), 0, 1, 0, 1)
-        module = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True), layer)
-        module.zero_grad_buffer()
-        X, G = _data()
-        x = X.bfloat16().requires_grad_(True)
-        y, _ = module(x)
-        (y.float() * G).sum().backward()
-        experts = layer.experts.local_experts
-        out[impl] = dict(
-            output=y.detach().float(), x=x.grad.float(),
-            dtypes={str(e.linear_fc1.weight.main_grad.dtype) for e in experts},
-            fused={e.linear_fc1.weight.grad_added_to_main_grad for e in experts},
-            fc1=torch.stack([e.linear_fc1.weight.main_grad.clone() for e in experts]),
-            fc2=torch.stack([e.linear_fc2.weight.main_grad.clone() for e in experts]))
-    return out
+    return {impl: _run(rank, "single", impl, ddp=True, bf16=True)
+            for impl in ("grouped", "sequential")}
 
 
 @pytest.mark.timeout(200)
 def test_bf16_expert_grads_go_to_fp32_main_grad_as_ddp_would():
     res = run_workers(_bf16_worker, 1, timeout=150)[0]
     got, want = res["grouped"], res["sequential"]
-    assert got["dtypes"] == want["dtypes"] == {"torch.float32"}
+    assert got["gate"].dtype == want["gate"].dtype == torch.float32  # the fp32 main_grad
     assert got["fused"] == {True} and want["fused"] == {False}  # grouped skipped DDP's hook
-    assert want["fc1"].abs().sum() > 0
-    for key in ("output", "x", "fc1", "fc2"):  # the same bf16 GEMMs and fp32 adds: equal bits
+    assert want["gate"].abs().sum() > 0
+    for key in ("output", "x", "gate", "up", "down"):  # the same bf16 GEMMs and fp32 adds: equal bits
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
