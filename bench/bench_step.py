@@ -26,6 +26,10 @@ How it measures:
   time. TopK and dense have no stages and start from initialisation.
 * Stage I: every variant starts from initialisation with the paper's lambda_0 = 1e-8; the ReMoE
   routers then activate about E/2 experts per token (printed).
+* Steps: `--block 1` (default) alternates the variants step by step; `--block N` runs N
+  consecutive steps of each variant per round. Each timed step's minor page faults (ru_minflt) are
+  counted too: the trainer keeps freed CPU tensor memory for the next step
+  (`cpu_settings.keep_cpu_allocations`; REMOE_KEEP_CPU_ALLOCATIONS=0 restores glibc's defaults).
 * Memory: each variant in its own process. On CPU, peak resident set size while the measured steps
   run (VmHWM reset after the warm-up steps; glibc's mmap threshold is pinned to 64 KiB so freed
   tensors return to the OS and RSS follows live tensor memory); on CUDA `max_memory_allocated`.
@@ -39,6 +43,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -169,21 +174,27 @@ def worker_time(spec: dict) -> dict:
     device = next(iter(runs.values()))[0].device
     names = list(runs)
     times = {n: [] for n in names}
+    faults = {n: [] for n in names}
     routing = {n: [] for n in names}
-    for i in range(spec["warmup"] + spec["steps"]):
-        shift = i % len(names)
+    block = spec.get("block", 1)
+    n_rounds = -(-(spec["warmup"] + spec["steps"]) // block)
+    for rnd in range(n_rounds):
+        shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:  # rotate: ABC, BCA, CAB, ...
             run, it = runs[name]
-            _sync(device)
-            t0 = time.perf_counter()
-            metrics = train_step(run, it).metrics
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if i >= spec["warmup"]:
-                times[name].append(dt)
-                r = _routing(metrics)
-                if r:
-                    routing[name].append(r)
+            for j in range(rnd * block, (rnd + 1) * block):  # `block` consecutive steps
+                _sync(device)
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                metrics = train_step(run, it).metrics
+                _sync(device)
+                dt = time.perf_counter() - t0
+                if spec["warmup"] <= j < spec["warmup"] + spec["steps"]:
+                    times[name].append(dt)
+                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+                    r = _routing(metrics)
+                    if r:
+                        routing[name].append(r)
     cfg = next(iter(runs.values()))[0].cfg
     peak.append(gemm_peak_gflops(peak_dtype))
     flops = {}
@@ -191,7 +202,8 @@ def worker_time(spec: dict) -> dict:
         ept = [x["experts_per_token"] for x in routing[n] if x.get("experts_per_token")]
         flops[n] = train_flops_per_token(r.cfg, r.cfg.router,
                                          sum(ept) / len(ept) if ept else None)
-    return {"times": times, "routing": routing, "device": str(device),
+    return {"times": times, "faults": faults, "block": block, "routing": routing,
+            "device": str(device),
             "tokens_per_step": cfg.global_batch_size * cfg.seq_length,
             "params": {n: r.params for n, (r, _) in runs.items()},
             "train_flops_per_token": flops, "gemm_peak_gflops": peak, "gemm_dtype": peak_dtype,
@@ -216,8 +228,6 @@ def _reset_peak_rss() -> bool:
 
 
 def worker_memory(spec: dict) -> dict:
-    import resource
-
     import torch
 
     from megatron.remoe.training import train_step
@@ -352,6 +362,8 @@ def summarise_time(res: dict, baselines=("topk", "dense")) -> dict:
         for base in baselines:
             if base in times and name != base:
                 row["ratios"][base] = _ratio_stats(ts, times[base])
+        if res.get("faults", {}).get(name):
+            row["minor_faults_per_step"] = statistics.median(res["faults"][name])
         r = res["routing"].get(name)
         if r:
             row["sparsity"] = statistics.mean(x["sparsity"] for x in r)
@@ -369,7 +381,7 @@ def print_time_table(title: str, table: dict, res: dict | None = None) -> None:
     bases = [b for b in ("topk", "dense") if b in table]
     print(f"{'variant':<20}{'median s/step':>14}{'IQR':>18}{'tokens/s':>10}{'GFLOP/s':>9}"
           f"{'of peak':>8}" + "".join(f"{'vs ' + b:>9}{'per-round (IQR)':>24}" for b in bases)
-          + f"{'sparsity':>10}{'exp/tok':>8}")
+          + f"{'sparsity':>10}{'exp/tok':>8}{'faults/step':>12}")
     for name, r in table.items():
         cells = ""
         for b in bases:
@@ -382,7 +394,8 @@ def print_time_table(title: str, table: dict, res: dict | None = None) -> None:
         gf = f"{r['gflops']:>9.1f}{100 * r['fraction_of_peak']:>7.0f}%" if "gflops" in r else \
             f"{'':>17}"
         print(f"{name:<20}{r['median_s']:>14.4f}{r['q1_s']:>9.4f}-{r['q3_s']:<8.4f}"
-              f"{r['tokens_per_s']:>10,.0f}{gf}{cells}{sp:>10}{ept:>8}")
+              f"{r['tokens_per_s']:>10,.0f}{gf}{cells}{sp:>10}{ept:>8}"
+              f"{r.get('minor_faults_per_step', float('nan')):>12,.0f}")
 
 
 def print_memory_table(title: str, table: dict, baseline: str = "topk") -> None:
@@ -410,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", type=int, default=[3, 1], choices=[1, 3])
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--block", type=int, default=1,
+                   help="consecutive steps of one variant before the next runs (default 1: "
+                   "variants alternate step by step; larger: each round runs BLOCK steps of "
+                   "each, as a model trains alone, still rotated so drift hits all alike)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps measured for memory")
     p.add_argument("--stage3-variants", nargs="+", default=["relu", "topk", "dense"],
                    help="Stage III variants; add relu-sequential / topk-sequential to compare "
@@ -454,7 +471,9 @@ def print_header(args, base: list, log_path: str) -> dict:
     print(f"config:  {' '.join(base)}")
     print(f"         steps={args.steps} warmup={args.warmup} mem_steps={args.mem_steps} "
           f"settle_iters={args.settle_iters} settle_lambda={args.settle_lambda:g} "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+          f"block={args.block} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} "
+          f"REMOE_KEEP_CPU_ALLOCATIONS={os.environ.get('REMOE_KEEP_CPU_ALLOCATIONS', 'unset')}")
     print(f"worker logs: {log_path}")
     return {"machine_start": info_start, "config": base, "args": {
         k: v for k, v in vars(args).items() if not k.startswith("_")}}
@@ -464,7 +483,7 @@ def time_stage(args, stage: str, variants: dict, log_path: str) -> dict:
     """Alternate the variants' steps in one worker; print and return the summary."""
     print(f"{stage} timing ...", flush=True)
     res = run_worker("time", {"variants": variants, "steps": args.steps,
-                              "warmup": args.warmup}, log_path)
+                              "warmup": args.warmup, "block": args.block}, log_path)
     table = summarise_time(res)
     print_time_table(f"{stage} step time ({res['device']}, {res['tokens_per_step']} "
                      f"tokens/step, load average now {_load()})", table, res)
@@ -524,6 +543,9 @@ def main(argv=None) -> int:
             print(f"error: --threads {args.threads} must be >= 1", file=sys.stderr)
             return 2
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the workers inherit it
+    if args.block < 1:
+        print(f"error: --block {args.block} must be >= 1", file=sys.stderr)
+        return 2
     if args.quick:
         args.steps, args.warmup, args.mem_steps = 5, 1, 2
         args.settle_iters = min(args.settle_iters, 40)
@@ -535,7 +557,9 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     log_path = os.path.join(args.workdir, "workers.log")
     results = print_header(args, base, log_path)
-    mem_env = {} if cuda else {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    # RSS follows live tensors only with glibc giving freed memory back at once: the trainer's
+    # keep_cpu_allocations (which keeps it for the next step) is off in the memory workers
+    mem_env = {} if cuda else {"MALLOC_MMAP_THRESHOLD_": "65536", "REMOE_KEEP_CPU_ALLOCATIONS": "0"}
     if 3 in args.stages:
         bench_stage3(args, base, log_path, mem_env, results)
     if 1 in args.stages:

@@ -149,3 +149,46 @@ def test_nonfinite_gradient_check_finds_every_nan_and_inf(threads):
             assert grads_nonfinite(model).item() == 0.0
     finally:
         torch.set_num_threads(before)
+
+
+_ALLOCATION_PATTERN = r"""
+import json, resource, sys, torch
+from megatron.remoe.cpu_settings import keep_cpu_allocations
+kept = keep_cpu_allocations()
+n = 40 << 18  # 40 MB of fp32: above glibc's largest mmap threshold
+faults = []
+for step in range(30):  # a step's pattern: live tensors of several sizes, freed out of order
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    parts = [torch.empty(n // k).fill_(1) for k in (1, 2, 3, 5)]
+    big = torch.empty(n).fill_(2)
+    del parts, big
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"kept": kept, "faults": sum(faults[15:]) / 15}))  # settled heap
+"""
+
+
+def _allocation_faults(keep: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, REMOE_KEEP_CPU_ALLOCATIONS=keep)
+    out = subprocess.run([sys.executable, "-c", _ALLOCATION_PATTERN], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_kept_cpu_allocations_stop_per_step_page_faults():
+    """With glibc's defaults every step's large tensors are fresh mmaps (each page faulted in
+    again); after keep_cpu_allocations the same steps reuse the heap. Faults counted by the
+    kernel (ru_minflt) in a fresh process per setting; REMOE_KEEP_CPU_ALLOCATIONS=0 opts out."""
+    import platform
+
+    if torch.cuda.is_available() or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc CPU processes only")
+    default, kept = _allocation_faults("0"), _allocation_faults("1")
+    assert default["kept"] is False and kept["kept"] is True
+    pages_per_step = 2 * (40 << 20) // 4096  # the two 40 MB tensors alone
+    assert default["faults"] >= pages_per_step / 2, default
+    assert kept["faults"] <= default["faults"] / 20, (kept, default)

@@ -83,3 +83,37 @@ def use_fused_cpu_adam(optimizer) -> int:
                 group["fused"] = True
                 switched += 1
     return switched
+
+
+# glibc malloc parameters (mallopt(3)); torch has no caching allocator for CPU tensors.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_TOP_PAD = 256 << 20         # grow the heap in 256 MB steps (untouched pages cost nothing)
+_TRIM_THRESHOLD = 2**31 - 1  # the largest int mallopt takes: keep freed heap mid-run
+
+
+def keep_cpu_allocations() -> bool:
+    """Make glibc malloc keep the memory of freed CPU tensors for the next step instead of
+    handing it back to the kernel: by default every tensor above glibc's (adaptive, at most 32 MB)
+    mmap threshold is a fresh mmap and the heap is trimmed after peaks, so each training step
+    re-faults part of its activations and gradients page by page (8,000-15,000 minor faults per
+    demo step, fp32-bf16; docs/performance.md). With every allocation from a heap that is not
+    trimmed the process keeps its peak memory resident, as torch's CUDA caching allocator does on
+    GPUs; values are unaffected.
+    A no-op (False) where CUDA is available, the C library is not glibc, or the environment sets
+    REMOE_KEEP_CPU_ALLOCATIONS=0 (glibc's defaults: the heap shrinks after peaks)."""
+    import ctypes
+    import ctypes.util
+
+    if torch.cuda.is_available() or os.environ.get("REMOE_KEEP_CPU_ALLOCATIONS", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc's mallopt constants below; musl has none
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # every tensor from the heap (no mmap), which grows in large steps and is not trimmed
+    settings = ((_M_MMAP_MAX, 0), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TOP_PAD, _TOP_PAD),
+                (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return all([mallopt(param, value) == 1 for param, value in settings])

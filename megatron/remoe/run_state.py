@@ -125,6 +125,8 @@ def setup(cfg: TrainConfig) -> Run:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.remoe.cpu_settings import keep_cpu_allocations
+
     check_logging_backends(cfg.tensorboard_dir, cfg.wandb_project)
     tokenizer = _load_tokenizer(cfg)
     check_data_matches_tokenizer(cfg, tokenizer)
@@ -141,6 +143,8 @@ def setup(cfg: TrainConfig) -> Run:
         expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size),
         seed=cfg.seed, timeout_minutes=cfg.distributed_timeout_minutes)
+    if device.type == "cpu":  # reuse freed tensor memory across steps (no per-step page faults)
+        keep_cpu_allocations()
     tcfg = transformer_config(cfg, use_cpu_initialization=device.type == "cpu")
     controller = build_controller(tcfg, device)
     model = build_model(cfg, tcfg, vocab, controller, device)
