@@ -1,5 +1,6 @@
-"""What trains fastest on this CPU: native bf16 support and the thread count (used by the trainer's
-bf16 check, the demo and the benchmarks; measurements in docs/performance.md)."""
+"""What trains fastest on this CPU: native bf16 support, the thread count, torch's fused Adam and
+glibc keeping freed tensor memory (used by the trainer, the demo and the benchmarks; measurements
+in docs/performance.md)."""
 
 from __future__ import annotations
 
