@@ -54,6 +54,7 @@ class Run:
     vocab_size: int  # padded (a multiple of --make-vocab-size-divisible-by x TP)
     params: dict
     tokenizer: object = None  # loaded once by setup; the data sets are built from it
+    cpu_allocations_kept: bool = False  # cpu_settings.keep_cpu_allocations took effect
     iteration: int = 0
     consumed_train_samples: int = 0
     loaded_from: Optional[str] = None
@@ -143,8 +144,8 @@ def setup(cfg: TrainConfig) -> Run:
         expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size),
         seed=cfg.seed, timeout_minutes=cfg.distributed_timeout_minutes)
-    if device.type == "cpu":  # reuse freed tensor memory across steps (no per-step page faults)
-        keep_cpu_allocations()
+    # CPU: reuse freed tensor memory across steps (no per-step page faults)
+    allocations_kept = device.type == "cpu" and keep_cpu_allocations()
     tcfg = transformer_config(cfg, use_cpu_initialization=device.type == "cpu")
     controller = build_controller(tcfg, device)
     model = build_model(cfg, tcfg, vocab, controller, device)
@@ -156,7 +157,8 @@ def setup(cfg: TrainConfig) -> Run:
               num_micro_batches=num_micro_batches(cfg, dist.get_world_size()),
               dp_rank=parallel_state.get_data_parallel_rank(),
               dp_size=parallel_state.get_data_parallel_world_size(), vocab_size=vocab,
-              params=count_parameters(tcfg, vocab), tokenizer=tokenizer)
+              params=count_parameters(tcfg, vocab), tokenizer=tokenizer,
+              cpu_allocations_kept=allocations_kept)
     if cfg.load:
         _resume(run)
     return run

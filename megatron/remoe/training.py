@@ -135,7 +135,9 @@ def _print_run(run: Run) -> None:
              f"TP{cfg.tensor_model_parallel_size} x PP{cfg.pipeline_model_parallel_size} x "
              f"CP{cfg.context_parallel_size} x DP{run.dp_size} (EP"
              f"{cfg.expert_model_parallel_size}); {run.num_micro_batches} micro-batches of "
-             f"{cfg.micro_batch_size} per step; device {run.device}")
+             f"{cfg.micro_batch_size} per step; device {run.device}"
+             + (" (freed tensor memory kept across steps; REMOE_KEEP_CPU_ALLOCATIONS=0 "
+                "turns it off)" if run.cpu_allocations_kept else ""))
     note = fallback_note()
     if note:
         log.info(note)
