@@ -253,6 +253,33 @@ def test_modules_imported_after_the_backend_are_patched(single_rank):
             sys.modules[name] = original
 
 
+def test_gradient_clipping_scales_in_place_with_megatron_cores_values(single_rank):
+    """On CPU, megatron-core's clipping runs the bridge's in-place scale (one pass, no temporary)
+    and gives bit for bit the gradients of its own fallback (`src * scale` copied back)."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_scale
+
+    from megatron.remoe.cpu_backend import apply_cpu_backend
+
+    if not apply_cpu_backend():
+        pytest.skip("CUDA machine: the CPU backend is off")
+    assert clip_grads.multi_tensor_scale_impl is not local_multi_tensor_scale
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (7, 4096, 100_003)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 5
+    expected = [p.grad.clone() for p in params]
+    total_norm = float(torch.norm(torch.stack([torch.norm(g) for g in expected])))
+    coeff = 1.0 / (total_norm + 1.0e-6)
+    local_multi_tensor_scale(None, None, [expected, expected], coeff)  # megatron-core's fallback
+    grads_before = [p.grad for p in params]
+    clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=total_norm)
+    assert all(p.grad is g for p, g in zip(params, grads_before))  # in place
+    for p, e in zip(params, expected):
+        assert torch.equal(p.grad, e)
+    assert float(torch.norm(torch.stack([torch.norm(p.grad) for p in params]))) < 1.0 + 1e-5
+
+
 # ---- checkpoint writer versions -----------------------------------------------------------------
 
 def fake_checkpoint(path, writer=None, files=(".metadata", "metadata.json", "__0_0.distcp")):

@@ -17,6 +17,8 @@ without editing site-packages:
   their CUDA twin name (scoped to those calls only);
 * megatron-core 0.16 without Transformer Engine references an undefined `te_general_gemm` (a
   version difference, fixed by `compat.patch_router_gemm`, applied here at the same moment).
+* gradient clipping's fallback scale (`local_multi_tensor_scale`: `src * scale` into a temporary,
+  copied back) runs in place, one pass over the gradients instead of two, same values.
 
 Call `apply_cpu_backend()` explicitly (our entry points and tests do) before building models. It is a
 no-op when CUDA is available, so the same code runs unchanged on GPUs with NCCL.
@@ -339,6 +341,26 @@ def _patch_type_name_checks() -> None:
             setattr(cls, name, _with_cuda_type_names(fn))
 
 
+def _scale_tensors(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale on CPU: in place where source and destination are one tensor (the
+    gradient clipping case). megatron-core's fallback computes `src * scale` into a temporary and
+    copies it back: two passes and a gradient-sized allocation per step. The product is the same."""
+    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
+        if src is dst:
+            dst.mul_(scale)
+        else:
+            dst.copy_(src * scale)
+
+
+def _patch_grad_clip_scale() -> None:
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if getattr(clip_grads, "multi_tensor_scale_impl", None) is \
+            getattr(utils, "local_multi_tensor_scale", None):
+        clip_grads.multi_tensor_scale_impl = _scale_tensors
+
+
 def cpu_backend_needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -363,6 +385,7 @@ def apply_cpu_backend(force: bool = False) -> bool:
 
     _patch_rng(random_mod)
     _patch_type_name_checks()
+    _patch_grad_clip_scale()
     _APPLIED = True
     return True
 
