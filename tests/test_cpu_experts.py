@@ -206,3 +206,24 @@ def test_bf16_expert_grads_go_to_fp32_main_grad_as_ddp_would():
     assert want["gate"].abs().sum() > 0
     for key in ("output", "x", "gate", "up", "down"):  # the same bf16 GEMMs and fp32 adds: equal bits
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+def test_expert_benchmark_runs_the_trainers_modules():
+    """bench/bench_experts.py end to end on a tiny load (its numbers are not asserted: timings
+    belong in benchmarks, not tests); bad arguments exit 2 before anything runs."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", "bench_experts.py")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    run = subprocess.run([sys.executable, script, "--threads", "1", "--tokens", "64",
+                          "--rounds", "1", "--repeats", "1", "--uneven", "--sequential"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
+    assert {"grouped", "dense", "sequential"} <= rows, run.stdout
+    bad = subprocess.run([sys.executable, script, "--rounds", "0"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
