@@ -24,7 +24,7 @@ def usable_cores() -> int:
 
 
 # What `dtype="auto"` picks on a CPU with native bf16. Measured (docs/performance.md, "bf16 on
-# CPU"): the demo trains 1.2x faster in bf16 on a 2-core Zen 4 (GEMMs 2.2x; casts, fp32 master
+# CPU"): the demo trains 1.2-1.3x faster in bf16 on a 2-core Zen 4 (GEMMs 2.2x; casts, fp32 master
 # weights and bf16 elementwise ops eat the rest), not enough to reach its throughput target, so
 # auto keeps the demo's fp32 numerics; --dtype bf16 opts in.
 AUTO_BF16_ON_NATIVE_CPUS = False
@@ -46,7 +46,7 @@ def demo_settings(nproc: int, threads: Optional[int] = None, dtype: str = "auto"
     if dtype == "auto":
         bf16 = (not cuda) and native and AUTO_BF16_ON_NATIVE_CPUS
         why = "auto: " + ("native bf16 on this CPU" if bf16 else
-                          "fp32; --dtype bf16 was ~1.2x faster on a 2-core Zen 4" if native else
+                          "fp32; --dtype bf16 was 1.2-1.3x faster on a 2-core Zen 4" if native else
                           "fp32 (no native bf16 on this CPU)")
     else:
         bf16, why = dtype == "bf16", "asked for"
