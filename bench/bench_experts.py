@@ -41,9 +41,15 @@ def build(router: str, experts: int, impl: str = "grouped"):
         router=router, num_experts=experts if moe else None, num_layers=1, hidden_size=HIDDEN,
         num_attention_heads=4, ffn_hidden_size=FFN, use_cpu_initialization=True,
         moe_router_dtype="fp32", **({"moe_cpu_experts": impl} if moe else {}))
-    mlp = build_from_spec(get_block_spec(cfg, None, use_transformer_engine=False)
-                          .layer_specs[0].submodules.mlp, config=cfg)
-    module = mlp.experts if moe else mlp
+    spec = get_block_spec(cfg, None, use_transformer_engine=False).layer_specs[0].submodules.mlp
+    if moe:
+        module = build_from_spec(spec, config=cfg).experts
+    else:  # megatron-core's MLP on the spec's linears (>= 0.19 builds it through a classmethod
+        # that wants a transformer layer's process groups)
+        from megatron.core.transformer.mlp import MLP
+
+        submodules = getattr(spec, "submodules", None) or spec.keywords["submodules"]
+        module = MLP(config=cfg, submodules=submodules)
     return DistributedDataParallel(cfg, DistributedDataParallelConfig(), module)
 
 
