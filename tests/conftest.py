@@ -22,6 +22,8 @@ CORE_TESTS = (
     "tests/test_parity.py::test_exact_resume[tp2_ep2]",
     "tests/test_hf_cli.py::test_tp2_ep2_checkpoint_convert_verify_evaluate_and_back",  # --verify
     "tests/test_reliability.py::test_unloadable_checkpoints_fall_back_or_stop_with_exit_2",
+    "tests/test_cpu_experts.py",  # the CPU expert path vs SequentialMLP / dense, 1 process, EP2, TP2
+    "tests/test_cpu_settings.py",  # fused Adam, grouped experts and bf16 in the trainer; allocator
 )
 
 
