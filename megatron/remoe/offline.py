@@ -22,6 +22,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron.remoe.arguments import TrainConfig, transformer_config
 from megatron.remoe.checkpointing import (
+    load_sharded,
     read_checkpoint_config,
     resolve_checkpoint,
     sharded_metadata,
@@ -117,13 +118,13 @@ def build_single_process_model(tcfg, vocab_size: int, max_sequence_length: int,
     return model
 
 
-def _load_weights(model, path: str) -> None:
+def _load_weights(model, path: str, common: dict) -> None:
     """dist_checkpointing re-shards the saved layout into the single-process model; bf16 tensors
     are read into the fp32 parameters."""
     metadata = dist_checkpointing.load_content_metadata(path) or sharded_metadata()
     try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)},
-                                        path, strict="assume_ok_unexpected")
+        state = load_sharded({"model": model.sharded_state_dict(metadata=metadata)}, path,
+                             common)
         model.load_state_dict(state["model"], strict=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointLoadError(f"cannot load the model weights of {path}: "
@@ -149,7 +150,7 @@ def load_offline_model(load: str, iteration: Optional[int] = None, tokenizer=Non
     vocab = _model_vocab_size(path, cfg, tok)
     t0 = time.perf_counter()
     model, tcfg = _build_model(path, cfg, vocab, overrides)
-    _load_weights(model, path)
+    _load_weights(model, path, common)
     model.eval()
     return OfflineCheckpoint(model, tcfg, cfg, path, common, tok, vocab,
                              seconds=time.perf_counter() - t0)

@@ -169,11 +169,15 @@ class SparsityController:
     """One fp32 lambda shared by every MoE layer, adapted once per step towards a target sparsity.
 
     Routers call `record(...)` on every training forward (on-device accumulation, no host sync);
-    the trainer calls `step()` once per optimizer step, which reduces the counts over all ranks with
-    a single all-reduce, updates lambda identically on every rank and returns the statistics.
+    once per optimizer step `optimizer_stepped(applied)` (installed on the optimizer by
+    `megatron.remoe.integration.attach`, the one owner of when lambda moves) reduces the counts over
+    all ranks with a single all-reduce, updates lambda identically on every rank if the step was
+    applied everywhere, and keeps the statistics in `last_stats`.
 
-    The controller deliberately lives outside the module tree: Float16Module would otherwise cast
-    lambda to bf16, and every router would carry a copy in the state dict.
+    The controller is not a module (Float16Module would cast lambda to bf16); its state travels in
+    checkpoints as the `_extra_state` of every ReLURouter (router.py), so any megatron-core
+    dist-checkpoint carries it. `sync_state()` gives ranks without routers (a dense-only pipeline
+    stage) the state the routers loaded.
     """
 
     def __init__(self, num_layers: int, num_experts: int, target_sparsity: float,
@@ -198,8 +202,15 @@ class SparsityController:
         # True once the global sparsity has reached the target (end of Stage II); ends the optional
         # Stage I dispatch bound.
         self.reached_target = False
+        self.last_stats: Optional[RoutingStats] = None  # of the last step() / report()
+        self.local_routers = 0  # ReLURouters of this rank counting into this controller
+        self.synced = False  # sync_state() ran (the attach hook runs it before the first update)
 
     # ---- called by the routers -------------------------------------------------------------
+    def register_router(self) -> None:
+        """A ReLURouter of this rank counts into this controller (and carries its state)."""
+        self.local_routers += 1
+
     def layer_row(self, layer_number) -> int:
         """The row of the statistics that a router with `layer_number` counts into.
 
@@ -235,6 +246,8 @@ class SparsityController:
         `tokens_per_expert` ([E], this rank's counts) may be passed when the caller computed it;
         `routing_map` must then already be False for padding tokens."""
         E = self.num_experts
+        if routing_map.device != self.device:  # built before the model moved to its device
+            self.to(routing_map.device)
         # Only fixed-shape device ops here (no bincount, no boolean indexing): both would force a
         # host-device synchronisation per layer on GPUs.
         with torch.no_grad():
@@ -257,6 +270,14 @@ class SparsityController:
         self.reg_group_size = reg_group_size
 
     # ---- called by the trainer -------------------------------------------------------------
+    def optimizer_stepped(self, applied: bool) -> Optional[RoutingStats]:
+        """The attach hook, once per optimizer step on every rank: `step()` if the optimizer
+        applied the step on every rank (agreed in the same all-reduce), else `report()`. The
+        first call syncs the state over ranks first (`sync_state`)."""
+        if not self.synced:
+            self.sync_state()
+        return self._reduce(update=True, applied=applied)
+
     def step(self) -> Optional[RoutingStats]:
         """Reduce this step's counts over all ranks, update lambda, reset. None if nothing ran."""
         return self._reduce(update=True)
@@ -266,17 +287,44 @@ class SparsityController:
         over all ranks and reset as usual; lambda, the step count and the rule's state stay."""
         return self._reduce(update=False)
 
-    def _reduce(self, update: bool) -> Optional[RoutingStats]:
-        counts = torch.cat([self.counts.flatten().to(torch.float64), self.reg_sum])
+    def sync_state(self) -> None:
+        """Every rank takes the state of the lowest rank that has ReLU routers. After a checkpoint
+        load, ranks whose pipeline stage has no MoE layer never saw the routers' `_extra_state`;
+        every rank must call this (one all-gather of a few numbers)."""
+        self.synced = True
+        if not (dist.is_available() and dist.is_initialized()) or \
+                dist.get_world_size(self.group) == 1:
+            return
+        mine = (self.local_routers > 0, self.plain_state(self.state_dict()))
+        gathered = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, mine, group=self.group)
+        source = next((state for has_routers, state in gathered if has_routers), None)
+        if source is not None:
+            self.load_state_dict(source)
+
+    def to(self, device) -> "SparsityController":
+        """Move lambda and the accumulators (empty between steps) to `device`."""
+        self.device = torch.device(device)
+        self.l1_coeff = self.l1_coeff.to(self.device)
+        self.counts = self.counts.to(self.device)
+        self.reg_sum = self.reg_sum.to(self.device)
+        return self
+
+    def _reduce(self, update: bool, applied: bool = True) -> Optional[RoutingStats]:
+        # the last entry counts the ranks whose optimizer skipped the step
+        skipped = torch.full((1,), float(not applied), dtype=torch.float64, device=self.device)
+        counts = torch.cat([self.counts.flatten().to(torch.float64), self.reg_sum, skipped])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             # Counts are integers < 2^53: the float64 sum is exact and identical on every rank.
             dist.all_reduce(counts, group=self.group)
         L, W, E = self.num_layers, stats_width(self.num_experts), self.num_experts
         table = counts[: L * W].round().to(torch.int64).view(L, W).cpu()
-        reg_sum = counts[L * W:].cpu()
+        reg_sum = counts[L * W:-1].cpu()
+        update = update and not float(counts[-1])
         self.counts.zero_()
         self.reg_sum.zero_()
         layers = [i for i in range(L) if table[i, 2 * E + 2] > 0]
+        self.last_stats = None
         if not layers:
             return None
         table = table[layers]
@@ -289,10 +337,11 @@ class SparsityController:
         used = float(self.l1_coeff)
         if update:
             self.update(sparsity, tokens=float(table[:, 2 * E + 1].double().mean()))
-        return RoutingStats(
+        self.last_stats = RoutingStats(
             sparsity=sparsity, l1_coeff=used, l1_reg_loss=l1_reg,
             layer_numbers=[i + 1 for i in layers], tokens_per_expert=table[:, :E],
             experts_per_token_hist=table[:, E:2 * E + 1], tokens=table[:, 2 * E + 1])
+        return self.last_stats
 
     def update(self, sparsity: float, tokens: Optional[float] = None) -> None:
         """One lambda update from the step's global sparsity and its tokens per MoE layer. The
@@ -303,8 +352,9 @@ class SparsityController:
         self.steps += 1
 
     # ---- checkpointing ---------------------------------------------------------------------
-    # The controller's state is saved in a checkpoint's common state under CHECKPOINT_KEY (and in
-    # an HF export's conversion metadata under the same key); lambda is its L1_COEFF_KEY entry.
+    # The controller's state is saved as every ReLURouter's `_extra_state`; checkpoints of
+    # earlier versions hold it in their common state under CHECKPOINT_KEY (an HF export's
+    # conversion metadata uses the same key); lambda is its L1_COEFF_KEY entry.
     CHECKPOINT_KEY = "controller"
     L1_COEFF_KEY = "l1_coeff"
 

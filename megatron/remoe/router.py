@@ -47,12 +47,30 @@ class ReLURouter(Router):
         self.warmup_max_experts = getattr(config, "moe_relu_warmup_max_experts", None)
         # Held as a plain attribute list so it is neither a submodule nor cast by Float16Module.
         self._controller = [controller]
+        self._loaded_controller_state: Optional[dict] = None  # without a controller (offline)
+        if controller is not None:
+            controller.register_router()
         if layer_number is not None:
             self.set_layer_number(layer_number)
 
     @property
     def controller(self) -> Optional[SparsityController]:
         return self._controller[0]
+
+    # The controller's state (lambda, step count, rule state) is every ReLURouter's `_extra_state`:
+    # megatron-core's sharded_state_dict makes it a ShardedObject per layer (replica 0 on TP/DP
+    # rank 0), so any dist-checkpoint saves and loads it, whoever writes it.
+    def get_extra_state(self) -> Optional[dict]:
+        if self.controller is not None:
+            return self.controller.state_dict()
+        return self._loaded_controller_state
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or SparsityController.L1_COEFF_KEY not in state:
+            return  # nothing saved (a model built without a controller)
+        self._loaded_controller_state = state
+        if self.controller is not None:
+            self.controller.load_state_dict(state)
 
     def set_layer_number(self, layer_number: int) -> None:
         """Called by megatron-core's MoELayer/TransformerLayer while the model is built: a number
@@ -109,3 +127,14 @@ class ReLURouter(Router):
         # newer megatron-core also passes input_ids / packed_seq_params: routing does not use them
         logits = self.gating(input)
         return self.routing(logits, padding_mask=padding_mask)
+
+
+def saved_controller_state(model) -> Optional[dict]:
+    """The sparsity controller's state that a model's ReLU routers carry (their controller's, or
+    what a checkpoint loaded into them); None for a model without ReLU routers."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, ReLURouter):
+                return module.get_extra_state()
+    return None

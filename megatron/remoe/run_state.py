@@ -26,9 +26,10 @@ from megatron.remoe.checkpointing import (
 from megatron.remoe.config import ConfigError
 from megatron.remoe.datasets import check_data_matches_tokenizer, load_run_tokenizer, padded_vocab_size
 from megatron.remoe.distributed import ParallelConfig, init_distributed
+from megatron.remoe.integration import attach, controller_for
 from megatron.remoe.logs import get_logger, info0
 from megatron.remoe.metrics_logging import check_logging_backends
-from megatron.remoe.model import build_controller, build_gpt_model, count_parameters
+from megatron.remoe.model import build_gpt_model, count_parameters
 from megatron.remoe.run_lock import check_not_held
 from megatron.remoe.testing_hooks import TestHooks
 
@@ -147,9 +148,10 @@ def setup(cfg: TrainConfig) -> Run:
     # CPU: reuse freed tensor memory across steps (no per-step page faults)
     allocations_kept = device.type == "cpu" and keep_cpu_allocations()
     tcfg = transformer_config(cfg, use_cpu_initialization=device.type == "cpu")
-    controller = build_controller(tcfg, device)
+    controller = controller_for(tcfg, device)
     model = build_model(cfg, tcfg, vocab, controller, device)
     optimizer, scheduler = build_optimizer(cfg, model)
+    attach(model, optimizer)  # lambda moves in optimizer.step(), as in any other trainer
     _install_schedule_hooks(cfg, tcfg, model, optimizer)
     run = Run(cfg=cfg, tcfg=tcfg, device=device, model=model, optimizer=optimizer,
               scheduler=scheduler, controller=controller,

@@ -2,7 +2,7 @@
 
     forward/backward over the micro-batches (megatron-core pipeline schedule; it calls
     finalize_model_grads = DP/TP/PP gradient reductions) -> optimizer.step() (clips inside)
-    -> scheduler.step() -> controller.step() (lambda update, once per step on every rank)
+    (its `attach` hook updates lambda: once per applied step, on every rank) -> scheduler.step()
 
 Between the backward pass and the optimizer step, one all-reduce (MAX over all ranks) of a few flags
 makes every rank take the same decision: a non-finite loss or gradient on any rank (the loop then
@@ -131,10 +131,11 @@ def train_step(run, data_iterator, stop_flags: Optional[Callable[[], list]] = No
     stop = StopVote.from_flags(stop)
     if bad:
         return _not_applied(run, lm_loss, stop)
-    update_ok, grad_norm, _ = run.optimizer.step()  # gradient clipping happens inside
+    # gradient clipping happens inside; so does the lambda update (integration.attach)
+    update_ok, grad_norm, _ = run.optimizer.step()
     if update_ok:
         run.scheduler.step(increment=1)
-    routing = run.controller.step() if run.controller is not None else None  # on EVERY rank
+    routing = run.controller.last_stats if run.controller is not None else None
     metrics = {"lm_loss": lm_loss,
                "lr": run.optimizer.param_groups[0]["lr"],
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -326,7 +326,7 @@ class TrainLoop:
             self.lock.check()  # rank 0 only: the heartbeat flag in the step covers the others
         self.hooks.phase("save", run.iteration)
         self.last_saved = save_checkpoint(
-            cfg.save, run.iteration, run.model, run.optimizer, run.scheduler, run.controller,
+            cfg.save, run.iteration, run.model, run.optimizer, run.scheduler,
             run.consumed_train_samples, cfg, self.config_yaml,
             extra_common={"padded_vocab_size": run.vocab_size, "skipped_steps": run.skipped_steps,
                           "eval_pending": eval_pending},

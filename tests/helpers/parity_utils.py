@@ -452,7 +452,7 @@ def _worker(argv: list) -> int:
         init = os.environ.get("PARITY_SAVE_INIT")
         if init:  # write the initial weights as checkpoint iteration 0, then stop
             run = orig_setup(cfg)
-            save_checkpoint(init, 0, run.model, run.optimizer, run.scheduler, run.controller, 0,
+            save_checkpoint(init, 0, run.model, run.optimizer, run.scheduler, 0,
                             cfg, config_to_yaml(cfg),
                             extra_common={"padded_vocab_size": run.vocab_size,
                                           "skipped_steps": 0}, log=lambda message: None)

@@ -24,8 +24,10 @@ checkpoints nothing is deleted, so the last good one is never removed.
 
 Contents: the model's and the optimizer's sharded state dicts (re-shardable: a checkpoint loads into
 another TP/PP/EP/DP layout; the distributed optimizer uses the `fully_sharded_model_space` format) plus
-common state saved once: iteration, consumed samples, LR scheduler, the ReMoE sparsity controller
-(lambda), the effective config; and per-rank RNG states (restored when the layout is unchanged).
+common state saved once: iteration, consumed samples, LR scheduler, the effective config; and
+per-rank RNG states (restored when the layout is unchanged). The ReMoE sparsity controller's state
+(lambda) is part of the model's sharded state: every ReLURouter's `_extra_state` (checkpoints of
+earlier versions hold it in the common state; `load_sharded` still loads those).
 
 Modules: files.py (names, manifest, verification), directory.py (find, resolve, prune), state.py
 (the sharded state dict), save.py, load.py. megatron-core's checkpointing and optimizer modules are
@@ -62,13 +64,14 @@ from megatron.remoe.checkpointing.load import (
     single_process_config,
 )
 from megatron.remoe.checkpointing.save import EXIT_SAVE_FAILED, CheckpointSaveError, save_checkpoint
-from megatron.remoe.checkpointing.state import sharded_metadata
+from megatron.remoe.checkpointing.state import load_sharded, sharded_metadata
 
 __all__ = [
     "CHECKPOINT_VERSION", "COMMON_PT", "EXIT_SAVE_FAILED", "MANIFEST", "MODEL_SHAPE_FIELDS", "TRACKER",
     "CheckpointSaveError", "_describe_files", "check_checkpoint_matches", "check_model_shape",
     "check_writer_version", "checkpoint_candidates", "find_latest_checkpoint",
     "find_loadable_checkpoint", "iteration_dir", "load_checkpoint", "load_common_state",
+    "load_sharded",
     "prune_checkpoints", "read_checkpoint_config", "resolve_checkpoint", "save_checkpoint",
     "sharded_metadata", "single_process_config", "verify_checkpoint",
     "verify_checkpoint_distributed", "writer_versions",

@@ -15,6 +15,7 @@ from megatron.remoe.checkpointing.state import (
     _restore_torch_adam_steps,
     _set_rng_state,
     _state_dict,
+    load_sharded,
     sharded_metadata,
 )
 from megatron.remoe.config import ConfigError
@@ -136,7 +137,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
                     vocab_size: Optional[int] = None) -> dict:
     """Load `path` (a checkpoint directory) into the current layout; returns the common state
     (iteration, consumed_train_samples, layout, config, ...). A checkpoint of another model shape
-    (or padded vocabulary, `vocab_size`) raises ConfigError before any tensor is read."""
+    (or padded vocabulary, `vocab_size`) raises ConfigError before any tensor is read. The
+    sparsity controller's state comes with the model (its routers' `_extra_state`) and is then
+    synced to every rank."""
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
 
@@ -154,7 +157,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
     with_optimizer = not cfg.no_load_optim
     sd = _state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer,
                      with_rng=with_rng, metadata=metadata)
-    state = dist_checkpointing.load(sd, path, strict="assume_ok_unexpected")
+    state = load_sharded(sd, path, common)
     model = unwrap_model(model)
     if len(model) == 1:
         model[0].load_state_dict(state["model"], strict=True)
@@ -173,9 +176,6 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
         optimizer.reload_model_params()
     if with_rng:
         _set_rng_state(state["rng_state"])
-    if controller is not None:
-        if common.get("controller") is None:
-            raise ConfigError(f"{path} has no sparsity-controller state (saved from a run "
-                             "without --router relu?); cannot resume a ReLU-routed run from it")
-        controller.load_state_dict(common["controller"])
+    if controller is not None:  # the routers loaded its state; ranks without routers get it too
+        controller.sync_state()
     return common

@@ -203,11 +203,13 @@ def _test_hook_fail(iteration: int, stage: str):
         filesystem_async._write_item = real
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, controller,
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
                     consumed_train_samples: int, cfg, config_yaml: str,
                     extra_common: Optional[dict] = None, log=None) -> str:
     """Save atomically into root/iter_XXXXXXX; every rank must call this.
 
+    The sparsity controller's state (lambda) is in the model's sharded state: every ReLURouter's
+    `_extra_state`.
     `extra_common`: more common (non-sharded) state, e.g. the padded vocabulary size and the number
     of skipped steps. With cfg.keep_last_n_checkpoints, older checkpoints are pruned afterwards.
     A write error on any rank (disk full, permission, I/O) raises CheckpointSaveError on every
@@ -234,8 +236,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cont
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
               opt_param_scheduler=scheduler.state_dict(),
               checkpoint_version=CHECKPOINT_VERSION, writer=writer_versions(),
-              layout=_layout(cfg), config=cfg.to_dict(),
-              controller=controller.state_dict() if controller is not None else None)
+              layout=_layout(cfg), config=cfg.to_dict())
     sd.update(extra_common or {})
     _in_process_write_results()
     _children_die_with_parent()

@@ -131,3 +131,33 @@ def _state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
     if with_rng:
         sd["rng_state"] = _rng_sharded(None if is_loading else _rng_state())
     return sd
+
+
+# every ReLURouter's `_extra_state` holds the sparsity controller's state (router.py)
+ROUTER_STATE_SUFFIX = ".router._extra_state"
+
+
+def load_sharded(sd: dict, path: str, common: dict) -> dict:
+    """dist_checkpointing.load of the sharded state dict `sd` (model chunks under "model*")
+    from checkpoint `path` with common state `common`.
+
+    Checkpoints written before the controller's state moved into the routers hold it in their
+    common state under SparsityController.CHECKPOINT_KEY and have no router `_extra_state`:
+    those entries are not read from the files but filled with that common state, so the
+    routers (and their controller) load it as from a current checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.remoe.regularizer import SparsityController
+
+    legacy = common.get(SparsityController.CHECKPOINT_KEY)
+    moved = {}
+    if legacy is not None:
+        for name, part in sd.items():
+            if name.startswith("model") and isinstance(part, dict):
+                moved[name] = [key for key in part if key.endswith(ROUTER_STATE_SUFFIX)]
+                for key in moved[name]:
+                    del part[key]
+    state = dist_checkpointing.load(sd, path, strict="assume_ok_unexpected")
+    for name, keys in moved.items():
+        state[name].update({key: legacy for key in keys})
+    return state

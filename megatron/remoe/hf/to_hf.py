@@ -22,6 +22,7 @@ from megatron.remoe.hf.parity import verify_parity
 from megatron.remoe.logs import get_logger
 from megatron.remoe.offline import CheckpointLoadError, load_offline_model
 from megatron.remoe.regularizer import SparsityController
+from megatron.remoe.router import saved_controller_state
 
 logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,7 +92,8 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
     if dial is not None:
         set_dial(ckpt.model, dial)
     cfg, common = ckpt.cfg, ckpt.common
-    controller = SparsityController.plain_state(common.get(SparsityController.CHECKPOINT_KEY))
+    # lambda as the checkpoint's ReLU routers loaded it (their `_extra_state`)
+    controller = SparsityController.plain_state(saved_controller_state(ckpt.model))
     info = {"checkpoint": os.path.abspath(ckpt.path), "iteration": ckpt.iteration,
             "consumed_train_samples": common.get("consumed_train_samples"),
             "saved_layout": ckpt.saved_layout, "router": cfg.router,

@@ -165,14 +165,14 @@ def _exported_controller(hf_dir: str, controller) -> None:
         controller.load_state_dict(saved)
 
 
-def _save_atomically(save_dir: str, cfg, model, optimizer, scheduler, controller) -> None:
+def _save_atomically(save_dir: str, cfg, model, optimizer, scheduler) -> None:
     """save_checkpoint's final iter_* rename + tracker write is atomic; build next to the target
     and move it in, so a failure leaves nothing at save_dir."""
     parent = os.path.dirname(save_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_dir)}.tmp", dir=parent)
     try:
-        save_checkpoint(tmp, 0, model, optimizer, scheduler, controller, 0, cfg,
+        save_checkpoint(tmp, 0, model, optimizer, scheduler, 0, cfg,
                         config_to_yaml(cfg))
         if os.path.exists(save_dir):
             shutil.rmtree(save_dir)
@@ -209,7 +209,8 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
     # the trainer's save needs an optimizer; an HF folder has no Adam state to put in it, so
     # the checkpoint is resumed with --no-load-optim (Adam restarts from zero moments)
     optimizer, scheduler = build_optimizer(cfg, model)
-    _save_atomically(save_dir, cfg, model, optimizer, scheduler, controller)
+    # the model's routers carry the controller's state (lambda) into the checkpoint
+    _save_atomically(save_dir, cfg, model, optimizer, scheduler)
     log(f"convert: wrote megatron checkpoint {save_dir}/iter_0000000 ({kind} -> router "
         f"{cfg.router}); resume with `remoe train --load {save_dir} --no-load-optim ...`")
     return save_dir
