@@ -24,6 +24,8 @@ CORE_TESTS = (
     "tests/test_reliability.py::test_unloadable_checkpoints_fall_back_or_stop_with_exit_2",
     "tests/test_cpu_experts.py",  # the CPU expert path vs SequentialMLP / dense, 1 process, EP2, TP2
     "tests/test_cpu_settings.py",  # fused Adam, grouped experts and bf16 in the trainer; allocator
+    "tests/test_attach.py",  # the integration API: spec function, attach, lambda in checkpoints
+    "tests/test_integration.py",  # a megatron-core-only loop == remoe train, bit for bit
 )
 
 
@@ -34,6 +36,7 @@ CORE_TESTS = (
 # or a tool or a Python script as a subprocess, worker pools (also in a module fixture the test uses).
 MULTIPROCESS_TESTS = (
     "tests/test_ablate.py::test_tool_collects_real_runs_and_skips_finished",
+    "tests/test_attach.py::test_a_step_skipped_on_one_rank_is_skipped_on_every_rank",
     "tests/test_bad_inputs.py::test_bad_input_exits_2_with_one_line_and_writes_nothing",
     "tests/test_bad_inputs.py::test_bad_input_as_a_real_process",
     "tests/test_chaos_resume.py",
@@ -55,6 +58,7 @@ MULTIPROCESS_TESTS = (
     "tests/test_dead_rank.py",
     "tests/test_gpu.py::test_train_steps_single_gpu",
     "tests/test_hf_cli.py",
+    "tests/test_integration.py",  # remoe train and the foreign loop under torchrun
     "tests/test_moe_parallel.py",
     "tests/test_parity.py",
     "tests/test_reliability.py::test_reference_keeps_last_two_verified_checkpoints",
@@ -87,6 +91,10 @@ GPU_TESTS = (
 # slow: one process, but more than ~2 s each on the 2-core CI machine (measured under load).
 SLOW_TESTS = (
     "tests/test_ablate.py::test_plots_vs_E_and_G",
+    "tests/test_attach.py::test_skipped_step_leaves_lambda_and_the_next_step_moves_it_once",
+    "tests/test_attach.py::test_chained_optimizer_of_two_moves_lambda_once",
+    "tests/test_attach.py::test_the_routers_carry_lambda_through_a_checkpoint",
+    "tests/test_attach.py::test_a_checkpoint_of_the_earlier_layout_still_loads",
     "tests/test_analysis_e2e.py::test_report_in_memory_relu_vs_topk",
     "tests/test_analysis_e2e.py::test_cli_on_checkpoints",
     "tests/test_hf_evaluate.py::test_backends_agree_and_routing_counts",
