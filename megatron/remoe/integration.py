@@ -132,7 +132,8 @@ def attach(model, optimizer) -> Optional[SparsityController]:
     fp16 loss-scale overflow: `step()` returns success False on any rank) reduces the routing
     statistics but leaves lambda, its step count and rule state unchanged. Before the first
     update the controller's state is synced over ranks (`SparsityController.sync_state`), so a
-    checkpoint loaded before it reaches dense-only pipeline stages too.
+    checkpoint loaded before it reaches dense-only pipeline stages too; a trainer that loads a
+    checkpoint later in the run calls `controller.sync_state()` on every rank after the load.
 
     Returns the SparsityController (None for a model that does not route with ReLU); its
     `last_stats` (a RoutingStats, or None) holds the last step's statistics for logging.
