@@ -5,7 +5,8 @@ must give `remoe train`'s losses, gradient norms, lambda trajectory and sparsity
 30 steps (4 micro-batches per step on one process, 2 per rank with PP2 or DP2), saving at step 15
 and resuming in fresh processes; lambda reaches the resumed loop only through the model's own
 checkpoint state (the routers' `_extra_state`), and with PP2 the dense-only first stage gets it
-from the MoE stage.
+from the MoE stage. With EP2 the optimizer is a ChainedOptimizer of two (dense and expert
+parameters) and lambda still moves once per step.
 """
 
 import json
@@ -73,6 +74,8 @@ def test_foreign_loop_matches_remoe_train(layout, tmp_path):
             assert mine["grad_norm"] == ref["grad_norm"], where
             if mine["lm_loss"] is not None:  # last pipeline stage
                 assert mine["lm_loss"] == ref["lm_loss"], where
+        if layout == "ep2":  # experts have their own optimizer: a ChainedOptimizer of two
+            assert {s["optimizers"] for s in steps} == {2}
         # lambda moved once per step (x or / alpha: no step left out or counted twice)
         for before, after in zip(steps, steps[1:]):
             assert after["lambda"] == before["lambda_next"] != before["lambda"]

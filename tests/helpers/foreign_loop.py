@@ -165,7 +165,8 @@ def foreign_loop(world, argv, ckpt, stop):
         stats = controller.last_stats
         records.append({"iteration": iteration, "lm_loss": _mean_loss(losses),
                         "grad_norm": float(grad_norm), "lambda": stats.l1_coeff,
-                        "sparsity": stats.sparsity, "lambda_next": float(controller.l1_coeff)})
+                        "sparsity": stats.sparsity, "lambda_next": float(controller.l1_coeff),
+                        "optimizers": len(getattr(optimizer, "chained_optimizers", [optimizer]))})
         if iteration == SAVE_AT:
             _save(ckpt, model, optimizer, scheduler, iteration)
     dist.barrier()
