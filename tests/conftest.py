@@ -36,7 +36,7 @@ CORE_TESTS = (
 # or a tool or a Python script as a subprocess, worker pools (also in a module fixture the test uses).
 MULTIPROCESS_TESTS = (
     "tests/test_ablate.py::test_tool_collects_real_runs_and_skips_finished",
-    "tests/test_attach.py::test_a_step_skipped_on_one_rank_is_skipped_on_every_rank",
+    "tests/test_attach.py::test_ranks_without_routers_get_the_loaded_state_and_skip_together",
     "tests/test_bad_inputs.py::test_bad_input_exits_2_with_one_line_and_writes_nothing",
     "tests/test_bad_inputs.py::test_bad_input_as_a_real_process",
     "tests/test_chaos_resume.py",

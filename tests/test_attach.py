@@ -6,7 +6,8 @@
 * `attach`: lambda moves once per applied optimizer step, also through a ChainedOptimizer of two
   optimizers; a step megatron-core's optimizer skips (inf gradients under a grad scaler) leaves
   lambda, its step count and rule state unchanged and still reports the routing statistics;
-  a skip on one rank only is a skip on every rank;
+  a skip on one rank only is a skip on every rank; a rank without routers (a dense-only
+  pipeline stage) gets the state the routers loaded;
 * the controller's state is every ReLURouter's `_extra_state` (a ShardedObject per MoE layer of
   the model's sharded_state_dict): a checkpoint restores it without any controller argument, and
   a checkpoint in the earlier layout (state in the common dict, no router `_extra_state`) loads
@@ -144,27 +145,32 @@ def test_chained_optimizer_of_two_moves_lambda_once(single_rank):
         assert moved_once(lam, float(controller.l1_coeff))
 
 
-def _skip_on_one_rank(rank, world):
+def _two_ranks(rank, world):
     from megatron.remoe.distributed import ParallelConfig, init_distributed
     from megatron.remoe.regularizer import SparsityController
 
     init_distributed(ParallelConfig(), seed=1)
     controller = SparsityController(num_layers=1, num_experts=4, target_sparsity=0.75,
                                     l1_coeff_init=1e-3)
+    if rank == 1:  # the MoE stage: its router loaded a checkpoint; rank 0 has no router
+        controller.register_router()
+        controller.load_state_dict({"l1_coeff": 0.5, "steps": 9, "reached_target": True})
     out = []
-    for applied in (rank == 0, True):  # step 1 skipped by rank 1's optimizer only
+    for applied in (rank == 0, True):  # step 1 is skipped by rank 1's optimizer only
         controller.record(1, torch.ones(8, 4, dtype=torch.bool), None, None)
         controller.optimizer_stepped(applied=applied)
-        out.append((float(controller.l1_coeff), controller.steps))
+        out.append((float(controller.l1_coeff), controller.steps, controller.reached_target))
     return out
 
 
-def test_a_step_skipped_on_one_rank_is_skipped_on_every_rank():
-    per_rank = run_workers(_skip_on_one_rank, 2, timeout=120)
-    lam = float(torch.tensor(1e-3, dtype=torch.float32))
+def test_ranks_without_routers_get_the_loaded_state_and_skip_together():
+    """The first hook call gives a rank without routers (a dense-only pipeline stage) the state
+    its MoE stage loaded; a step skipped by one rank's optimizer is skipped on both."""
+    per_rank = run_workers(_two_ranks, 2, timeout=120)
     assert per_rank[0] == per_rank[1]
-    assert per_rank[0][0] == (lam, 0)
-    assert per_rank[0][1] == (float(torch.tensor(1e-3, dtype=torch.float32) * 1.2), 1)
+    assert per_rank[0][0] == (0.5, 9, True)
+    # sparsity 0 < 0.75: lambda * 1.2 in fp32
+    assert per_rank[0][1] == (float(torch.tensor(0.5, dtype=torch.float32) * 1.2), 10, True)
 
 
 # ---- lambda in the model's checkpoint state -----------------------------------------------------
