@@ -78,6 +78,7 @@ class ReLURouter(Router):
             probs = probs * valid.unsqueeze(-1).to(probs.dtype)
         routing_map = probs > 0
 
+        controller = self.controller
         # Count each layer once per micro-batch: with activation recomputation the first forward
         # runs without grad and the recomputation with grad, so count only when grad is enabled.
         if self.training and torch.is_grad_enabled():
@@ -88,14 +89,18 @@ class ReLURouter(Router):
                 local_counts = routing_map.sum(dim=0)
             reg = l1_reg_loss(probs, routing_map, self.topk, self.load_balancing, valid,
                               reduce_group=tp_cp, local_counts=local_counts)
-            controller = self.controller
             if controller is not None:
                 probs = MoEAuxLossAutoScaler.apply(probs, controller.l1_coeff.to(reg.dtype) * reg)
                 controller.record(self.layer_number, routing_map, valid, reg,
                                   reg_group_size=tp_cp.size() if tp_cp is not None else 1,
                                   tokens_per_expert=local_counts)
-                if self.warmup_max_experts is not None and not controller.reached_target:
-                    probs, routing_map = self._bound_experts(probs, routing_map)
+        # The bound, unlike the count, applies in both passes of a recomputed forward: the no-grad
+        # first pass produces the output the loss sees, the recomputation the one the backward
+        # differentiates; they must dispatch the same experts. `reached_target` moves only in
+        # controller.step(), after the backward, so both passes see the same value.
+        if self.training and controller is not None and self.warmup_max_experts is not None \
+                and not controller.reached_target:
+            probs, routing_map = self._bound_experts(probs, routing_map)
         return probs, routing_map
 
     def _bound_experts(self, probs, routing_map):
