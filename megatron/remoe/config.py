@@ -197,9 +197,9 @@ def refuse_cuda_graphs(cfg) -> None:
     (training, the Stage I bound) stay as they were at capture."""
     found = cuda_graph_settings(cfg)
     if found:
-        raise ConfigError(f"{found[0]} captures the MoE layers in CUDA graphs, which freeze the ReLU "
-                          "router's lambda and Stage I bound at capture; remove it (cuda_graph_impl="
-                          "'none') with --moe-relu-routing")
+        raise ConfigError(f"{found[0]} (CUDA graphs) is not supported with ReLU routing: a captured"
+                          " router keeps its capture-time lambda and Stage I bound; remove it "
+                          "(cuda_graph_impl='none')")
 
 
 def check_variable_k_dispatch(cfg) -> None:
