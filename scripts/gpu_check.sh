@@ -44,19 +44,19 @@ while [ $# -gt 0 ]; do
         --dry-run) MODE=dry-run ;;
         --bench) BENCH=1 ;;
         --mcore) ONLY+=("$2"); shift ;;
-        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 [ ${#ONLY[@]} -gt 0 ] && VERSIONS=("${ONLY[@]}")
 
-if [ "$MODE" = dry-run ]; then
+if [ "$MODE" = device ]; then
+    DEFAULT_PY=python3 SCALE=1
+else  # here: a Python 3.12 with pip stands in for the device's python3
     DEFAULT_PY=/work/main/.venv312/bin/python
     [ -x "$DEFAULT_PY" ] || DEFAULT_PY=python3.12
     SCALE=4
-else
-    DEFAULT_PY=python3 SCALE=1
 fi
 PY="${PYTHON:-$DEFAULT_PY}"
 
