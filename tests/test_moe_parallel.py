@@ -22,10 +22,9 @@ from tests.helpers.moe_reference import (
     K,
     build_moe_layer,
     canonical_weights,
-    dense_reference,
     load_canonical,
     local_expert_grads,
-    reference_l1,
+    reference_step,
 )
 
 S, B, STEPS, LAMBDA0 = 8, 2, 3, 0.05
@@ -133,18 +132,11 @@ def _gather_cat(t, dim, world):
 
 def dense_expectation(step, lam):
     """Outputs and gradients of sum_b [sum(out_b * g_b) + lam * L_reg(b)] in float64."""
-    w = {k: v.double().requires_grad_(True) for k, v in canonical_weights().items()}
     X, G = step_data(step)
-    total, outs, regs = 0.0, [], []
-    for b in (0, 1):
-        out, gates = dense_reference(X[:, b:b + 1], w)
-        reg = reference_l1(gates, topk=K)
-        total = total + (out * G[:, b:b + 1].double()).sum() + lam * reg
-        outs.append(out.detach())
-        regs.append(float(reg))
-    total.backward()
-    return dict(output=torch.cat(outs, dim=1), router=w["router"].grad, gate=w["gate"].grad,
-                up=w["up"].grad, down=w["down"].grad, l1_reg_loss=sum(regs) / 2)
+    ref = reference_step(canonical_weights(), [(X[:, b:b + 1], G[:, b:b + 1]) for b in (0, 1)],
+                         lam, topk=K)
+    ref["output"] = torch.cat(ref["outputs"], dim=1)
+    return ref
 
 
 @pytest.fixture(scope="module")

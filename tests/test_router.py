@@ -221,6 +221,9 @@ def test_granularity_keeps_target_sparsity():
     (dict(moe_relu_l1_reg_coeff_multiplier=1.0), "multiplier"),
     (dict(moe_relu_l1_reg_coeff_init=0.0), "coeff_init"),
     (dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"), "expert_bias"),
+    (dict(moe_router_fusion=True), "moe_router_fusion"),  # GPU TopK kernels (docs/gpu.md)
+    (dict(moe_pad_expert_input_to_capacity=True, moe_expert_capacity_factor=8.0),
+     "pad_expert_input_to_capacity"),
 ])
 def test_bad_relu_configs_are_rejected(bad, needle):
     with pytest.raises(ConfigError, match=needle):

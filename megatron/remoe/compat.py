@@ -49,11 +49,16 @@ def variable_k_dispatch_settings(num_experts: int, topk: int, dispatcher: str,
                                  capacity_factor: Optional[float] = None) -> dict:
     """TransformerConfig overrides that make dispatch exact when tokens pick 0..E experts.
 
-    megatron-core >= 0.17 sizes the dropless alltoall permutation as `tokens * topk` (and TE's fused
-    permutation does on every version), truncating tokens that chose more than `topk` experts.
-    With any capacity factor set, the dispatcher uses the real per-expert token count instead; the
-    ReLU router never applies the capacity itself, so nothing is dropped. We set E/topk only when
-    the user set none: a user's value is theirs (the config validation rejects one below E/topk).
+    Without a capacity factor the alltoall dispatcher sizes the permutation as `tokens * topk`
+    (`num_out_tokens`), not as the real number of routed pairs. megatron-core >= 0.17's unfused
+    permute cuts its index list to that length, and the experts' split then fails; TE's fused
+    permute (`moe_permute_fusion`, every version) allocates that many rows and writes every routed
+    pair without a bounds check: an out-of-bounds write in Stage I (more pairs than tokens * topk),
+    uninitialised rows in Stage III (fewer). With any capacity factor set, the dispatcher counts
+    the pairs exactly instead; the ReLU router never applies the capacity itself, so nothing is
+    dropped. We set E/topk only when the user set none: a user's value is theirs (the config
+    validation rejects one below E/topk). `config.check_variable_k_dispatch` re-checks this when a
+    router is built.
     """
     if dispatcher != "alltoall" or capacity_factor is not None:
         return {}
@@ -75,6 +80,19 @@ def fixed_k_features(cfg) -> list:
     if getattr(cfg, "moe_enable_routing_replay", False):
         found.append(("moe_enable_routing_replay", "records and replays top-k expert indices",
                       "remove it with --moe-relu-routing"))
+    return found
+
+
+def cuda_graph_settings(cfg) -> list:
+    """The `field=value` settings of `cfg` that capture layers in CUDA graphs: `cuda_graph_impl`
+    (0.16+; 'full_iteration' from 0.19) and its deprecated switches `enable_cuda_graph` /
+    `external_cuda_graph`. The scope fields (`cuda_graph_scope`, 0.19's `cuda_graph_modules`)
+    capture nothing while the implementation is 'none'. Fields absent in this version are off."""
+    found = [f"{name}=True" for name in ("enable_cuda_graph", "external_cuda_graph")
+             if getattr(cfg, name, False)]
+    impl = getattr(cfg, "cuda_graph_impl", "none")
+    if impl not in (None, "none"):
+        found.append(f"cuda_graph_impl={impl!r}")
     return found
 
 

@@ -11,7 +11,12 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron.remoe.compat import fixed_k_features, variable_k_dispatch_settings
+from megatron.remoe.compat import (
+    cuda_graph_settings,
+    fixed_k_features,
+    mcore_version_string,
+    variable_k_dispatch_settings,
+)
 
 ROUTERS = ("relu", "topk", "topk-sigmoid-bias", "dense")
 
@@ -89,6 +94,23 @@ class ReMoETransformerConfig(TransformerConfig):
 
             check_config_dial(self)
 
+    def finalize(self) -> None:
+        """Re-check the config after fields were changed since construction.
+
+        Megatron-Bridge, its recipes and command-line overrides set fields after construction and
+        then call `config.finalize()` (megatron-core 0.19's GPTModelConfig.finalize calls it when
+        the config has one). megatron-core's TransformerConfig has no finalize (0.16-0.19) and its
+        __post_init__ can run again (same fields after a second run), so this re-runs the whole
+        construction: the ReLU fix-ups, megatron-core's checks, the ReLU validation. A capacity
+        factor this config set itself is recomputed from the current fields (E/topk may have
+        changed); a value the user set is kept.
+        """
+        for key, value in getattr(self, "_relu_dispatch_overrides", {}).items():
+            if getattr(self, key) == value:
+                setattr(self, key, type(self).__dataclass_fields__[key].default)
+        self._relu_dispatch_overrides = {}
+        self.__post_init__()
+
     def _prepare_relu_routing(self) -> None:
         # The TopK-only knobs are irrelevant for ReLU routing; set them so megatron-core's own
         # validation (which assumes a TopK router) accepts the config.
@@ -102,12 +124,15 @@ class ReMoETransformerConfig(TransformerConfig):
             name, why, fix = refused[0]
             raise ConfigError(f"{name} {why}, a fixed number per token, which ReLU routing "
                               f"(0..E experts per token) does not have; {fix}")
+        refuse_cuda_graphs(self)  # megatron-core's own CUDA-graph checks give less useful messages
         if self.num_moe_experts and self.moe_router_topk:
             overrides = variable_k_dispatch_settings(
                 self.num_moe_experts, self.moe_router_topk, self.moe_token_dispatcher_type,
                 self.moe_permute_fusion, self.moe_expert_capacity_factor)
             for key, value in overrides.items():
                 setattr(self, key, value)
+            # remembered so that finalize() recomputes what it set, not what the user set
+            self._relu_dispatch_overrides = overrides
 
     @property
     def target_sparsity(self) -> float:
@@ -154,6 +179,7 @@ def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
         raise ConfigError("moe_z_loss_coeff is not applied by the ReLU router; remove it")
     if cfg.moe_input_jitter_eps:
         raise ConfigError("moe_input_jitter_eps is not applied by the ReLU router; remove it")
+    refuse_cuda_graphs(cfg)
     bound = cfg.moe_relu_warmup_max_experts
     if bound is not None and not 1 <= bound <= E:
         raise ConfigError(f"moe_relu_warmup_max_experts={bound} must be in [1, num_moe_experts={E}]"
@@ -163,6 +189,36 @@ def validate_relu_routing(cfg: ReMoETransformerConfig) -> None:
     check_l1_coeff_init(cfg.moe_relu_l1_reg_coeff_init)
     check_l1_multiplier(cfg.moe_relu_l1_reg_coeff_multiplier)
     controller_options(cfg).validate()
+
+
+def refuse_cuda_graphs(cfg) -> None:
+    """CUDA graphs replay the captured router: the controller gives lambda a new tensor each step
+    (the graph keeps reading the freed capture-time one) and the router's Python branches
+    (training, the Stage I bound) stay as they were at capture."""
+    found = cuda_graph_settings(cfg)
+    if found:
+        raise ConfigError(f"{found[0]} (CUDA graphs) is not supported with ReLU routing: a captured"
+                          " router keeps its capture-time lambda and Stage I bound; remove it "
+                          "(cuda_graph_impl='none')")
+
+
+def check_variable_k_dispatch(cfg) -> None:
+    """Called when a ReLU router is built: the variable-k dispatch settings the config applied at
+    construction (compat.variable_k_dispatch_settings) still hold. A config changed afterwards
+    (e.g. `moe_permute_fusion=True` set by a recipe) would otherwise size the permutation as
+    tokens * topk: an out-of-bounds write in TE's fused permute in Stage I."""
+    E, k = cfg.num_moe_experts, cfg.moe_router_topk
+    missing = variable_k_dispatch_settings(
+        E, k, cfg.moe_token_dispatcher_type, cfg.moe_permute_fusion,
+        cfg.moe_expert_capacity_factor)
+    if missing:
+        why = ("moe_permute_fusion=True" if cfg.moe_permute_fusion
+               else f"megatron-core {mcore_version_string()}")
+        raise ConfigError(
+            f"moe_expert_capacity_factor=None with moe_token_dispatcher_type='alltoall' and {why} "
+            "sizes the permutation as tokens x topk, which ReLU routing (0..E experts per token) "
+            "overruns; the config changed after construction: call config.finalize() before "
+            f"building the model, or set moe_expert_capacity_factor={E / k:g}")
 
 
 # The ReMoE range rules, owned here and worded in the caller's vocabulary: the trainer names flags

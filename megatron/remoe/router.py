@@ -14,7 +14,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
 
 from megatron.remoe.compat import call_with_supported_kwargs
-from megatron.remoe.config import ConfigError
+from megatron.remoe.config import ConfigError, check_variable_k_dispatch
 from megatron.remoe.dial import dialled_gates
 from megatron.remoe.regularizer import SparsityController, l1_reg_loss
 
@@ -40,6 +40,7 @@ class ReLURouter(Router):
             raise ConfigError("ReLU routing in multi-token-prediction layers is not supported (the "
                               "sparsity controller counts the decoder's layers); drop "
                               "--mtp-num-layers or use a TopK router")
+        check_variable_k_dispatch(config)  # the config may have changed since its construction
         call_with_supported_kwargs(super().__init__, config=config, pg_collection=pg_collection,
                                    **kwargs)
         self.topk = config.moe_router_topk
@@ -96,6 +97,7 @@ class ReLURouter(Router):
             probs = probs * valid.unsqueeze(-1).to(probs.dtype)
         routing_map = probs > 0
 
+        controller = self.controller
         # Count each layer once per micro-batch: with activation recomputation the first forward
         # runs without grad and the recomputation with grad, so count only when grad is enabled.
         if self.training and torch.is_grad_enabled():
@@ -106,14 +108,27 @@ class ReLURouter(Router):
                 local_counts = routing_map.sum(dim=0)
             reg = l1_reg_loss(probs, routing_map, self.topk, self.load_balancing, valid,
                               reduce_group=tp_cp, local_counts=local_counts)
-            controller = self.controller
             if controller is not None:
-                probs = MoEAuxLossAutoScaler.apply(probs, controller.l1_coeff.to(reg.dtype) * reg)
+                l1_term = controller.l1_coeff.to(reg.dtype) * reg
+                if self.config.calculate_per_token_loss:
+                    # megatron-core then sets the aux-loss scale without 1/micro-batches and
+                    # divides every gradient by the global token count. Its TopK router restores
+                    # the default mode's aux gradient by the local tokens x TP*CP (0.19; 0.16
+                    # omitted TP*CP, though its schedule and finalize divide the same way): so
+                    # does the L1 term, whose sum over TP*CP is the micro-batch term.
+                    local_tokens = valid.sum() if valid is not None else probs.shape[0]
+                    l1_term = l1_term * (local_tokens * (tp_cp.size() if tp_cp is not None else 1))
+                probs = MoEAuxLossAutoScaler.apply(probs, l1_term)
                 controller.record(self.layer_number, routing_map, valid, reg,
                                   reg_group_size=tp_cp.size() if tp_cp is not None else 1,
                                   tokens_per_expert=local_counts)
-                if self.warmup_max_experts is not None and not controller.reached_target:
-                    probs, routing_map = self._bound_experts(probs, routing_map)
+        # The bound, unlike the count, applies in both passes of a recomputed forward: the no-grad
+        # first pass produces the output the loss sees, the recomputation the one the backward
+        # differentiates; they must dispatch the same experts. `reached_target` moves only in the
+        # controller's once-per-step update, after the backward: both passes see the same value.
+        if self.training and controller is not None and self.warmup_max_experts is not None \
+                and not controller.reached_target:
+            probs, routing_map = self._bound_experts(probs, routing_map)
         return probs, routing_map
 
     def _bound_experts(self, probs, routing_map):

@@ -45,11 +45,43 @@ def reference_l1(gates, topk, load_balancing=True):
     return total / T
 
 
-def build_moe_layer(config, controller=None):
+def reference_step(w, micro_batches, lam, topk=K):
+    """float64 outputs and gradients of sum_b [sum(out_b * g_b) + lam * L_reg(b)] over the
+    micro-batches [(x_b, g_b), ...] (the regulariser is defined per micro-batch)."""
+    w = {k: v.double().requires_grad_(True) for k, v in w.items()}
+    total, outs, gates_per_mb, regs = 0.0, [], [], []
+    for x, g in micro_batches:
+        out, gates = dense_reference(x, w)
+        reg = reference_l1(gates, topk=topk)
+        total = total + (out * g.double()).sum() + lam * reg
+        outs.append(out.detach())
+        gates_per_mb.append(gates.detach())
+        regs.append(float(reg))
+    total.backward()
+    return dict(outputs=outs, gates=gates_per_mb, router=w["router"].grad, gate=w["gate"].grad,
+                up=w["up"].grad, down=w["down"].grad, l1_reg_loss=sum(regs) / len(regs))
+
+
+def sparse_router(w, bias, dead=()):
+    """Weights for the sparse regime with inputs whose feature 0 is a positive constant c (a bias
+    feature): the live experts' router column 0 becomes -bias (fewer positive gates, some tokens
+    with none), a dead expert's router row becomes -10 on feature 0 only (never a positive gate:
+    an expert without tokens)."""
+    w = dict(w, router=w["router"].clone())
+    w["router"][:, 0] = -bias
+    for e in dead:
+        w["router"][e] = 0.0
+        w["router"][e, 0] = -10.0
+    return w
+
+
+def build_moe_layer(config, controller=None, use_transformer_engine=False):
+    """The MoE block of a one-layer spec of this config, from the project's own block spec (either
+    spec form: ModuleSpec, or functools.partial on megatron-core >= 0.18)."""
     from megatron.remoe.compat import build_from_spec
     from megatron.remoe.spec import get_block_spec
 
-    spec = get_block_spec(config, controller, use_transformer_engine=False)
+    spec = get_block_spec(config, controller, use_transformer_engine=use_transformer_engine)
     layer = build_from_spec(spec.layer_specs[0].submodules.mlp, config=config)
     layer.set_layer_number(1)
     return layer
