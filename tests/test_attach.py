@@ -11,7 +11,8 @@
 * the controller's state is every ReLURouter's `_extra_state` (a ShardedObject per MoE layer of
   the model's sharded_state_dict): a checkpoint restores it without any controller argument, and
   a checkpoint in the earlier layout (state in the common dict, no router `_extra_state`) loads
-  through the same path, for the trainer and for the offline loader (HF export's lambda).
+  through the same path, for the trainer and for the offline loader (HF export's lambda); a
+  weights-only state dict loads strictly and leaves the controller as it is.
 """
 
 from __future__ import annotations
@@ -233,6 +234,10 @@ def test_the_routers_carry_lambda_through_a_checkpoint(single_rank, tmp_path):
     assert_same_state(fresh[3].state_dict(), saved)
     _, _, _, info = load_megatron_checkpoint(str(tmp_path), log=lambda m: None)
     assert info["l1_reg_coeff"] == float(saved["l1_coeff"])
+    # a weights-only state dict (no `_extra_state`) loads strictly and leaves the controller
+    bare = fresh[0][0].module
+    bare.load_state_dict({k: v for k, v in bare.state_dict().items() if torch.is_tensor(v)})
+    assert_same_state(fresh[3].state_dict(), saved)
 
 
 def test_a_checkpoint_of_the_earlier_layout_still_loads(single_rank, tmp_path, monkeypatch):

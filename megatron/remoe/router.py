@@ -73,6 +73,15 @@ class ReLURouter(Router):
         if self.controller is not None:
             self.controller.load_state_dict(state)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A weights-only state dict (tensors copied from another model, as conversions and tests
+        # do) leaves the controller as it is, as before its state moved into the routers.
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
+
     def set_layer_number(self, layer_number: int) -> None:
         """Called by megatron-core's MoELayer/TransformerLayer while the model is built: a number
         the controller cannot place is refused here, not in the middle of a forward."""
