@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -147,6 +148,21 @@ def check_kind_lists(config, nodeids: list) -> None:
     if stale:
         raise pytest.UsageError(f"tests/conftest.py lists tests that do not exist: {stale}; "
                                 "rename or remove them there")
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_aux_loss_scale():
+    """megatron-core keeps the aux-loss gradient scale in a class attribute that a pipeline
+    schedule sets in place (`copy_`) and a bare forward/backward initialises: its shape then
+    depends on which test ran before (per-token mode passes a [1] tensor; 0.16 starts from a []
+    one). Every test starts from the value it had before the previous test."""
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    scaler = getattr(moe_utils, "MoEAuxLossAutoScaler", None)
+    saved = getattr(scaler, "main_loss_backward_scale", None)
+    saved = saved.clone() if saved is not None else None
+    yield
+    if scaler is not None:
+        scaler.main_loss_backward_scale = saved
 
 
 @pytest.fixture(scope="module")
