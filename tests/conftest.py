@@ -101,10 +101,6 @@ GPU_TESTS = (
 # slow: one process, but more than ~2 s each on the 2-core CI machine (measured under load).
 SLOW_TESTS = (
     "tests/test_ablate.py::test_plots_vs_E_and_G",
-    "tests/test_attach.py::test_skipped_step_leaves_lambda_and_the_next_step_moves_it_once",
-    "tests/test_attach.py::test_chained_optimizer_of_two_moves_lambda_once",
-    "tests/test_attach.py::test_the_routers_carry_lambda_through_a_checkpoint",
-    "tests/test_attach.py::test_a_checkpoint_of_the_earlier_layout_still_loads",
     "tests/test_analysis_e2e.py::test_report_in_memory_relu_vs_topk",
     "tests/test_analysis_e2e.py::test_cli_on_checkpoints",
     "tests/test_hf_evaluate.py::test_backends_agree_and_routing_counts",
