@@ -22,6 +22,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron.remoe.arguments import TrainConfig, transformer_config
 from megatron.remoe.checkpointing import (
+    load_sharded_state,
     read_checkpoint_config,
     resolve_checkpoint,
     sharded_metadata,
@@ -122,8 +123,7 @@ def _load_weights(model, path: str) -> None:
     are read into the fp32 parameters."""
     metadata = dist_checkpointing.load_content_metadata(path) or sharded_metadata()
     try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)},
-                                        path, strict="assume_ok_unexpected")
+        state = load_sharded_state({"model": model.sharded_state_dict(metadata=metadata)}, path)
         model.load_state_dict(state["model"], strict=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointLoadError(f"cannot load the model weights of {path}: "

@@ -58,6 +58,7 @@ from megatron.remoe.checkpointing.load import (
     check_model_shape,
     load_checkpoint,
     load_common_state,
+    load_sharded_state,
     read_checkpoint_config,
     single_process_config,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "CheckpointSaveError", "_describe_files", "check_checkpoint_matches", "check_model_shape",
     "check_writer_version", "checkpoint_candidates", "find_latest_checkpoint",
     "find_loadable_checkpoint", "iteration_dir", "load_checkpoint", "load_common_state",
+    "load_sharded_state",
     "prune_checkpoints", "read_checkpoint_config", "resolve_checkpoint", "save_checkpoint",
     "sharded_metadata", "single_process_config", "verify_checkpoint",
     "verify_checkpoint_distributed", "writer_versions",

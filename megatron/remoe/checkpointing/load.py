@@ -67,6 +67,42 @@ def single_process_config(cfg):
         moe_grouped_gemm=False, bf16=False, use_distributed_optimizer=False)
 
 
+def load_sharded_state(sharded_sd: dict, path: str) -> dict:
+    """dist_checkpointing.load of `sharded_sd` from checkpoint `path` (entries the checkpoint has
+    and the request lacks are ignored). MoE-layer norms that `path` holds in megatron-core's TE
+    layout are read from there (`_request_te_moe_norm_keys`)."""
+    from megatron.core import dist_checkpointing
+
+    _request_te_moe_norm_keys(sharded_sd, path)
+    return dist_checkpointing.load(sharded_sd, path, strict="assume_ok_unexpected")
+
+
+def _request_te_moe_norm_keys(sharded_sd: dict, path: str) -> int:
+    """Checkpoints written with transformer_impl=transformer_engine before the project's spec gave
+    TE MoE layers the local keys (spec.MOE_NORM_KEY_MAP) hold each MoE layer's norm as
+    `pre_mlp_layernorm.*`; ask for those keys where the checkpoint lacks the local ones (model and
+    optimizer entries alike). Returns the number of entries redirected."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    from megatron.remoe.spec import MOE_NORM_KEY_MAP  # spec imports the layer stack
+
+    ((te_prefix, local_prefix),) = MOE_NORM_KEY_MAP.items()
+    wanted = [v for v in nested_values(sharded_sd)
+              if isinstance(v, ShardedBase) and local_prefix in v.key]
+    if not wanted:
+        return 0
+    saved = set(dist_checkpointing.load_tensors_metadata(path))
+    moved = 0
+    for entry in wanted:
+        te_key = entry.key.replace(local_prefix, te_prefix, 1)
+        if entry.key not in saved and te_key in saved:
+            entry.key = te_key
+            moved += 1
+    return moved
+
+
 def _norm_freq(value):
     if isinstance(value, str):
         value = [int(x) for x in value.strip("[]").split(",") if x.strip()] if "," in value \
@@ -119,6 +155,17 @@ def _check_optimizer_reshardable(path, saved: dict, now: dict, saved_cfg: dict, 
         raise ConfigError(f"{path}: saved with use_distributed_optimizer="
                          f"{saved_cfg.get('use_distributed_optimizer')}, now "
                          f"{cfg.use_distributed_optimizer}; {fix}")
+    saved_impl = saved_cfg.get("transformer_impl") or "local"
+    if (cfg.use_distributed_optimizer and saved_impl != cfg.transformer_impl
+            and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"):
+        # that format stores flat buckets in parameter order, which differs between the two
+        # implementations (e.g. TEGroupedMLP vs SequentialMLP experts): never map it by position
+        raise ConfigError(f"{path}: distributed-optimizer state in 'dp_reshardable' format saved "
+                         f"with transformer_impl={saved_impl} cannot load into transformer_impl="
+                         f"{cfg.transformer_impl} (parameter order differs); resume with "
+                         f"--no-load-optim (weights, lambda, scheduler and data position are "
+                         f"still restored; Adam moments restart) or with --transformer-impl "
+                         f"{saved_impl}")
     changed = [d for d in model_dims if saved.get(d) != now.get(d)]
     if (cfg.use_distributed_optimizer and changed
             and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"):
@@ -154,7 +201,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
     with_optimizer = not cfg.no_load_optim
     sd = _state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer,
                      with_rng=with_rng, metadata=metadata)
-    state = dist_checkpointing.load(sd, path, strict="assume_ok_unexpected")
+    state = load_sharded_state(sd, path)
     model = unwrap_model(model)
     if len(model) == 1:
         model[0].load_state_dict(state["model"], strict=True)
