@@ -33,6 +33,13 @@ CORE_TESTS = (
     "tests/test_moe_sparse.py::test_sparse_regime_ep2",
     "tests/test_attach.py",  # the integration API: spec function, attach, lambda in checkpoints
     "tests/test_integration.py",  # a megatron-core-only loop == remoe train, bit for bit
+    # TE <-> local checkpoints (TE emulated): one key set, offline tools, a resume across impls
+    "tests/test_te_checkpoint_layout.py::test_te_and_local_moe_models_share_checkpoint_keys",
+    "tests/test_te_checkpoint_layout.py::test_dp_reshardable_optimizer_state_does_not_cross_"
+    "transformer_impl",
+    "tests/test_te_checkpoint_layout.py::test_te_checkpoint_loads_in_every_offline_tool[te]",
+    "tests/test_te_checkpoint_layout.py::test_resume_with_the_other_transformer_impl_equals_"
+    "uninterrupted_run[te-to-local]",
 )
 
 
@@ -83,6 +90,11 @@ MULTIPROCESS_TESTS = (
     "tests/test_reliability.py::test_signal_handler_defers_then_second_signal_kills",
     "tests/test_run_lock.py::test_second_trainer_refused_then_stale_lock_taken_over",
     "tests/test_save_failures.py",
+    "tests/test_te_checkpoint_layout.py::test_emulation_writes_te_layout_before_the_fix_and_local_"
+    "keys_after",
+    "tests/test_te_checkpoint_layout.py::test_te_checkpoint_loads_in_every_offline_tool",
+    "tests/test_te_checkpoint_layout.py::test_resume_with_the_other_transformer_impl_equals_"
+    "uninterrupted_run",
     "tests/test_train_loop.py::test_single_process_trains_and_logs",
     "tests/test_train_loop.py::test_saved_config_round_trips",
     "tests/test_train_loop.py::test_resume_equals_uninterrupted_run",

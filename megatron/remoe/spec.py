@@ -14,6 +14,7 @@ import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron.remoe.compat import call_with_supported_kwargs, mcore_version_string, moe_submodules
@@ -58,6 +59,60 @@ class RMSNorm(torch.nn.RMSNorm):
             super().forward(x)
 
 
+# megatron-core's local layer spec stores EVERY layer's pre-MLP norm under the key of TE's fused
+# norm+fc1 (dense layers), MoE layers included; its TE spec keeps MoE layers' standalone norm under
+# `pre_mlp_layernorm.*` plus a TE `_extra_state`. We give TE MoE layers the local keys, so one
+# checkpoint layout loads under either transformer_impl (and the checkpoints written so far, all
+# local, keep loading unchanged).
+MOE_NORM_KEY_MAP = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+_EXTRA_STATE = "_extra_state"
+
+
+class NormWithoutExtraState:
+    """Builds the norm `norm` (set by `norm_without_extra_state`) and keeps its `_extra_state` out
+    of checkpoints: a TE norm's extra state holds quantizer metadata, and a norm has no quantizers
+    (TE writes an empty tensor). Checkpoints of the local spec have no such key, so one missing on
+    load is expected; one present in a checkpoint (TE runs before this) is left unread."""
+
+    norm = None
+
+    def __new__(cls, *args, **kwargs):
+        norm = cls.norm
+        module = build_module(norm, *args, **kwargs) if isinstance(norm, ModuleSpec) else \
+            norm(*args, **kwargs)
+        module.register_state_dict_post_hook(_drop_extra_state)
+        module.register_load_state_dict_post_hook(_extra_state_not_missing)
+        return module
+
+
+def _drop_extra_state(module, state_dict, prefix, local_metadata) -> None:
+    state_dict.pop(prefix + _EXTRA_STATE, None)
+
+
+def _extra_state_not_missing(module, incompatible_keys) -> None:
+    # torch does not pass the module's prefix to this hook: these norms are `pre_mlp_layernorm`
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.endswith(f"pre_mlp_layernorm.{_EXTRA_STATE}")]
+
+
+def norm_without_extra_state(norm) -> type:
+    """A builder of `norm` (a class; megatron-core >= 0.18 calls it directly, so it must be one)
+    whose instances keep their `_extra_state` out of checkpoints (`NormWithoutExtraState`)."""
+    if isinstance(norm, type) and issubclass(norm, NormWithoutExtraState):
+        return norm
+    return type(f"{getattr(norm, '__name__', 'Norm')}WithoutExtraState",
+                (NormWithoutExtraState,), {"norm": norm})
+
+
+def align_moe_layer_checkpoint_keys(layer_submodules) -> None:
+    """Give a TE MoE layer the local spec's checkpoint layout: its norm saved as
+    `mlp.linear_fc1.layer_norm_*` (MOE_NORM_KEY_MAP), without the norm's TE `_extra_state`."""
+    layer_submodules.sharded_state_dict_keys_map = {
+        **MOE_NORM_KEY_MAP, **layer_submodules.sharded_state_dict_keys_map}
+    layer_submodules.pre_mlp_layernorm = norm_without_extra_state(
+        layer_submodules.pre_mlp_layernorm)
+
+
 def make_router_builder(config, controller: Optional[SparsityController]):
     """The callable for `MoESubmodules.router`."""
     if is_relu_routed(config):
@@ -74,10 +129,12 @@ def get_block_spec(config, controller: Optional[SparsityController] = None,
     With `use_transformer_engine` (default: TE importable and CUDA present) the layers are
     megatron-core's TE spec: fused norm+QKV (`TELayerNormColumnParallelLinear`), `TENorm` before
     each MoE block, TE attention, and `TEGroupedMLP` experts when `config.moe_grouped_gemm` (TE
-    `SequentialMLP` otherwise). Without TE: megatron-core's local modules with our RMSNorm; on a
-    CPU machine the experts are `cpu_experts.GroupedCPUExperts` (SequentialMLP's parameters and
-    checkpoints, one grouped pass over the experts) unless `config.moe_cpu_experts` is
-    "sequential" or the config needs SequentialMLP (logged). The router slot is ours in either case.
+    `SequentialMLP` otherwise); MoE layers save that norm under the local spec's keys
+    (`align_moe_layer_checkpoint_keys`), so a checkpoint loads under either implementation.
+    Without TE: megatron-core's local modules with our RMSNorm; on a CPU machine the experts are
+    `cpu_experts.GroupedCPUExperts` (SequentialMLP's parameters and checkpoints, one grouped pass
+    over the experts) unless `config.moe_cpu_experts` is "sequential" or the config needs
+    SequentialMLP (logged). The router slot is ours in either case.
     """
     if use_transformer_engine is None:
         use_transformer_engine = default_use_transformer_engine()
@@ -102,6 +159,8 @@ def get_block_spec(config, controller: Optional[SparsityController] = None,
             moe.router = router
             if not use_transformer_engine:  # CPU: grouped experts (megatron/remoe/cpu_experts.py)
                 moe.experts = cpu_experts_spec(moe.experts, config)
+            else:  # the local spec's checkpoint keys (MOE_NORM_KEY_MAP)
+                align_moe_layer_checkpoint_keys(sub)
     return block
 
 

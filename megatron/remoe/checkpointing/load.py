@@ -120,6 +120,17 @@ def _check_optimizer_reshardable(path, saved: dict, now: dict, saved_cfg: dict, 
         raise ConfigError(f"{path}: saved with use_distributed_optimizer="
                          f"{saved_cfg.get('use_distributed_optimizer')}, now "
                          f"{cfg.use_distributed_optimizer}; {fix}")
+    saved_impl = saved_cfg.get("transformer_impl") or "local"
+    if (cfg.use_distributed_optimizer and saved_impl != cfg.transformer_impl
+            and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"):
+        # that format stores flat buckets in parameter order, which differs between the two
+        # implementations (e.g. TEGroupedMLP vs SequentialMLP experts): never map it by position
+        raise ConfigError(f"{path}: distributed-optimizer state in 'dp_reshardable' format saved "
+                         f"with transformer_impl={saved_impl} cannot load into transformer_impl="
+                         f"{cfg.transformer_impl} (parameter order differs); resume with "
+                         f"--no-load-optim (weights, lambda, scheduler and data position are "
+                         f"still restored; Adam moments restart) or with --transformer-impl "
+                         f"{saved_impl}")
     changed = [d for d in model_dims if saved.get(d) != now.get(d)]
     if (cfg.use_distributed_optimizer and changed
             and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"):

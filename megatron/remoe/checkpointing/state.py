@@ -144,11 +144,13 @@ def load_sharded(sd: dict, path: str, common: dict) -> dict:
     Checkpoints written before the controller's state moved into the routers hold it in their
     common state under SparsityController.CHECKPOINT_KEY and have no router `_extra_state`:
     those entries are not read from the files but filled with that common state, so the
-    routers (and their controller) load it as from a current checkpoint."""
+    routers (and their controller) load it as from a current checkpoint. MoE-layer norms that
+    `path` holds in megatron-core's TE layout are read from there (`_request_te_moe_norm_keys`)."""
     from megatron.core import dist_checkpointing
 
     from megatron.remoe.regularizer import SparsityController
 
+    _request_te_moe_norm_keys(sd, path)
     legacy = common.get(SparsityController.CHECKPOINT_KEY)
     moved = {}
     if legacy is not None:
@@ -161,3 +163,29 @@ def load_sharded(sd: dict, path: str, common: dict) -> dict:
     for name, keys in moved.items():
         state[name].update({key: legacy for key in keys})
     return state
+
+
+def _request_te_moe_norm_keys(sharded_sd: dict, path: str) -> int:
+    """Checkpoints written with transformer_impl=transformer_engine before the project's spec gave
+    TE MoE layers the local keys (spec.MOE_NORM_KEY_MAP) hold each MoE layer's norm as
+    `pre_mlp_layernorm.*`; ask for those keys where the checkpoint lacks the local ones (model and
+    optimizer entries alike). Returns the number of entries redirected."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    from megatron.remoe.spec import MOE_NORM_KEY_MAP  # spec imports the layer stack
+
+    ((te_prefix, local_prefix),) = MOE_NORM_KEY_MAP.items()
+    wanted = [v for v in nested_values(sharded_sd)
+              if isinstance(v, ShardedBase) and local_prefix in v.key]
+    if not wanted:
+        return 0
+    saved = set(dist_checkpointing.load_tensors_metadata(path))
+    moved = 0
+    for entry in wanted:
+        te_key = entry.key.replace(local_prefix, te_prefix, 1)
+        if entry.key not in saved and te_key in saved:
+            entry.key = te_key
+            moved += 1
+    return moved
