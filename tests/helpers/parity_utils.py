@@ -344,17 +344,26 @@ def flag_value(layout: str, flag: str, default=None):
 def layout_problems(layout: str, result: dict) -> list:
     """What the ranks built against what the layout asks for: model chunks per rank, the DDP
     options in effect, and the routers' layer numbers (together 1..num_layers, globally)."""
-    flags = LAYOUTS[layout][1]
-    chunks = int(flag_value(layout, "--virtual-pipeline-model-parallel-size", 1))
-    want = {"chunks": chunks, "overlap_grad_reduce": "--overlap-grad-reduce" in flags,
-            "distributed_optimizer": "--use-distributed-optimizer" in flags}
+    nproc, flags = LAYOUTS[layout]
+    size = {name: int(flag_value(layout, f"--{name}-model-parallel-size", 1))
+            for name in ("tensor", "pipeline", "virtual-pipeline", "expert")}
+    distributed = "--use-distributed-optimizer" in flags
+    dp = nproc // (size["tensor"] * size["pipeline"])
+    # the distributed optimizer shards over DP, the experts' (EP > 1) over DP / EP
+    shards = ([dp] + ([dp // size["expert"]] if size["expert"] > 1 else [])) if distributed else []
+    want = {"chunks": size["virtual-pipeline"],
+            "overlap_grad_reduce": "--overlap-grad-reduce" in flags,
+            "distributed_optimizer": distributed, "optimizer_shard_ranks": shards}
     bad = []
     for rank, facts in sorted(result["setup"].items()):
+        if facts is None:
+            bad.append(f"rank {rank} recorded no setup")
+            continue
         got = {key: facts[key] for key in want}
         if got != want:
             bad.append(f"rank {rank} built {got}, the layout asks for {want}")
-    layers = {n for facts in result["setup"].values() for chunk in facts["router_layers"]
-              for n in chunk}
+    layers = {n for facts in result["setup"].values() if facts
+              for chunk in facts["router_layers"] for n in chunk}
     if layers != set(range(1, int(flag_value(layout, "--num-layers")) + 1)):
         bad.append(f"router layer numbers {sorted(layers)}")
     return bad
@@ -466,9 +475,15 @@ def _layout_facts(run) -> dict:
     ddp = run.model[0].ddp_config
     routers = [[module.layer_number for name, module in chunk.named_modules()
                 if name.endswith(".router")] for chunk in run.model]
+    # ranks each (chained) distributed optimizer shards its state over: experts get their own
+    # optimizer with EP > 1, sharded over the expert-data-parallel group
+    optimizers = getattr(run.optimizer, "chained_optimizers", [run.optimizer])
+    shards = [opt.data_parallel_group.size() for opt in optimizers
+              if getattr(opt, "data_parallel_group", None) is not None]
     return {"kind": "setup", "chunks": len(run.model), "router_layers": routers,
             "overlap_grad_reduce": ddp.overlap_grad_reduce,
-            "distributed_optimizer": ddp.use_distributed_optimizer}
+            "distributed_optimizer": ddp.use_distributed_optimizer,
+            "optimizer_shard_ranks": shards}
 
 
 def _worker(argv: list) -> int:
