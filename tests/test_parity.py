@@ -38,9 +38,10 @@ What CI runs (the reduced matrix; `tools/parity_table.py --full` runs everything
 
 PP2 x VP2 found that interleaved training with PP = 2 was silently wrong (step 1: LM loss off by
 3.1e-4, sparsity by 5.6e-3, grad norm by 8%; within 6 steps: loss by 0.08, sparsity by 0.24, grad
-norm by 2.2x): megatron-core's default batched p2p posts an
-activation and a gradient to the same peer, which arrive swapped; the trainer now sets Megatron-LM's
-overlap_p2p_comm=True, batch_p2p_comm=False for the interleaved schedule (train_config.py).
+norm by 2.2 relative): megatron-core's default batched p2p posts an activation and a gradient to
+the same peer, and they arrive swapped. The trainer now sets overlap_p2p_comm=False,
+batch_p2p_comm=False for the interleaved schedule (train_config.py; docs/parity.md says why not
+Megatron-LM's overlap_p2p_comm=True).
 
 Negative control (the checks must catch a sparsity reduction that skips a parallel group):
 `test_negative_control_skipped_group_is_caught` runs TP2+SP with the controller's all-reduce

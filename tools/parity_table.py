@@ -68,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
-                        help="all layouts for both routers, every re-sharding pair for ReLU (and "
-                             "1 process <-> every layout for TopK), resume for every layout, five "
-                             "negative controls: 136 trainer jobs, ~25-35 min on 2 cores "
-                             "(default: the reduced CI matrix, 21 jobs)")
+                        help="all layouts for both routers, every re-sharding pair of one model "
+                             "for ReLU (and 1 process <-> every layout for TopK), resume for every "
+                             "layout, seven negative controls: 245 trainer jobs, roughly an hour "
+                             "on 2 cores (default: the reduced CI matrix, 27 jobs)")
     parser.add_argument("--routers", default="relu,topk", help="comma list (default relu,topk)")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory, "
                                            "deleted at the end)")
