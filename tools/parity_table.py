@@ -29,25 +29,30 @@ from tests.helpers.pretrain_utils import build_corpus  # noqa: E402
 
 # the reduced matrix = the CI set of tests/test_parity.py
 REDUCED = {
-    "parity": {"relu": [n for n in P.LAYOUTS if n != "1proc"], "topk": ["tp2_sp", "pp2_ep2"]},
+    "parity": {"relu": [n for n in P.LAYOUTS if n not in P.REFERENCES + P.FULL_ONLY],
+               "topk": ["tp2_sp", "pp2_ep2"]},
     "reshard": {"relu": [("tp2_sp", "pp2"), ("pp2_ep2", "ep2_allgather"), ("1proc", "tp2_ep2")],
                 "topk": []},
-    "resume": {"relu": ["tp2_ep2", "dp2_distopt"], "topk": []},
+    "resume": {"relu": ["tp2_ep2", "dp2_distopt", "pp2_vp2"], "topk": []},
     "negative": [("relu", "tp2_sp", "tp")],
 }
 
 
 def full_matrix() -> dict:
     names = list(P.LAYOUTS)
-    others = [n for n in names if n != "1proc"]
+    others = [n for n in names if n not in P.REFERENCES]
+    same_model = [(a, b) for a in names for b in names
+                  if a != b and P.reference(a) == P.reference(b)]
     return {
         "parity": {"relu": others, "topk": others},
-        # ReLU: every ordered pair; TopK: 1 process -> every layout and back
-        "reshard": {"relu": [(a, b) for a in names for b in names if a != b],
-                    "topk": [("1proc", b) for b in others] + [(a, "1proc") for a in others]},
+        # ReLU: every ordered pair of layouts of one model; TopK: 1 process -> every layout and back
+        "reshard": {"relu": same_model,
+                    "topk": [(P.reference(b), b) for b in others] +
+                            [(a, P.reference(a)) for a in others]},
         "resume": {"relu": names, "topk": names},
         "negative": [("relu", "tp2_sp", "tp"), ("relu", "pp2", "pp"), ("relu", "dp2", "dp"),
-                     ("relu", "tp2_ep2", "dp"), ("relu", "pp2_ep2", "pp")],
+                     ("relu", "tp2_ep2", "dp"), ("relu", "pp2_ep2", "pp"),
+                     ("relu", "pp2_vp2", "pp"), ("relu", "ep2_dp2_distopt", "dp")],
     }
 
 
@@ -63,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
-                        help="all layouts for both routers, every re-sharding pair for ReLU (and "
-                             "1 process <-> every layout for TopK), resume for every layout, five "
-                             "negative controls: 136 trainer jobs, ~25-35 min on 2 cores "
-                             "(default: the reduced CI matrix, 21 jobs)")
+                        help="all layouts for both routers, every re-sharding pair of one model "
+                             "for ReLU (and 1 process <-> every layout for TopK), resume for every "
+                             "layout, seven negative controls: 245 trainer jobs, roughly an hour "
+                             "on 2 cores (default: the reduced CI matrix, 27 jobs)")
     parser.add_argument("--routers", default="relu,topk", help="comma list (default relu,topk)")
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary directory, "
                                            "deleted at the end)")
@@ -142,7 +147,9 @@ def run_matrix(runs, matrix: dict, routers: list) -> tuple:
     """-> (rows, negative controls): every job of `matrix` for `routers`."""
     rows = []
     for router in routers:
-        rows += parity_rows(runs, router, ["1proc"] + matrix["parity"][router])
+        references = [n for n in P.REFERENCES
+                      if any(P.reference(layout) == n for layout in matrix["parity"][router])]
+        rows += parity_rows(runs, router, references + matrix["parity"][router])
         by_layout = {r["layout"]: r for r in rows if r["router"] == router}
         add_reshard_and_resume(runs, router, matrix, by_layout)
     negatives = []

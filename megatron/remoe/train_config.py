@@ -258,6 +258,15 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool):
         # Megatron-LM's training defaults for the schedules
         deallocate_pipeline_outputs=True, calculate_per_token_loss=False,
     )
+    if cfg.virtual_pipeline_model_parallel_size:
+        # The interleaved schedule sends an activation and a gradient to the same peer when PP = 2
+        # (next = prev rank). megatron-core's default, batched p2p, posts them in an order that
+        # pairs them swapped: training is silently wrong (Megatron-LM issue #750). Unbatched p2p
+        # separates the two directions. Each exchange is waited for: Megatron-LM's overlap_p2p_comm
+        # gave run-to-run different results on gloo (the schedule deallocates an output while its
+        # asynchronous send is pending, megatron-core 0.16 schedules.py:1522). Checked by
+        # tests/test_parity.py (pp2_vp2 against 1 process, and its exact resume)
+        fields.update(overlap_p2p_comm=False, batch_p2p_comm=False)
     if cfg.recompute_modules:
         fields["recompute_modules"] = list(cfg.recompute_modules)
     if cfg.moe:

@@ -51,7 +51,33 @@ LAYOUTS = {
     "tp2_ep2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                     "--expert-model-parallel-size", "2"]),
     "pp2_ep2": (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
+    # megatron-core's DDP with the bucket reduce started from backward hooks (asynchronous) and
+    # skipped (no_sync) on all but the last micro-batch, with and without the distributed optimizer
+    "dp2_overlap": (2, ["--overlap-grad-reduce"]),
+    "dp2_distopt_overlap": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce"]),
+    # expert data parallelism 2 under the distributed optimizer: the experts' optimizer state is
+    # sharded over the 2 expert-DP ranks, the dense parameters' over all 4
+    "ep2_dp2_distopt": (4, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
+    # interleaved 1F1B needs >= 2 layers per pipeline rank: a 4-layer model, 2 chunks of 1 layer
+    # per rank (rank 0 holds layers 1 and 3, rank 1 layers 2 and 4), compared with 1 process
+    # running the same 4-layer model ("1proc_l4")
+    "1proc_l4": (1, ["--num-layers", "4"]),
+    "pp2_vp2": (2, ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+                    "--virtual-pipeline-model-parallel-size", "2"]),
 }
+# The 1-process run each layout is compared with (same model; "1proc" unless named here), and the
+# layouts that are such references.
+REFERENCE = {"1proc_l4": "1proc_l4", "pp2_vp2": "1proc_l4"}
+REFERENCES = ("1proc", "1proc_l4")
+# Layouts only `tools/parity_table.py --full` runs (CI runs the others: tests/test_parity.py)
+FULL_ONLY = ("ep2_dp2_distopt",)
+
+
+def reference(layout: str) -> str:
+    """The 1-process layout of the same model as `layout`."""
+    return REFERENCE.get(layout, "1proc")
+
+
 STEPS, HALF = 6, 3  # steps per run; checkpoints and evaluations at HALF and STEPS
 ROUTERS = {"relu": ["--router", "relu"],
            # k=2 so that the (pre-softmax) top-k probabilities are not all 1
@@ -117,12 +143,14 @@ def run_layout(layout: str, argv: list, out_dir: str, timeout: float = 150,
     if proc.returncode != 0:
         raise RuntimeError(f"{layout}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-5000:]}")
-    out = {"steps": {}, "evals": {}, "metrics": metrics, "wall_s": wall, "stdout": proc.stdout}
+    out = {"steps": {}, "evals": {}, "setup": {}, "metrics": metrics, "wall_s": wall,
+           "stdout": proc.stdout}
     for rank in range(nproc):
         with open(os.path.join(records, f"rank{rank}.jsonl"), encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh]
         out["steps"][rank] = [r for r in rows if r["kind"] == "step"]
         out["evals"][rank] = [r for r in rows if r["kind"] == "eval"]
+        out["setup"][rank] = next((r for r in rows if r["kind"] == "setup"), None)
     return out
 
 
@@ -140,9 +168,10 @@ def copy_checkpoint(save_dir: str, iteration: int, dest: str) -> str:
 class Runs:
     """Trainer jobs (run once on first use, cached), all from one initial checkpoint:
 
-    * `init(router)`: the 1-process model at iteration 0, saved as a checkpoint. With one seed,
-      megatron-core initialises PP stages and EP-sharded experts differently per layout, so every
-      run starts from these weights (loaded with --no-load-optim: no Adam state exists yet);
+    * `init(router, ref)`: the 1-process model (layout `ref`, see `reference`) at iteration 0,
+      saved as a checkpoint. With one seed, megatron-core initialises PP stages and EP-sharded
+      experts differently per layout, so every run starts from these weights (loaded with
+      --no-load-optim: no Adam state exists yet);
     * `train(router, layout)`: STEPS steps from there, checkpoints and evaluations at HALF, STEPS;
     * `load_half(router, source, layout)`: `source`'s HALF checkpoint loaded under `layout` (with
       an evaluation before the first step), trained to `steps`.
@@ -167,13 +196,14 @@ class Runs:
             self.progress(f"done  {label} in {result['wall_s']:.1f} s")
         return result
 
-    def init(self, router):
-        key = ("init", router)
+    def init(self, router, ref="1proc"):
+        key = ("init", router, ref)
         if key not in self.cache:
-            path = self.dir(router, "init")
-            self._job(f"{router} initial checkpoint", "1proc",
-                      base_args(self.data, router, STEPS, HALF), self.dir(router, "init_job"),
-                      env={"PARITY_SAVE_INIT": path})
+            suffix = "" if ref == "1proc" else f"_{ref}"
+            path = self.dir(router, f"init{suffix}")
+            self._job(f"{router} initial checkpoint{suffix.replace('_', ' ')}", ref,
+                      base_args(self.data, router, STEPS, HALF),
+                      self.dir(router, f"init_job{suffix}"), env={"PARITY_SAVE_INIT": path})
             self.cache[key] = path
         return self.cache[key]
 
@@ -182,7 +212,7 @@ class Runs:
         if key not in self.cache:
             out = self.dir(router, f"{layout}_{tag}")
             argv = base_args(self.data, router, STEPS, HALF) + [
-                "--load", self.init(router), "--no-load-optim",
+                "--load", self.init(router, reference(layout)), "--no-load-optim",
                 "--save", os.path.join(out, "ckpt"), "--save-interval", str(HALF)]
             self.cache[key] = self._job(f"{router} {layout} {tag}", layout, argv, out, env)
         return self.cache[key]
@@ -229,7 +259,7 @@ def deviations(ref: dict, other: dict, iterations=None) -> dict:
     its = sorted(set(a) & set(b)) if iterations is None else list(iterations)
     assert its and all(i in a and i in b for i in its), (sorted(a), sorted(b), iterations)
     out = {"iterations": its, "loss": 0.0, "grad_norm_rel": 0.0, "sparsity": 0.0,
-           "lambda_rel": 0.0}
+           "lambda_rel": 0.0, "layer_counts_differ": []}
     for i in its:
         x, y = a[i], b[i]
         out["loss"] = max(out["loss"], abs(x["lm_loss"] - y["lm_loss"]))
@@ -237,6 +267,8 @@ def deviations(ref: dict, other: dict, iterations=None) -> dict:
                                    abs(x["grad_norm"] - y["grad_norm"]) / abs(x["grad_norm"]))
         if x["sparsity"] is not None:
             out["sparsity"] = max(out["sparsity"], abs(x["sparsity"] - y["sparsity"]))
+            if x["layer_counts"] != y["layer_counts"]:
+                out["layer_counts_differ"].append(i)
             for key in ("lambda", "lambda_next"):
                 out["lambda_rel"] = max(out["lambda_rel"], abs(x[key] - y[key]) / x[key])
         for key in ("lm_loss", "grad_norm"):
@@ -256,6 +288,8 @@ def within_tolerance(dev: dict) -> list:
         bad.append(f"|dsparsity| {dev['sparsity']:.3g} > {TOL_SPARSITY}")
     if not dev["lambda_rel"] <= TOL_LAMBDA_REL:
         bad.append(f"rel dlambda {dev['lambda_rel']:.3g} > {TOL_LAMBDA_REL}")
+    if dev["layer_counts_differ"]:
+        bad.append(f"tokens per layer and expert differ at steps {dev['layer_counts_differ']}")
     return bad
 
 
@@ -300,12 +334,47 @@ def optimizer_moves(source: str, target: str) -> bool:
     return not dist_a and not dist_b and ep_a == ep_b
 
 
+def flag_value(layout: str, flag: str, default=None):
+    """The value of `flag` in MODEL + the layout's flags (the last one wins, as in argparse)."""
+    flags = MODEL + LAYOUTS[layout][1]
+    where = [i for i, f in enumerate(flags) if f == flag]
+    return flags[where[-1] + 1] if where else default
+
+
+def layout_problems(layout: str, result: dict) -> list:
+    """What the ranks built against what the layout asks for: model chunks per rank, the DDP
+    options in effect, and the routers' layer numbers (together 1..num_layers, globally)."""
+    nproc, flags = LAYOUTS[layout]
+    size = {name: int(flag_value(layout, f"--{name}-model-parallel-size", 1))
+            for name in ("tensor", "pipeline", "virtual-pipeline", "expert")}
+    distributed = "--use-distributed-optimizer" in flags
+    dp = nproc // (size["tensor"] * size["pipeline"])
+    # the distributed optimizer shards over DP, the experts' (EP > 1) over DP / EP
+    shards = ([dp] + ([dp // size["expert"]] if size["expert"] > 1 else [])) if distributed else []
+    want = {"chunks": size["virtual-pipeline"],
+            "overlap_grad_reduce": "--overlap-grad-reduce" in flags,
+            "distributed_optimizer": distributed, "optimizer_shard_ranks": shards}
+    bad = []
+    for rank, facts in sorted(result["setup"].items()):
+        if facts is None:
+            bad.append(f"rank {rank} recorded no setup")
+            continue
+        got = {key: facts[key] for key in want}
+        if got != want:
+            bad.append(f"rank {rank} built {got}, the layout asks for {want}")
+    layers = {n for facts in result["setup"].values() if facts
+              for chunk in facts["router_layers"] for n in chunk}
+    if layers != set(range(1, int(flag_value(layout, "--num-layers")) + 1)):
+        bad.append(f"router layer numbers {sorted(layers)}")
+    return bad
+
+
 def parity(runs, router: str, layout: str) -> dict:
     """`layout` against 1 process: deviations, violated tolerances, lambda across ranks, and the
     evaluation losses (0 = right after loading the initial checkpoint, HALF, STEPS)."""
-    ref, run = runs.train(router, "1proc"), runs.train(router, layout)
+    ref, run = runs.train(router, reference(layout)), runs.train(router, layout)
     dev = deviations(ref, run)
-    bad = within_tolerance(dev)
+    bad = within_tolerance(dev) + layout_problems(layout, run)
     same = lambda_identical_across_ranks(run)
     if same is False:
         bad.append("lambda differs between ranks")
@@ -324,10 +393,11 @@ def reshard(runs, router: str, source: str, target: str) -> dict:
     the source run's evaluation at HALF, and step HALF+1 against the uninterrupted 1-process run
     (or, where the optimizer state cannot move, against the saving layout loading its own
     checkpoint with --no-load-optim: the same weights, lambda and data position, Adam restarted)."""
+    assert reference(source) == reference(target), ("another model", source, target)
     moves = optimizer_moves(source, target)
     loaded = runs.load_half(router, source, target, no_load_optim=not moves, steps=HALF + 1)
     if moves:
-        ref = runs.train(router, "1proc")
+        ref = runs.train(router, reference(target))
     else:
         ref = runs.load_half(router, source, source, no_load_optim=True, steps=HALF + 1)
     eval_delta = abs(eval_at(loaded, HALF) - eval_at(runs.train(router, source), HALF))
@@ -362,7 +432,7 @@ def resume(runs, router: str, layout: str) -> dict:
 def negative_control(runs, router: str, layout: str, dimension: str) -> dict:
     """`layout` with the controller's all-reduce skipping `dimension`: the parity violations
     (which must not be empty)."""
-    ref = runs.train(router, "1proc")
+    ref = runs.train(router, reference(layout))
     broken = runs.train(router, layout, env={"PARITY_BREAK_CONTROLLER": dimension},
                         tag=f"broken_{dimension}")
     dev = deviations(ref, broken)
@@ -399,6 +469,23 @@ def _split_group(dimension: str):
     return mine
 
 
+def _layout_facts(run) -> dict:
+    """What this rank built: model chunks, the DDP options in effect, and the layer number of
+    every router per chunk (megatron-core numbers layers globally, with PP and VP offsets)."""
+    ddp = run.model[0].ddp_config
+    routers = [[module.layer_number for name, module in chunk.named_modules()
+                if name.endswith(".router")] for chunk in run.model]
+    # ranks each (chained) distributed optimizer shards its state over: experts get their own
+    # optimizer with EP > 1, sharded over the expert-data-parallel group
+    optimizers = getattr(run.optimizer, "chained_optimizers", [run.optimizer])
+    shards = [opt.data_parallel_group.size() for opt in optimizers
+              if getattr(opt, "data_parallel_group", None) is not None]
+    return {"kind": "setup", "chunks": len(run.model), "router_layers": routers,
+            "overlap_grad_reduce": ddp.overlap_grad_reduce,
+            "distributed_optimizer": ddp.use_distributed_optimizer,
+            "optimizer_shard_ranks": shards}
+
+
 def _worker(argv: list) -> int:
     import torch.distributed as dist
 
@@ -420,6 +507,7 @@ def _worker(argv: list) -> int:
 
     def setup(cfg):
         run = orig_setup(cfg)
+        record(_layout_facts(run))
         broken = os.environ.get("PARITY_BREAK_CONTROLLER")
         if broken and run.controller is not None:
             run.controller.group = _split_group(broken)
@@ -438,7 +526,11 @@ def _worker(argv: list) -> int:
                 "lambda": metrics.get("moe_relu_l1_reg_coeff"),
                 "lambda_bits": _fp32_bits(metrics["moe_relu_l1_reg_coeff"]) if relu else None,
                 "lambda_next": float(run.controller.l1_coeff) if relu else None,
-                "lambda_next_bits": _fp32_bits(run.controller.l1_coeff) if relu else None})
+                "lambda_next_bits": _fp32_bits(run.controller.l1_coeff) if relu else None,
+                # per MoE layer (global number) and expert: tokens routed, summed over all ranks
+                "layer_counts": (dict(zip(map(str, result.routing.layer_numbers),
+                                          result.routing.tokens_per_expert.tolist()))
+                                 if result.routing is not None else None)})
         return result
 
     def evaluate(run, valid_sets, weights):
