@@ -115,7 +115,7 @@ def finished_runs(run_dirs: list) -> dict:
         with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
             bf16 = "bf16: true" in f.read()
         if bf16 != (dtype == "bf16"):
-            raise SystemExit(f"error: {run_dir} is not a {dtype} run; pass the fp32 run first, "
+            raise SystemExit(f"error: {run_dir} is not the {dtype} run; pass the fp32 run first, "
                              "then the bf16 run")
         out[dtype] = (summary, os.path.join(run_dir, "metrics.jsonl"))
     return out
