@@ -158,6 +158,7 @@ def _routing(metrics: dict) -> dict:
     out = {}
     if "moe_relu_sparsity" in metrics:
         out["sparsity"] = metrics["moe_relu_sparsity"]
+        out["lambda"] = metrics.get("moe_relu_l1_reg_coeff")
         ept = [v for k, v in metrics.items() if k.endswith("/experts_per_token")]
         out["experts_per_token"] = sum(ept) / len(ept) if ept else None
     return out
@@ -487,7 +488,22 @@ def time_stage(args, stage: str, variants: dict, log_path: str) -> dict:
     table = summarise_time(res)
     print_time_table(f"{stage} step time ({res['device']}, {res['tokens_per_step']} "
                      f"tokens/step, load average now {_load()})", table, res)
+    print_controller_lines(res["routing"])
     return {"raw": res, "summary": table}
+
+
+def print_controller_lines(routing: dict) -> None:
+    """The ReLU variants keep training with the controller active in the timed steps: their
+    sparsity follows lambda's small-batch walk around the target, not the checkpoint's last steps
+    (docs/performance.md, "bf16 sparsity")."""
+    for name, steps in routing.items():
+        lam = [r["lambda"] for r in steps if r.get("lambda") is not None]
+        if not lam:
+            continue
+        s = [r["sparsity"] for r in steps]
+        print(f"  {name}: sparsity per timed step {min(s):.3f}-{max(s):.3f} (mean "
+              f"{sum(s) / len(s):.3f}); lambda {lam[0]:.2e} -> {lam[-1]:.2e} "
+              f"(min {min(lam):.2e}, max {max(lam):.2e})")
 
 
 def bench_stage3(args, base: list, log_path: str, mem_env: dict, results: dict) -> None:

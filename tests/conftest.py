@@ -117,6 +117,7 @@ SLOW_TESTS = (
     "tests/test_ablate.py::test_plots_vs_E_and_G",
     "tests/test_analysis_e2e.py::test_report_in_memory_relu_vs_topk",
     "tests/test_analysis_e2e.py::test_cli_on_checkpoints",
+    "tests/test_bench_dtype.py",  # imports torch/megatron-core for the machine line; matplotlib
     "tests/test_hf_evaluate.py::test_backends_agree_and_routing_counts",
     "tests/test_sparsity_training.py",
 )

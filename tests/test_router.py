@@ -181,23 +181,38 @@ def test_all_zero_routing_map_runs_forward_and_backward(single_rank, dispatcher)
     assert stats.sparsity == 1.0 and int(stats.experts_per_token_hist[0, 0]) == 16
 
 
-def test_regulariser_gradient_reaches_router(single_rank):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lam", [0.5, 1e-8], ids=["lambda0.5", "lambda1e-8"])
+def test_regulariser_gradient_reaches_router(single_rank, bf16, lam):
     """With the LM gradient switched off (loss = 0 * out), the router weight's gradient must equal
-    lambda * d(L_reg)/dW computed by hand."""
-    cfg = layer_config(moe_relu_l1_reg_coeff_init=0.5)
+    lambda * d(L_reg)/dW computed by hand, in fp32 and in a bf16 model (bf16 weights and inputs;
+    gates fp32 through moe_router_dtype, lambda fp32), also at the paper's lambda_0 = 1e-8, where
+    a bf16 lambda * L_reg product or gradient would lose digits. The gates must be the fp32 ReLU of
+    the (bf16) inputs times the (bf16) weights: a bf16 gating GEMM would round them to 8 bits."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    cfg = layer_config(moe_relu_l1_reg_coeff_init=lam, bf16=bf16, params_dtype=dtype)
     ctrl = build_controller(cfg)
     layer = build_moe_layer(cfg, ctrl)
     w = canonical_weights()
     load_canonical(layer, w)
     layer.train()
-    x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(8)).to(dtype)
+    probs, _ = layer.router(x)
     out, _ = layer(x)
     (out * 0).sum().backward()
 
-    W = w["router"].double().requires_grad_(True)
+    # reference in float64 from the values the layer holds (bf16-rounded weights and inputs)
+    W = layer.router.weight.detach().double().requires_grad_(True)
     gates = torch.relu(x.reshape(-1, H).double() @ W.T)
-    (0.5 * reference_l1(gates, topk=K)).backward()
-    torch.testing.assert_close(layer.router.weight.grad.double(), W.grad, rtol=1e-5, atol=1e-7)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.double(), gates.detach(), rtol=1e-6, atol=1e-6)
+    (lam * reference_l1(gates, topk=K)).backward()
+    grad = layer.router.weight.grad
+    assert grad.dtype == dtype
+    # fp32: rounding only; bf16: the gradient is stored in bf16 (8 bits), nothing worse
+    rtol = 2.0 ** -8 if bf16 else 1e-5
+    torch.testing.assert_close(grad.double(), W.grad, rtol=rtol,
+                               atol=rtol * float(W.grad.abs().max()))
 
 
 # ---- configuration -------------------------------------------------------------------------------
