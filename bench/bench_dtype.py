@@ -19,6 +19,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+
 
 def read_metrics(path: str) -> list:
     with open(path, encoding="utf-8") as f:
@@ -36,6 +38,7 @@ def window_means(rows: list, key: str, window: int) -> list:
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     from machine import finish
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -55,6 +55,8 @@ MULTIPROCESS_TESTS = (
     "tests/test_dead_rank.py",
     "tests/test_gpu.py::test_train_steps_single_gpu",
     "tests/test_hf_cli.py",
+    # two fresh interpreters import the package and its dependencies
+    "tests/test_library_import.py::test_importing_every_module_changes_no_warning_filter_and_no_foreign_logger",
     "tests/test_moe_parallel.py",
     "tests/test_parity.py",
     "tests/test_reliability.py::test_reference_keeps_last_two_verified_checkpoints",
