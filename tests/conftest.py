@@ -72,6 +72,7 @@ MULTIPROCESS_TESTS = (
     "tests/test_reliability.py::test_signal_handler_defers_then_second_signal_kills",
     "tests/test_run_lock.py::test_second_trainer_refused_then_stale_lock_taken_over",
     "tests/test_save_failures.py",
+    "tests/test_step_history.py::test_rss_benchmark_smoke",
     "tests/test_train_loop.py::test_single_process_trains_and_logs",
     "tests/test_train_loop.py::test_saved_config_round_trips",
     "tests/test_train_loop.py::test_resume_equals_uninterrupted_run",
