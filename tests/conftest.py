@@ -24,6 +24,7 @@ CORE_TESTS = (
     "tests/test_reliability.py::test_unloadable_checkpoints_fall_back_or_stop_with_exit_2",
     "tests/test_cpu_experts.py",  # the CPU expert path vs SequentialMLP / dense, 1 process, EP2, TP2
     "tests/test_cpu_settings.py",  # fused Adam, grouped experts and bf16 in the trainer; allocator
+    "tests/test_integration_examples.py",  # Megatron-LM flags/spec, Bridge callback (0.19+ only)
 )
 
 
@@ -93,6 +94,7 @@ SLOW_TESTS = (
     "tests/test_analysis_e2e.py::test_report_in_memory_relu_vs_topk",
     "tests/test_analysis_e2e.py::test_cli_on_checkpoints",
     "tests/test_hf_evaluate.py::test_backends_agree_and_routing_counts",
+    "tests/test_integration_examples.py::test_megatron_lm_flags_give_a_remoe_config_and_the_spec_function",
     "tests/test_sparsity_training.py",
 )
 KINDS = {"core": CORE_TESTS, "multiprocess": MULTIPROCESS_TESTS, "gpu": GPU_TESTS, "slow": SLOW_TESTS}
