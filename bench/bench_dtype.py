@@ -25,6 +25,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+
 DTYPES = ("fp32", "bf16")
 # per-step columns of the CSVs: metrics.jsonl keys
 CSV_COLUMNS = ("iteration", "lm_loss", "moe_relu_sparsity", "moe_relu_l1_reg_coeff",
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     from machine import finish, format_machine, load_average, machine_info
 
     args = build_parser().parse_args(argv)

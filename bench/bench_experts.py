@@ -25,6 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+
 HIDDEN, FFN = 256, 1024  # the demo model (examples/remoe/cpu-demo.yaml)
 
 
@@ -54,6 +56,7 @@ def build(router: str, experts: int, impl: str = "grouped"):
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads [usable cores]")
     p.add_argument("--tokens", type=int, default=1024, help="tokens routed [1024: the demo]")

@@ -22,6 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+
 
 def machine_info() -> str:
     cpu = platform.processor() or platform.machine()
@@ -38,6 +40,7 @@ def machine_info() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="runs/demo_data", help="demo corpus location (cached)")
     p.add_argument("--domains", nargs="+", default=None, help="subset of demo domains")

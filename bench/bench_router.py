@@ -23,8 +23,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+
 
 def main():
+    configure()  # the console: progress lines, known noise filtered
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=768)

@@ -55,6 +55,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+
 # The demo model (examples/remoe/cpu-demo.yaml) on synthetic data. Constant learning rate: the
 # steps measured late in a run must not differ from early ones only by the schedule.
 DEMO_FLAGS = [
@@ -546,6 +548,7 @@ def bench_stage1(args, base: list, log_path: str, mem_env: dict, results: dict) 
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     from machine import split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -35,6 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+
 PHASES = ["router", "permutation", "experts / MLP", "attention", "emb/norm/out", "grad accum",
           "optimizer", "mcore other"]
 _PREFIX = "phase::"
@@ -193,6 +195,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     from machine import finish, split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)

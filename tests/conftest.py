@@ -42,6 +42,7 @@ CORE_TESTS = (
     "tests/test_te_checkpoint_layout.py::test_te_checkpoint_loads_in_every_offline_tool[te]",
     "tests/test_te_checkpoint_layout.py::test_resume_with_the_other_transformer_impl_equals_"
     "uninterrupted_run[te-to-local]",
+    "tests/test_integration_examples.py",  # Megatron-LM flags/spec, Bridge callback (0.19+ only)
 )
 
 
@@ -75,6 +76,8 @@ MULTIPROCESS_TESTS = (
     "tests/test_gpu.py::test_train_steps_single_gpu",
     "tests/test_hf_cli.py",
     "tests/test_integration.py",  # remoe train and the foreign loop under torchrun
+    # two fresh interpreters import the package and its dependencies
+    "tests/test_library_import.py::test_importing_every_module_changes_no_warning_filter_and_no_foreign_logger",
     "tests/test_moe_parallel.py",
     "tests/test_moe_sparse.py::test_sparse_regime_ep2",
     "tests/test_parity.py",
@@ -97,6 +100,7 @@ MULTIPROCESS_TESTS = (
     "tests/test_te_checkpoint_layout.py::test_te_checkpoint_loads_in_every_offline_tool",
     "tests/test_te_checkpoint_layout.py::test_resume_with_the_other_transformer_impl_equals_"
     "uninterrupted_run",
+    "tests/test_step_history.py::test_rss_benchmark_smoke",
     "tests/test_train_loop.py::test_single_process_trains_and_logs",
     "tests/test_train_loop.py::test_saved_config_round_trips",
     "tests/test_train_loop.py::test_resume_equals_uninterrupted_run",
@@ -119,6 +123,7 @@ SLOW_TESTS = (
     "tests/test_analysis_e2e.py::test_cli_on_checkpoints",
     "tests/test_bench_dtype.py",  # imports torch/megatron-core for the machine line; matplotlib
     "tests/test_hf_evaluate.py::test_backends_agree_and_routing_counts",
+    "tests/test_integration_examples.py::test_megatron_lm_flags_give_a_remoe_config_and_the_spec_function",
     "tests/test_sparsity_training.py",
 )
 KINDS = {"core": CORE_TESTS, "multiprocess": MULTIPROCESS_TESTS, "gpu": GPU_TESTS, "slow": SLOW_TESTS}

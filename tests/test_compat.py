@@ -322,10 +322,13 @@ def test_checkpoint_of_a_newer_megatron_core_is_refused_by_name(tmp_path):
 # ---- console noise ------------------------------------------------------------------------------
 
 def test_known_noise_is_filtered_and_real_warnings_still_show(tmp_path):
-    """A fresh process that imports the trainer and builds a model prints nothing on stderr; a
-    warning that is not on the known list still does."""
+    """A fresh process that sets up the entry points' console (logs.configure, what `remoe` and
+    `python -m megatron.remoe.pretrain` do first), imports the trainer and builds a model prints
+    nothing on stderr; a warning that is not on the known list still does."""
     script = (
         "import warnings\n"
+        "from megatron.remoe.logs import configure\n"
+        "configure()\n"
         "from megatron.remoe.distributed import ParallelConfig, init_distributed\n"
         "from megatron.remoe.model import build_gpt_model, build_transformer_config\n"
         "import megatron.remoe.training\n"

@@ -31,6 +31,8 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path line; stdlib only)
+
 # megatron-core / torch chatter that says nothing about the analysis
 for _msg in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
              ".*full scope is deprecated.*", ".*deprecating ShardedTensor.*",
@@ -246,6 +248,7 @@ def run(args, log) -> str:
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     args = build_parser().parse_args(argv)
     from megatron.remoe.analysis import AnalysisError
     from megatron.remoe.config import ConfigError

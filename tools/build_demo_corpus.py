@@ -17,9 +17,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path line; stdlib only)
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", required=True, help="corpus, tokenizer and datasets go here")
     p.add_argument("--tokenizer", default="bpe", help="'bpe' (train), 'gpt2', or a tokenizer dir")

@@ -21,6 +21,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 if __name__ == "__main__":  # checkpoint loading may spawn processes: keep this guard
+    from megatron.remoe.logs import configure
+
+    configure()  # the console, before megatron-core (imported by the next line) warns at import
     from megatron.remoe.dial_calibration import main
 
     sys.exit(main(prog="compute_dial.py"))

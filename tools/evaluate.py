@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path line; stdlib only)
+
 
 class UsageError(ValueError):
     pass
@@ -73,6 +75,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     parser = build_parser()
 
     def error(message):

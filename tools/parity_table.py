@@ -24,6 +24,7 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron.remoe.logs import configure  # noqa: E402
 from tests.helpers import parity_utils as P  # noqa: E402
 from tests.helpers.pretrain_utils import build_corpus  # noqa: E402
 
@@ -219,6 +220,7 @@ def summary_text(runs, seconds: float) -> str:
 
 
 def main(argv=None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # megatron-core's 'no Transformer Engine' notes

@@ -27,6 +27,7 @@ import sys
 # Runnable from a checkout without installing the package. Keep module-level imports light:
 # worker processes are spawned and re-import this file.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path line; stdlib only)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +83,7 @@ def build_jobs(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure()  # the console: progress lines, known noise filtered
     args = parse_args(argv)
     from megatron.remoe.data.errors import DataError
     from megatron.remoe.data.preprocess import PreprocessConfig, preprocess, read_documents, resolve_inputs

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from megatron.remoe.logs import configure
+
 USAGE = """usage: remoe <command> [options]
 
 commands:
@@ -20,6 +22,7 @@ commands:
 
 
 def main(argv: Optional[list] = None) -> int:
+    configure()  # the console: progress lines, known noise filtered (before megatron-core loads)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -23,7 +23,7 @@ import yaml
 
 from megatron.remoe.cpu_settings import demo_settings, describe_settings
 from megatron.remoe.launch import run_logged, training_command
-from megatron.remoe.logs import get_logger
+from megatron.remoe.logs import configure, get_logger
 from megatron.remoe.metrics_logging import format_duration
 
 # The demo model: measured on 2 CPU cores (see docs/training.md).
@@ -168,6 +168,7 @@ def build_parser(prog: str = "remoe demo") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None, prog: str = "remoe demo") -> int:
+    configure()  # the console: progress lines, known noise filtered
     args = build_parser(prog).parse_args(argv)
     if args.iters < 1 or args.nproc < 1 or (args.threads is not None and args.threads < 1):
         print(f"error: --iters {args.iters}, --nproc {args.nproc} and --threads {args.threads} "

@@ -9,8 +9,9 @@ runtime. Only the exact messages below are dropped; every other warning and log 
 On a GPU machine without Transformer Engine the fallback is worth knowing: the trainer says it in
 one line (`fallback_note`).
 
-`install()` runs when `megatron.remoe` is imported, before any of our entry points imports
-megatron-core. Stdlib only: importing this module must not import torch.
+`install()` is the entry points' (through `logs.configure()`, before they import megatron-core),
+never an import's: inside someone else's program these filters would hide their warnings. Stdlib
+only: importing this module must not import torch.
 """
 
 from __future__ import annotations

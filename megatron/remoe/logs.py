@@ -1,13 +1,22 @@
 """One logging configuration for the library and its tools.
 
-Progress lines are the user interface of the tools (`remoe demo`, `convert`, `dial`, `ablate`), so
-the handler writes the bare message to stdout, as `print` did; data preparation writes to stderr so
-that tools which print results on stdout stay pipeable. Multi-rank code logs on rank 0 only
-(`info0`). Set REMOE_LOG_LEVEL=WARNING (or DEBUG) to change how much is shown.
+As a library, megatron.remoe only logs: importing any of its modules installs no handler outside
+its own `megatron.remoe` logger (a `NullHandler`, megatron/remoe/__init__.py) and no warning
+filter, so an application's (or another trainer's) logging and warnings stay as it configured
+them; records propagate to its handlers.
+
+The project's entry points (`remoe`, `python -m megatron.remoe.pretrain`, tools/, bench/) call
+`configure()` first: progress lines are their user interface (`remoe demo`, `convert`, `dial`,
+`ablate`), so the handler writes the bare message to stdout, as `print` did; data preparation writes
+to stderr so that tools which print results on stdout stay pipeable; the known megatron-core / torch
+noise is filtered (log_filters.py). Multi-rank code logs on rank 0 only (`info0`). Set
+REMOE_LOG_LEVEL=WARNING (or DEBUG) to change how much is shown.
 """
 import logging
 import os
 import sys
+
+from megatron.remoe import log_filters
 
 _ROOT = "megatron.remoe"
 _STDERR = ("megatron.remoe.data",)  # loggers under these names write to stderr
@@ -28,8 +37,11 @@ class _StreamHandler(logging.StreamHandler):
 
 
 def configure() -> None:
-    """Install the handlers once (idempotent); called by `get_logger`."""
+    """The entry points' console (idempotent): bare-message handlers on stdout (stderr for data
+    preparation) and the known-noise filters. Call it before importing megatron-core, which warns
+    at import."""
     global _configured
+    log_filters.install()
     if _configured:
         return
     level = os.environ.get("REMOE_LOG_LEVEL", "INFO").upper()
@@ -39,13 +51,12 @@ def configure() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(level)
-        logger.propagate = False  # each message prints once, whatever the application configures
+        logger.propagate = False  # each message prints once, whatever else the process configures
     _configured = True
 
 
 def get_logger(name: str) -> logging.Logger:
     """`get_logger(__name__)` in every module of megatron.remoe (tools pass 'megatron.remoe.<tool>')."""
-    configure()
     return logging.getLogger(name)
 
 

@@ -1,4 +1,5 @@
-"""Metrics sinks: console, JSONL (one JSON object per step, every key), TensorBoard, W&B.
+"""Metrics sinks: console (through the `megatron.remoe` logger), JSONL (one JSON object per step,
+every key), TensorBoard, W&B.
 
 Only rank 0 writes; the trainer reduces everything it logs to rank 0 first. Keys (see
 docs/training.md): `lm_loss`, `lr`, `grad_norm`, `tokens_per_s`, `step_time_s`, `memory_gb`, the
@@ -24,6 +25,9 @@ import time
 from typing import Optional
 
 from megatron.remoe.config import ConfigError
+from megatron.remoe.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def check_logging_backends(tensorboard_dir: Optional[str], wandb_project: Optional[str]) -> None:
@@ -73,8 +77,10 @@ class MetricsLogger:
                                     dir=wandb_save_dir, config=config, resume="allow")
 
     def console(self, message: str) -> None:
+        """A progress line (rank 0): through logging, so another program's handlers get it; the
+        entry points' console prints it bare on stdout (logs.configure)."""
         if self.enabled:
-            print(message, flush=True)
+            log.info(message)
 
     def log(self, iteration: int, metrics: dict, split: str = "train") -> None:
         """One record: JSONL line + TensorBoard scalars + W&B row."""

@@ -15,8 +15,11 @@ import os
 import sys
 from typing import Optional
 
+from megatron.remoe.logs import configure
+
 
 def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pretrain") -> int:
+    configure()  # the console: progress lines, known noise filtered (before megatron-core loads)
     from megatron.remoe.arguments import parse_config
     from megatron.remoe.config import ConfigError
 

@@ -7,7 +7,8 @@ Read `TrainLoop.train` first; it is the whole loop:
                    -> evaluation (every --eval-interval) -> checkpoint (every --save-interval)
 
 The run state (model, optimizer, controller, tokenizer, counters) is built once by `setup`
-(run_state.py); the loop's own state (history, last evaluation, last checkpoint) is `TrainLoop`'s.
+(run_state.py); the loop's own state (what the summary reads of the steps, last evaluation, last
+checkpoint) is `TrainLoop`'s; it stays the same size however long the run.
 Fault-injection hooks for the reliability tests are read once, in testing_hooks.py.
 """
 
@@ -18,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from functools import partial
 from typing import Optional
 
@@ -176,8 +178,7 @@ class TrainLoop:
                                     config=cfg.to_dict(),
                                     resume_iteration=run.iteration if cfg.load else None)
         self.window = RoutingWindow()  # routing over the log interval (dead experts)
-        self.history: list = []  # the metrics of every step of this run
-        self.step_times: list = []
+        self.history = StepHistory(cfg.log_interval)  # what the summary reads of the steps
         self.last_eval: dict = {}
         self.last_saved: Optional[str] = None
         self.exit_reason: Optional[str] = None  # why the loop stopped before train_iters
@@ -271,7 +272,6 @@ class TrainLoop:
 
     def log_step(self, result: StepResult, seconds: float) -> None:
         run, cfg, metrics = self.run, self.cfg, result.metrics
-        self.step_times.append(seconds)
         self.window.add(result.routing)
         metrics.update(step_time_s=seconds, tokens_per_s=cfg.global_batch_size * cfg.seq_length
                        / seconds, consumed_samples=run.consumed_train_samples,
@@ -279,11 +279,11 @@ class TrainLoop:
                        memory_gb=memory_gb(run.device))
         if result.nonfinite:
             metrics["skipped_steps"] = run.skipped_steps
-        self.history.append(metrics)
+        self.history.add(metrics, seconds)
         if run.iteration % cfg.log_interval == 0 or run.iteration == cfg.train_iters:
             metrics.update(self.window.as_dict())  # dead experts over the log window
             self.window.reset()
-            recent = self.step_times[-cfg.log_interval:]
+            recent = self.history.recent_times
             eta = (cfg.train_iters - run.iteration) * sum(recent) / len(recent)
             target = run.tcfg.target_sparsity if run.controller is not None else None
             self.logger.console(format_train_line(run.iteration, cfg.train_iters, metrics, target,
@@ -344,8 +344,8 @@ class TrainLoop:
     def write_summary(self) -> dict:
         """The run summary; rank 0 also writes it as summary.json next to the metrics file."""
         run, cfg = self.run, self.cfg
-        summary = _summary(run, self.history, self.last_eval, self.last_saved, self.step_times,
-                           time.time() - self.wall_start)
+        summary = summarize_run(run, self.history, self.last_eval, self.last_saved,
+                                time.time() - self.wall_start)
         summary.update(exit_reason=self.exit_reason or "train_iters",
                        skipped_steps=run.skipped_steps)
         if "final_lambda" in summary:
@@ -365,27 +365,61 @@ def _format_eval(iteration: int, ev: dict) -> str:
     return " | ".join(parts)
 
 
-def _summary(run: Run, history: list, last_eval: dict, last_saved, step_times: list,
-             wall_s: float) -> dict:
+class StepHistory:
+    """What the run summary reads of this run's steps, in constant memory: the first and the last
+    step's metrics, the last SPARSITY_TAIL steps' sparsities, step-time totals (the first step
+    apart: it includes one-off warm-up work) and the last `log_interval` step times (the ETA)."""
+
+    SPARSITY_TAIL = 10
+
+    def __init__(self, log_interval: int):
+        self.steps = 0
+        self.first: dict = {}
+        self.last: dict = {}
+        self.sparsity_tail = deque(maxlen=self.SPARSITY_TAIL)  # None: a step without routing
+        self.first_time = 0.0
+        self.steady_time, self.steady_steps = 0.0, 0  # the steps after the first
+        self.recent_times = deque(maxlen=max(1, log_interval))
+
+    def add(self, metrics: dict, seconds: float) -> None:
+        if not self.steps:
+            self.first, self.first_time = metrics, seconds
+        else:
+            self.steady_time += seconds
+            self.steady_steps += 1
+        self.steps += 1
+        self.last = metrics
+        self.sparsity_tail.append(metrics.get("moe_relu_sparsity"))
+        self.recent_times.append(seconds)
+
+    def s_per_step(self) -> float:
+        if self.steady_steps:
+            return self.steady_time / self.steady_steps
+        return self.first_time if self.steps else float("nan")
+
+
+def summarize_run(run: Run, history: StepHistory, last_eval: dict, last_saved,
+                  wall_s: float) -> dict:
+    """The run summary (summary.json) from what `history` kept of this run's steps."""
     cfg = run.cfg
-    steady = step_times[1:] or step_times  # the first step includes one-off warm-up work
-    s_per_step = sum(steady) / len(steady) if steady else float("nan")
-    last = history[-1] if history else {}
+    s_per_step = history.s_per_step()
+    last = history.last
     out = {"router": cfg.router, "iterations": run.iteration,
-           "steps_this_run": len(history), "resumed_from": run.loaded_from,
+           "steps_this_run": history.steps, "resumed_from": run.loaded_from,
            "final_train_loss": last.get("lm_loss"),
-           "train_loss_first": history[0]["lm_loss"] if history else None,
+           "train_loss_first": history.first["lm_loss"] if history.steps else None,
            "s_per_step": s_per_step,
-           "tokens_per_s": cfg.global_batch_size * cfg.seq_length / s_per_step if steady else None,
+           "tokens_per_s": cfg.global_batch_size * cfg.seq_length / s_per_step
+           if history.steps else None,
            "wall_s": wall_s, "params": run.params,
            "memory_gb": last.get("memory_gb"),
            "checkpoint": last_saved, "metrics_file": cfg.metrics_file}
     out.update({k: v for k, v in last_eval.items()})
-    if run.controller is not None and history:
-        tail = [h["moe_relu_sparsity"] for h in history[-10:] if "moe_relu_sparsity" in h]
+    if run.controller is not None and history.steps:
+        tail = [s for s in history.sparsity_tail if s is not None]
         out.update(final_sparsity=last.get("moe_relu_sparsity"),
                    sparsity_last10=sum(tail) / len(tail) if tail else None,
-                   sparsity_first=history[0].get("moe_relu_sparsity"),
+                   sparsity_first=history.first.get("moe_relu_sparsity"),
                    target_sparsity=run.tcfg.target_sparsity,
                    final_lambda=float(run.controller.l1_coeff))
     if "load_balancing_loss" in last:

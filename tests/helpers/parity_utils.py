@@ -487,6 +487,9 @@ def _layout_facts(run) -> dict:
 
 
 def _worker(argv: list) -> int:
+    from megatron.remoe.logs import configure
+
+    configure()  # an entry point: the console of `python -m megatron.remoe.pretrain`, first
     import torch.distributed as dist
 
     from megatron.remoe import training

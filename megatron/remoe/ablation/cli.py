@@ -13,6 +13,7 @@ from megatron.remoe.ablation.grid import CM, Grid, GridError, load_grid, run_dir
 from megatron.remoe.ablation.rundir import read_summary
 from megatron.remoe.ablation.runner import run_grid
 from megatron.remoe.config import ConfigError
+from megatron.remoe.logs import configure
 
 
 def build_parser(prog: str = "remoe ablate") -> argparse.ArgumentParser:
@@ -65,6 +66,7 @@ def list_runs(grid: Grid) -> None:
 
 
 def main(argv: Optional[list] = None, prog: str = "remoe ablate") -> int:
+    configure()  # the console: progress lines, known noise filtered
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core "Apex missing"
     args = build_parser(prog).parse_args(argv)
     try:

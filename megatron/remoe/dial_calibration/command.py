@@ -29,7 +29,7 @@ from megatron.remoe.dial_calibration.inputs import (
 )
 from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator
 from megatron.remoe.dial_calibration.sweep import sweep_figure, sweep_relu, sweep_topk, write_csv
-from megatron.remoe.logs import get_logger
+from megatron.remoe.logs import configure, get_logger
 
 logger = get_logger(__name__)
 
@@ -331,6 +331,7 @@ def _quiet() -> None:
 
 
 def main(argv: Optional[list] = None, prog: str = "remoe dial") -> int:
+    configure()  # the console: progress lines, known noise filtered
     parser = build_parser(prog)
 
     def error(message):
