@@ -93,9 +93,9 @@ def train_runs(args) -> dict:
     """Train the demo's ReMoE run once per dtype; {dtype: (summary, metrics file)}."""
     from machine import load_average
 
-    from megatron.remoe.cpu_settings import demo_settings, describe_settings
+    from megatron.remoe.cli.demo import train
+    from megatron.remoe.cpu.settings import demo_settings, describe_settings
     from megatron.remoe.data.demo import prepare_demo_data
-    from megatron.remoe.demo import train
 
     data = prepare_demo_data(args.data, tokenizer="bpe", vocab_size=8192)
     out = {}

@@ -75,8 +75,8 @@ def main(argv=None) -> int:
 
     from machine import format_machine, machine_info
 
-    from megatron.remoe.cpu_settings import keep_cpu_allocations, usable_cores
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
+    from megatron.remoe.cpu.settings import keep_cpu_allocations, usable_cores
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     torch.set_num_threads(args.threads or usable_cores())
     device = init_distributed(ParallelConfig(), seed=0)

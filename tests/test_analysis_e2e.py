@@ -37,8 +37,8 @@ def world(single_rank, tmp_path_factory):
     """Tokenizer, per-domain train/valid datasets and a TrainConfig for the tiny model."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron.remoe.arguments import TrainConfig
     from megatron.remoe.data.tokenizer import train_bpe_tokenizer
+    from megatron.remoe.training.arguments import TrainConfig
 
     root = tmp_path_factory.mktemp("analysis")
     tok = train_bpe_tokenizer([t for ts in TEXTS.values() for t in ts], vocab_size=300)
@@ -66,9 +66,9 @@ def world(single_rank, tmp_path_factory):
 def _model(cfg, seed):
     from megatron.core import tensor_parallel
 
-    from megatron.remoe.arguments import transformer_config
-    from megatron.remoe.datasets import padded_vocab_size
     from megatron.remoe.model import build_gpt_model
+    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.data import padded_vocab_size
 
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -176,7 +176,7 @@ def test_report_in_memory_relu_vs_topk(world, tmp_path):
 def _save_checkpoint(model, cfg, root, iteration):
     from megatron.core import dist_checkpointing
 
-    from megatron.remoe.checkpointing import TRACKER, iteration_dir, sharded_metadata
+    from megatron.remoe.training.checkpointing import TRACKER, iteration_dir, sharded_metadata
 
     path = iteration_dir(str(root), iteration)
     os.makedirs(path)

@@ -147,8 +147,8 @@ def test_chained_optimizer_of_two_moves_lambda_once(single_rank):
 
 
 def _two_ranks(rank, world):
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
     from megatron.remoe.regularizer import SparsityController
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(), seed=1)
     controller = SparsityController(num_layers=1, num_experts=4, target_sparsity=0.75,
@@ -183,8 +183,8 @@ ARGS = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
 
 def trainer_parts(cfg):
     """The trainer's model, optimizer and schedule, built through controller_for and attach."""
-    from megatron.remoe.arguments import transformer_config
-    from megatron.remoe.run_state import build_model, build_optimizer
+    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.state import build_model, build_optimizer
 
     tcfg = transformer_config(cfg, use_cpu_initialization=True)
     controller = controller_for(tcfg)
@@ -215,9 +215,9 @@ def assert_same_state(got: dict, want: dict):
 def test_the_routers_carry_lambda_through_a_checkpoint(single_rank, tmp_path):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron.remoe.arguments import parse_config
-    from megatron.remoe.checkpointing import load_checkpoint, load_common_state, save_checkpoint
     from megatron.remoe.hf.to_hf import load_megatron_checkpoint
+    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.checkpointing import load_checkpoint, load_common_state, save_checkpoint
 
     cfg = parse_config(ARGS, world_size=1, cuda=False)
     model, optimizer, scheduler, controller = trainer_parts(cfg)
@@ -246,11 +246,11 @@ def test_a_checkpoint_of_the_earlier_layout_still_loads(single_rank, tmp_path, m
     it through the same path as a current checkpoint."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    from megatron.remoe.arguments import parse_config
-    from megatron.remoe.checkpointing import load_checkpoint, save_checkpoint
     from megatron.remoe.hf.to_hf import load_megatron_checkpoint
     from megatron.remoe.regularizer import SparsityController
     from megatron.remoe.router import ReLURouter
+    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.checkpointing import load_checkpoint, save_checkpoint
 
     cfg = parse_config(ARGS, world_size=1, cuda=False)
     model, optimizer, scheduler, controller = trainer_parts(cfg)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from megatron.remoe.arguments import config_to_yaml, parse_blend, parse_config
 from megatron.remoe.config import ConfigError
+from megatron.remoe.training.arguments import config_to_yaml, parse_blend, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.timeout(120)
@@ -73,7 +73,7 @@ def test_bad_values_fail_with_one_line(extra, needle):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_fails_with_one_line(monkeypatch):
-    from megatron.remoe import cpu_settings
+    from megatron.remoe.cpu import settings as cpu_settings
 
     monkeypatch.setattr(cpu_settings, "cpu_bf16_supported", lambda: False)
     with pytest.raises(ConfigError) as err:
@@ -131,8 +131,8 @@ def test_in_process_main_returns_2(tmp_path, capsys):
     if os.path.basename(p) not in ("base.yaml", "model.yaml")
     and os.sep + "ablations" + os.sep not in p))  # grids: tests/test_ablate.py expands them
 def test_example_configs_parse(path):
-    from megatron.remoe.arguments import transformer_config
     from megatron.remoe.model import count_parameters
+    from megatron.remoe.training.arguments import transformer_config
 
     gpu = "cpu-demo" not in path
     # validated as on 8 GPUs; TE / grouped GEMM / bf16 switched off since this machine has neither
@@ -151,7 +151,7 @@ def test_example_configs_parse(path):
 
 
 def test_remoe_command_dispatch():
-    from megatron.remoe.cli import main
+    from megatron.remoe.cli.main import main
 
     assert main([]) == 2
     assert main(["frobnicate"]) == 2

@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "megatron.remoe.cli", "demo", "--iters", "3",
+    proc = subprocess.run([sys.executable, "-m", "megatron.remoe.cli.main", "demo", "--iters", "3",
                            "--out", str(out), "--vocab-size", "1024"],
                           capture_output=True, text=True, env=env, timeout=160, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

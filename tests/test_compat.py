@@ -81,9 +81,9 @@ def test_guard_refuses_a_relu_router_in_a_topk_config(single_rank):
 
 def test_trainer_and_hf_loader_build_relu_routers(single_rank):
     """The trainer's builder (DDP-wrapped chunks) and the HF converter's loader."""
-    from megatron.remoe.arguments import parse_config, transformer_config
     from megatron.remoe.hf import convert
-    from megatron.remoe.training import build_model
+    from megatron.remoe.training.arguments import parse_config, transformer_config
+    from megatron.remoe.training.loop import build_model
 
     cfg = parse_config(["--mock-data", "--vocab-size", "128", "--num-layers", "2",
                         "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -237,7 +237,7 @@ def test_topk_aux_loss_is_reported_and_cleared(single_rank):
 def test_modules_imported_after_the_backend_are_patched(single_rank):
     import importlib
 
-    from megatron.remoe.cpu_backend import apply_cpu_backend
+    from megatron.remoe.cpu.backend import apply_cpu_backend
 
     if not apply_cpu_backend():
         pytest.skip("CUDA machine: the CPU backend is off")
@@ -259,7 +259,7 @@ def test_gradient_clipping_scales_in_place_with_megatron_cores_values(single_ran
     from megatron.core.optimizer import clip_grads
     from megatron.core.utils import local_multi_tensor_scale
 
-    from megatron.remoe.cpu_backend import apply_cpu_backend
+    from megatron.remoe.cpu.backend import apply_cpu_backend
 
     if not apply_cpu_backend():
         pytest.skip("CUDA machine: the CPU backend is off")
@@ -283,7 +283,7 @@ def test_gradient_clipping_scales_in_place_with_megatron_cores_values(single_ran
 # ---- checkpoint writer versions -----------------------------------------------------------------
 
 def fake_checkpoint(path, writer=None, files=(".metadata", "metadata.json", "__0_0.distcp")):
-    from megatron.remoe.checkpointing import MANIFEST
+    from megatron.remoe.training.checkpointing import MANIFEST
 
     os.makedirs(path)
     for name in files:
@@ -298,7 +298,7 @@ def fake_checkpoint(path, writer=None, files=(".metadata", "metadata.json", "__0
 
 
 def test_checkpoint_of_a_newer_megatron_core_is_refused_by_name(tmp_path):
-    from megatron.remoe.checkpointing import check_writer_version, writer_versions
+    from megatron.remoe.training.checkpointing import check_writer_version, writer_versions
 
     assert writer_versions()["megatron_core"] == mcore_version_string()
     check_writer_version(fake_checkpoint(tmp_path / "same", mcore_version_string(),
@@ -329,9 +329,9 @@ def test_known_noise_is_filtered_and_real_warnings_still_show(tmp_path):
         "import warnings\n"
         "from megatron.remoe.logs import configure\n"
         "configure()\n"
-        "from megatron.remoe.distributed import ParallelConfig, init_distributed\n"
+        "from megatron.remoe.training.distributed import ParallelConfig, init_distributed\n"
         "from megatron.remoe.model import build_gpt_model, build_transformer_config\n"
-        "import megatron.remoe.training\n"
+        "import megatron.remoe.training.loop\n"
         "init_distributed(ParallelConfig(), seed=1)\n"
         "cfg = build_transformer_config(router='relu', num_experts=4, moe_router_topk=1, "
         "num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, "

@@ -1,4 +1,4 @@
-"""The lambda update rules (megatron/remoe/controller.py) against hand-written references.
+"""The lambda update rules (megatron/remoe/lambda_rules.py) against hand-written references.
 
 * the paper's rule (the default) gives exactly the fp32 sequence lambda * 1.2^sign(target - S);
 * ema / deadband / pi on a synthetic sparsity sequence (fed through real routing maps, so the
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron.remoe.config import ConfigError
-from megatron.remoe.controller import CONTROLLERS, ControllerOptions, sparsity_noise
+from megatron.remoe.lambda_rules import CONTROLLERS, ControllerOptions, sparsity_noise
 from megatron.remoe.regularizer import SparsityController
 from tests.helpers.dist_utils import run_workers
 from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
@@ -187,8 +187,8 @@ def test_bad_options_are_one_line_errors(bad, needle):
 
 
 def test_flags_reach_the_controller():
-    from megatron.remoe.arguments import parse_config, transformer_config
     from megatron.remoe.model import build_controller
+    from megatron.remoe.training.arguments import parse_config, transformer_config
 
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "32", "--mock-data", "--vocab-size", "128", "--train-iters", "2"]

@@ -1,4 +1,4 @@
-"""The grouped CPU experts (megatron/remoe/cpu_experts.py) against megatron-core's SequentialMLP on
+"""The grouped CPU experts (megatron/remoe/cpu/experts.py) against megatron-core's SequentialMLP on
 the same weights and against the dense float64 reference: outputs, input / router / expert
 gradients, and gradients accumulated by megatron-core's DDP into `main_grad`; on one process,
 under EP=2 and under TP=2 with sequence parallelism (real gloo processes). Plus: identical state
@@ -52,7 +52,7 @@ def _run(rank, layout, impl, ddp: bool, bf16: bool = False):
     whether each expert's fc1 gradient went into `main_grad` past DDP's hook (`fused`)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from megatron.remoe.cpu_experts import GroupedCPUExperts
+    from megatron.remoe.cpu.experts import GroupedCPUExperts
     from megatron.remoe.model import build_controller
 
     tp, ep = LAYOUTS[layout]
@@ -93,7 +93,7 @@ def _run(rank, layout, impl, ddp: bool, bf16: bool = False):
 
 
 def _worker(rank, world, layout):
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     tp, ep = LAYOUTS[layout]
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep),
@@ -145,8 +145,8 @@ def test_grouped_equals_sequential_mlp_and_dense_reference(layout):
 
 
 def _state_worker(rank, world):
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
     from megatron.remoe.model import build_controller
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(expert_model_parallel_size=2), seed=1)
     out = {}
@@ -174,7 +174,7 @@ def test_unsupported_config_keeps_sequential_mlp_loudly(caplog):
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from megatron.remoe import cpu_experts
+    from megatron.remoe.cpu import experts as cpu_experts
 
     cfg = _config(1, 1, "grouped", add_bias_linear=True)
     spec = ModuleSpec(module=SequentialMLP, submodules=None)
@@ -190,7 +190,7 @@ def test_unsupported_config_keeps_sequential_mlp_loudly(caplog):
 
 
 def _bf16_worker(rank, world):
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(), seed=1)
     return {impl: _run(rank, "single", impl, ddp=True, bf16=True)

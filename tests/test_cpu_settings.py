@@ -1,5 +1,5 @@
 """CPU training settings in the real trainer (setup + train_step on synthetic data, one process):
-torch's fused CPU Adam (megatron/remoe/cpu_settings.py) gives the same losses as the per-tensor
+torch's fused CPU Adam (megatron/remoe/cpu/settings.py) gives the same losses as the per-tensor
 Adam loop megatron-core gets by default; the grouped CPU experts (cpu_experts.py) train like
 megatron-core's SequentialMLP within fp32 rounding; bf16 on a CPU with native bf16 keeps the gates
 and lambda in fp32 and follows the fp32 losses; the demo's thread / dtype choice."""
@@ -22,9 +22,9 @@ STEPS = 4
 
 
 def _train(rank, world, flags, unfused_adam):
-    from megatron.remoe.arguments import parse_config
-    from megatron.remoe.datasets import build_datasets, load_run_tokenizer, make_loader
-    from megatron.remoe.training import setup, train_step
+    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader
+    from megatron.remoe.training.loop import setup, train_step
 
     cfg = parse_config(flags, world_size=1, cuda=False)
     run = setup(cfg)
@@ -87,7 +87,7 @@ def test_grouped_experts_train_like_sequential_mlp():
 
 @pytest.mark.timeout(300)
 def test_bf16_on_cpu_keeps_router_and_lambda_fp32_and_follows_fp32():
-    from megatron.remoe.cpu_settings import cpu_bf16_supported
+    from megatron.remoe.cpu.settings import cpu_bf16_supported
 
     if torch.cuda.is_available() or not cpu_bf16_supported():
         pytest.skip("needs a CPU with native bf16 (AVX512-BF16 or AMX)")
@@ -103,7 +103,7 @@ def test_bf16_on_cpu_keeps_router_and_lambda_fp32_and_follows_fp32():
 
 
 def test_demo_settings(monkeypatch):
-    from megatron.remoe import cpu_settings
+    from megatron.remoe.cpu import settings as cpu_settings
 
     if torch.cuda.is_available():
         pytest.skip("CPU settings")
@@ -129,7 +129,7 @@ def test_nonfinite_gradient_check_finds_every_nan_and_inf(threads):
     first, last, middle of a buffer, in the second buffer, and in bf16 buffers."""
     from types import SimpleNamespace
 
-    from megatron.remoe.nonfinite import grads_nonfinite
+    from megatron.remoe.training.nonfinite import grads_nonfinite
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -153,7 +153,7 @@ def test_nonfinite_gradient_check_finds_every_nan_and_inf(threads):
 
 _ALLOCATION_PATTERN = r"""
 import json, resource, sys, torch
-from megatron.remoe.cpu_settings import keep_cpu_allocations
+from megatron.remoe.cpu.settings import keep_cpu_allocations
 kept = keep_cpu_allocations()
 n = 40 << 18  # 40 MB of fp32: above glibc's largest mmap threshold
 faults = []

@@ -30,7 +30,7 @@ def start_rank(rank, port, args, log_path):
 
 @pytest.mark.parametrize("how", ["kill9", "sigstop"])
 def test_rank_0_stops_when_rank_1_dies_or_hangs(tmp_path, how):
-    from megatron.remoe.checkpointing import verify_checkpoint
+    from megatron.remoe.training.checkpointing import verify_checkpoint
 
     save = str(tmp_path / "ckpt")
     args = MODEL + ["--mock-data", "--vocab-size", "256", "--eval-iters", "0",

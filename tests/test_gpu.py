@@ -94,7 +94,7 @@ def test_call_with_supported_kwargs_drops_unknown_keywords():
 @pytest.fixture(scope="module")
 def gpu_rank():
     """A one-process NCCL world with megatron-core's parallel state on cuda:0."""
-    from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
     destroy_distributed()
     os.environ.pop("MASTER_PORT", None)

@@ -47,8 +47,8 @@ def step_data(step):
 def _worker(rank, world, layout):
     import torch.distributed as dist
 
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
     from megatron.remoe.model import build_controller, build_transformer_config
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     tp, ep, dispatcher = LAYOUTS[layout]
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep),

@@ -196,7 +196,7 @@ def test_sparse_regime_one_process(single_rank, backend, dispatcher, dtype_name,
 
 
 def _ep2_worker(rank, world):
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(expert_model_parallel_size=world), seed=1)
     return {(d, t, r): run_layer(torch.device("cpu"), d, t, r, rank=rank, world=world)

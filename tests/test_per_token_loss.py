@@ -9,8 +9,8 @@ from functools import partial
 import pytest
 import torch
 
-from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
 from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
+from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 from tests.helpers.dist_utils import run_workers
 
 pytestmark = pytest.mark.timeout(300)

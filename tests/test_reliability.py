@@ -90,7 +90,7 @@ def train_records(save):
 
 # ------------------------------------------------------------------------------------------------
 def test_reference_keeps_last_two_verified_checkpoints(reference):
-    from megatron.remoe.checkpointing import MANIFEST, verify_checkpoint
+    from megatron.remoe.training.checkpointing import MANIFEST, verify_checkpoint
 
     save = reference["save"]
     dirs = sorted(n for n in os.listdir(save) if n.startswith("iter_"))
@@ -160,7 +160,7 @@ def test_sigusr1_on_one_rank_stops_both_ranks(tmp_path):
     boundary, both ranks save the same iteration and exit 0."""
     import psutil
 
-    from megatron.remoe.checkpointing import verify_checkpoint
+    from megatron.remoe.training.checkpointing import verify_checkpoint
 
     save, log = str(tmp_path / "ckpt"), str(tmp_path / "usr1.log")
     proc = start_pretrain(BASE + ["--save", save, "--use-distributed-optimizer"], log, nproc=2,
@@ -199,7 +199,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(reference, tmp_path):
     assert "falling back to the previous checkpoint" in out.stdout
     assert f"resumed from {os.path.join(save, 'iter_0000006')}" in out.stdout
     assert_same_as_reference(save, reference)
-    from megatron.remoe.checkpointing import verify_checkpoint
+    from megatron.remoe.training.checkpointing import verify_checkpoint
 
     assert verify_checkpoint(newest) is None  # saved again, whole
 
@@ -208,7 +208,7 @@ def test_unloadable_checkpoints_fall_back_or_stop_with_exit_2(reference, tmp_pat
     """A checkpoint without manifest (older format) whose load fails is skipped like a corrupt
     one; when no checkpoint is loadable the run stops with exit 2 and touches nothing (it does not
     silently start from scratch over them)."""
-    from megatron.remoe.checkpointing import MANIFEST
+    from megatron.remoe.training.checkpointing import MANIFEST
 
     save = str(tmp_path / "ckpt")
     shutil.copytree(reference["save"], save)
@@ -317,7 +317,7 @@ def test_exit_duration_in_mins_saves_and_exits_0(tmp_path):
 def common_state_file(path):
     """The file of a real checkpoint that holds its common state: common.pt up to megatron-core
     0.18, a .distcp file from 0.19 on (the largest: it holds the common state too)."""
-    from megatron.remoe.checkpointing import COMMON_PT
+    from megatron.remoe.training.checkpointing import COMMON_PT
 
     if os.path.isfile(os.path.join(path, COMMON_PT)):
         return os.path.join(path, COMMON_PT)
@@ -330,7 +330,7 @@ FAKE_FILES = (".metadata", "__0_0.distcp")  # torch_dist files of every megatron
 
 def fake_checkpoint(root, iteration, payload=b"x" * 100):
     """A directory with files and a manifest, as save_checkpoint writes them."""
-    from megatron.remoe.checkpointing import MANIFEST, _describe_files, iteration_dir
+    from megatron.remoe.training.checkpointing import MANIFEST, _describe_files, iteration_dir
 
     path = iteration_dir(str(root), iteration)
     os.makedirs(path)
@@ -351,7 +351,7 @@ def truncate(path):
 
 
 def test_find_latest_skips_truncated_and_altered_checkpoints(tmp_path):
-    from megatron.remoe.checkpointing import MANIFEST, find_latest_checkpoint
+    from megatron.remoe.training.checkpointing import MANIFEST, find_latest_checkpoint
 
     fake_checkpoint(tmp_path, 2)
     p4 = fake_checkpoint(tmp_path, 4)
@@ -374,14 +374,14 @@ def test_find_latest_skips_truncated_and_altered_checkpoints(tmp_path):
 
 def test_checkpoint_without_manifest_is_accepted(tmp_path):
     """Directories written before manifests existed still load (unverified)."""
-    from megatron.remoe.checkpointing import find_latest_checkpoint
+    from megatron.remoe.training.checkpointing import find_latest_checkpoint
 
     (tmp_path / "iter_0000003").mkdir()
     assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000003")
 
 
 def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
-    from megatron.remoe.checkpointing import prune_checkpoints
+    from megatron.remoe.training.checkpointing import prune_checkpoints
 
     p2 = fake_checkpoint(tmp_path, 2)
     p4 = fake_checkpoint(tmp_path, 4)
@@ -407,7 +407,7 @@ def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
 def test_signal_handler_defers_then_second_signal_kills():
     """First SIGTERM only sets the flag; a second one restores the default action."""
     code = ("import os, signal, sys\n"
-            "from megatron.remoe.signals import ExitSignalHandler, agree\n"
+            "from megatron.remoe.training.signals import ExitSignalHandler, agree\n"
             "h = ExitSignalHandler(); h.install()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "assert h.received == 'SIGTERM' and agree([15.0, 0.0], 'cpu') == [15.0, 0.0]\n"
@@ -424,7 +424,7 @@ def test_signal_handler_defers_then_second_signal_kills():
 def test_metrics_file_is_truncated_to_the_resumed_iteration(tmp_path):
     """A resumed run drops the records it will replay (iterations > the checkpoint's) and a
     half-written last line, then does not repeat records it already has."""
-    from megatron.remoe.metrics_logging import MetricsLogger
+    from megatron.remoe.training.metrics import MetricsLogger
 
     path = tmp_path / "metrics.jsonl"
     lines = [{"iteration": i, "split": "train", "lm_loss": 1.0 / i} for i in range(1, 6)]

@@ -1,4 +1,4 @@
-"""One writer per --save directory (megatron/remoe/run_lock.py, docs/reliability.md):
+"""One writer per --save directory (megatron/remoe/training/run_lock.py, docs/reliability.md):
 
 * in-process: a live lock refuses (one line naming host and pid), a lock whose pid is gone on this
   host or whose heartbeat is older than the stale limit (any host: the shared-filesystem rule) is
@@ -25,7 +25,7 @@ BASE = MODEL + ["--mock-data", "--vocab-size", "256", "--eval-iters", "0", "--tr
 
 
 def write_lock(directory, host, pid, age_s, started=None):
-    from megatron.remoe.run_lock import lock_path
+    from megatron.remoe.training.run_lock import lock_path
 
     os.makedirs(directory, exist_ok=True)
     path = lock_path(str(directory))
@@ -39,7 +39,7 @@ def write_lock(directory, host, pid, age_s, started=None):
 
 def test_live_lock_refuses_with_one_line_naming_the_holder(tmp_path):
     from megatron.remoe.config import ConfigError
-    from megatron.remoe.run_lock import RunLock, check_not_held
+    from megatron.remoe.training.run_lock import RunLock, check_not_held
 
     path = write_lock(tmp_path, "node-7", 4242, age_s=3)  # another host, fresh heartbeat
     before = open(path).read(), os.stat(path).st_mtime_ns
@@ -56,7 +56,7 @@ def test_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
     import subprocess
     import sys
 
-    from megatron.remoe.run_lock import RunLock, read_lock
+    from megatron.remoe.training.run_lock import RunLock, read_lock
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # a pid that existed and is gone now
@@ -77,7 +77,7 @@ def test_stale_heartbeat_on_another_host_is_taken_over(tmp_path):
     """Shared filesystem: the holder is on another node (its pid cannot be checked here); only
     the age of the heartbeat decides."""
     from megatron.remoe.config import ConfigError
-    from megatron.remoe.run_lock import RunLock
+    from megatron.remoe.training.run_lock import RunLock
 
     write_lock(tmp_path, "node-7", 4242, age_s=30)
     with pytest.raises(ConfigError):  # 30 s old, limit 60 s: live
@@ -90,7 +90,7 @@ def test_stale_heartbeat_on_another_host_is_taken_over(tmp_path):
 
 def test_heartbeat_refreshes_and_a_takeover_is_noticed(tmp_path):
     from megatron.remoe.config import ConfigError
-    from megatron.remoe.run_lock import RunLock, lock_path
+    from megatron.remoe.training.run_lock import RunLock, lock_path
 
     lock = RunLock(str(tmp_path), heartbeat_s=0.05).acquire()
     try:

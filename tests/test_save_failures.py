@@ -30,7 +30,7 @@ def tracker(save):
 
 
 def check_failed_save(proc, save, code, stage):
-    from megatron.remoe.checkpointing import verify_checkpoint
+    from megatron.remoe.training.checkpointing import verify_checkpoint
 
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron.remoe.training import StepHistory, summarize_run
+from megatron.remoe.training.loop import StepHistory, summarize_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -146,9 +146,9 @@ def _model_keys_and_state(monkeypatch, mode, moe_layer_freq):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    from megatron.remoe.arguments import transformer_config
     from megatron.remoe.model import build_gpt_model
-    from megatron.remoe.train_config import TrainConfig
+    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.config import TrainConfig
 
     if mode != "local":
         te_layout.install(mode, lambda obj, name, value: monkeypatch.setattr(obj, name, value,
@@ -188,9 +188,9 @@ def test_te_and_local_moe_models_share_checkpoint_keys(monkeypatch, single_rank,
 
 
 def test_dp_reshardable_optimizer_state_does_not_cross_transformer_impl(tmp_path):
-    from megatron.remoe.checkpointing.load import _check_optimizer_reshardable
     from megatron.remoe.config import ConfigError
-    from megatron.remoe.train_config import TrainConfig
+    from megatron.remoe.training.checkpointing.load import _check_optimizer_reshardable
+    from megatron.remoe.training.config import TrainConfig
 
     layout = {"world_size": 1, "tp": 1, "pp": 1, "vp": None, "ep": 1, "cp": 1}
     saved_cfg = {"use_distributed_optimizer": True, "transformer_impl": "transformer_engine"}

@@ -53,7 +53,7 @@ def test_single_process_trains_and_logs(data, tmp_path):
 
 
 def test_saved_config_round_trips(data, tmp_path):
-    from megatron.remoe.arguments import config_to_yaml, parse_config
+    from megatron.remoe.training.arguments import config_to_yaml, parse_config
 
     save = str(tmp_path / "ckpt")
     argv = MODEL + data_args(data) + ["--train-iters", "2", "--save", save, "--router", "topk",
@@ -86,7 +86,7 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
 
 
 def test_stale_tmp_and_tracker_are_handled(tmp_path):
-    from megatron.remoe.checkpointing import find_latest_checkpoint
+    from megatron.remoe.training.checkpointing import find_latest_checkpoint
 
     root = tmp_path / "ckpt"
     (root / "iter_0000004").mkdir(parents=True)

@@ -137,7 +137,7 @@ def _checkpoints(args, log) -> tuple:
     import torch
 
     from megatron.remoe import analysis as A
-    from megatron.remoe.checkpointing import read_checkpoint_config, resolve_checkpoint
+    from megatron.remoe.training.checkpointing import read_checkpoint_config, resolve_checkpoint
 
     paths = [resolve_checkpoint(p, log=log) for p in args.load]
     cpaths = [resolve_checkpoint(p, log=log) for p in args.compare_load]
@@ -223,7 +223,7 @@ def _frequencies(args, train: list, vocab: int, eval_tokens, log) -> tuple:
 
 def run(args, log) -> str:
     from megatron.remoe import analysis as A
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     t_start = time.perf_counter()
     _check_args(args)

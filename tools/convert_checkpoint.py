@@ -169,8 +169,8 @@ def _convert(args) -> int:
         import transformers  # noqa: F401  (optional dependency: the eval extra)
     except ImportError:
         raise UsageError("transformers is not installed; pip install 'megatron-remoe[eval]'")
-    from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
     from megatron.remoe.hf.convert import check_output_dir
+    from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
     check_output_dir(args.save if args.hf_to_megatron else args.out, args.overwrite)
     os.environ.pop("MASTER_PORT", None) if "WORLD_SIZE" not in os.environ else None

@@ -34,7 +34,7 @@ from megatron.training.arguments import core_transformer_config_from_args
 from megatron.remoe.compat import mcore_at_least
 from megatron.remoe.config import ReMoETransformerConfig
 from megatron.remoe.integration import attach, remoe_layer_spec
-from megatron.remoe.train_config import FIELDS, TrainConfig
+from megatron.remoe.training.config import FIELDS, TrainConfig
 
 # ReMoETransformerConfig fields set from flags of the same name (core_transformer_config_from_args
 # copies every dataclass field that has an argument of that name); help and defaults: TrainConfig's

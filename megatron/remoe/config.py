@@ -46,7 +46,7 @@ class ReMoETransformerConfig(TransformerConfig):
     moe_relu_l1_reg_coeff_controller: str = "paper"
     """lambda update rule: paper (alpha^sign(target - S)), or ema / deadband / pi, steadier options
     for small batches that follow the paper's rule until the target is first reached
-    (megatron/remoe/controller.py)."""
+    (megatron/remoe/lambda_rules.py)."""
 
     moe_relu_l1_reg_coeff_ema_beta: float = 0.9
     """ema: the moving average of the sparsity is m <- beta * m + (1 - beta) * S."""
@@ -72,7 +72,7 @@ class ReMoETransformerConfig(TransformerConfig):
     still see every positive gate, so the controller is unaffected. None = no bound (the paper)."""
 
     moe_cpu_experts: str = "grouped"
-    """Expert module on CPU: grouped (megatron/remoe/cpu_experts.py: SequentialMLP's parameters,
+    """Expert module on CPU: grouped (megatron/remoe/cpu/experts.py: SequentialMLP's parameters,
     one GEMM pass over all experts) or sequential (megatron-core's SequentialMLP). GPUs ignore it."""
 
     moe_granularity: int = 1
@@ -259,8 +259,8 @@ def check_granularity(granularity: int, width: Optional[int], name: str = "moe_g
 
 
 def controller_options(cfg: ReMoETransformerConfig):
-    """The lambda update rule of this config (megatron/remoe/controller.py)."""
-    from megatron.remoe.controller import ControllerOptions  # controller.py imports this module
+    """The lambda update rule of this config (megatron/remoe/lambda_rules.py)."""
+    from megatron.remoe.lambda_rules import ControllerOptions  # controller.py imports this module
 
     return ControllerOptions(
         kind=cfg.moe_relu_l1_reg_coeff_controller, ema_beta=cfg.moe_relu_l1_reg_coeff_ema_beta,

@@ -22,7 +22,7 @@ from megatron.remoe.spec import (
     moe_layer_pattern_of,
     num_moe_layers,
 )
-from megatron.remoe.train_config import default_ffn_hidden_size
+from megatron.remoe.training.config import default_ffn_hidden_size
 
 # The paper's models: SwiGLU (ffn = 4h), RoPE base 1e6, RMSNorm, untied embeddings, no biases,
 # no dropout, GQA with 4 groups, init std 0.01.

@@ -20,8 +20,8 @@ from megatron.remoe.logs import configure
 
 def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pretrain") -> int:
     configure()  # the console: progress lines, known noise filtered (before megatron-core loads)
-    from megatron.remoe.arguments import parse_config
     from megatron.remoe.config import ConfigError
+    from megatron.remoe.training.arguments import parse_config
 
     quiet = int(os.environ.get("RANK", "0")) != 0  # one error line per job, not per rank
     try:
@@ -30,9 +30,13 @@ def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pret
         if not quiet:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    from megatron.remoe.checkpointing import EXIT_SAVE_FAILED, CheckpointSaveError
-    from megatron.remoe.distributed import EXIT_COLLECTIVE_FAILED, CollectiveFailure, destroy_distributed
-    from megatron.remoe.training import EXIT_NONFINITE, NonFiniteError, pretrain
+    from megatron.remoe.training.checkpointing import EXIT_SAVE_FAILED, CheckpointSaveError
+    from megatron.remoe.training.distributed import (
+        EXIT_COLLECTIVE_FAILED,
+        CollectiveFailure,
+        destroy_distributed,
+    )
+    from megatron.remoe.training.loop import EXIT_NONFINITE, NonFiniteError, pretrain
 
     try:
         pretrain(cfg)

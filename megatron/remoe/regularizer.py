@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.remoe.config import ConfigError
-from megatron.remoe.controller import ControllerOptions, build_rule
+from megatron.remoe.lambda_rules import ControllerOptions, build_rule
 
 
 def l1_reg_loss(

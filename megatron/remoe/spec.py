@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron.remoe.compat import call_with_supported_kwargs, mcore_version_string, moe_submodules
 from megatron.remoe.config import ConfigError
-from megatron.remoe.cpu_experts import cpu_experts_spec
+from megatron.remoe.cpu.experts import cpu_experts_spec
 from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.router import ReLURouter
 
@@ -157,7 +157,7 @@ def get_block_spec(config, controller: Optional[SparsityController] = None,
         moe = moe_submodules(sub.mlp)  # a ModuleSpec up to megatron-core 0.17, a partial after
         if moe is not None:
             moe.router = router
-            if not use_transformer_engine:  # CPU: grouped experts (megatron/remoe/cpu_experts.py)
+            if not use_transformer_engine:  # CPU: grouped experts (megatron/remoe/cpu/experts.py)
                 moe.experts = cpu_experts_spec(moe.experts, config)
             else:  # the local spec's checkpoint keys (MOE_NORM_KEY_MAP)
                 align_moe_layer_checkpoint_keys(sub)

@@ -34,7 +34,7 @@ def _entry(fn, rank, world_size, port, queue, args):
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         try:
-            from megatron.remoe.distributed import destroy_distributed
+            from megatron.remoe.training.distributed import destroy_distributed
 
             destroy_distributed()
         except Exception:

@@ -33,10 +33,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron.remoe.arguments import parse_config, transformer_config
-from megatron.remoe.cpu_backend import apply_cpu_backend
-from megatron.remoe.datasets import build_datasets, load_run_tokenizer, make_loader, padded_vocab_size
+from megatron.remoe.cpu.backend import apply_cpu_backend
 from megatron.remoe.integration import attach, remoe_layer_spec
+from megatron.remoe.training.arguments import parse_config, transformer_config
+from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader, padded_vocab_size
 
 SAVE_AT = 15
 

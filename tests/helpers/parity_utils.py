@@ -4,7 +4,7 @@ Trains the same tiny GPT (tests/helpers/pretrain_utils.MODEL: 2 layers, hidden 6
 batch 8, fp32) with the same seed and data under several parallel layouts and compares every
 layout with the 1-process run.
 
-Each run is the real trainer (`megatron.remoe.training.pretrain`, the function behind
+Each run is the real trainer (`megatron.remoe.training.loop.pretrain`, the function behind
 `python -m megatron.remoe.pretrain`) in real processes (1 process, or torchrun + gloo). This file is
 also the worker script: run as `python tests/helpers/parity_utils.py FLAGS...` (or under torchrun) it calls
 `pretrain` after wrapping three trainer functions *to record* what every rank computes (the JSONL
@@ -492,11 +492,11 @@ def _worker(argv: list) -> int:
     configure()  # an entry point: the console of `python -m megatron.remoe.pretrain`, first
     import torch.distributed as dist
 
-    from megatron.remoe import training
-    from megatron.remoe.arguments import config_to_yaml, parse_config
-    from megatron.remoe.checkpointing import save_checkpoint
-    from megatron.remoe.datasets import build_datasets, load_run_tokenizer
-    from megatron.remoe.distributed import destroy_distributed
+    from megatron.remoe.training import loop as training
+    from megatron.remoe.training.arguments import config_to_yaml, parse_config
+    from megatron.remoe.training.checkpointing import save_checkpoint
+    from megatron.remoe.training.data import build_datasets, load_run_tokenizer
+    from megatron.remoe.training.distributed import destroy_distributed
 
     rank = int(os.environ.get("RANK", "0"))
     path = os.path.join(os.environ["PARITY_RECORD_DIR"], f"rank{rank}.jsonl")

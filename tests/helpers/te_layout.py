@@ -48,7 +48,7 @@ def emulated_te_block_spec(config, use_transformer_engine=True, **kwargs):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron.remoe.compat import call_with_supported_kwargs, moe_submodules
-    from megatron.remoe.cpu_experts import cpu_experts_spec
+    from megatron.remoe.cpu.experts import cpu_experts_spec
     from megatron.remoe.spec import RMSNorm
 
     block = copy.deepcopy(call_with_supported_kwargs(

@@ -27,7 +27,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron.remoe.arguments import FIELDS, _close_match, _coerce, load_yaml_config, read_yaml_mapping
 from megatron.remoe.config import (
     ROUTERS,
     ConfigError,
@@ -36,7 +35,14 @@ from megatron.remoe.config import (
     check_l1_multiplier,
     check_topk_range,
 )
-from megatron.remoe.train_config import default_ffn_hidden_size
+from megatron.remoe.training.arguments import (
+    FIELDS,
+    _close_match,
+    _coerce,
+    load_yaml_config,
+    read_yaml_mapping,
+)
+from megatron.remoe.training.config import default_ffn_hidden_size
 
 GRID_KEYS = ("name", "description", "out", "config", "base", "demo_data", "axes",
              "compute_match", "checkpoints", "nproc", "settle_window", "settle_tol")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.arguments import TrainConfig, _coerce, load_yaml_config, resolve_derived
+from megatron.remoe.training.arguments import TrainConfig, _coerce, load_yaml_config, resolve_derived
 
 
 def read_summary(path: str) -> Optional[dict]:

@@ -2,7 +2,7 @@
 one after another (a run with checkpoints resumes) or print their launch lines, then collect.
 
 Each run is `python -m megatron.remoe.pretrain --config <out>/<run>/config.yaml`
-(megatron.remoe.launch); a finished run (summary.json at train_iters) is skipped, so rerunning
+(megatron.remoe.cli.launch); a finished run (summary.json at train_iters) is skipped, so rerunning
 the same command continues an interrupted grid."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from megatron.remoe.ablation.collect import collect, collect_run
 from megatron.remoe.ablation.grid import CM, Grid, GridError, RunSpec, run_dir
 from megatron.remoe.ablation.report import one_line
 from megatron.remoe.ablation.rundir import existing_config, is_finished
-from megatron.remoe.arguments import TrainConfig, _coerce, finalize_config
-from megatron.remoe.demo import demo_data_fields
-from megatron.remoe.launch import checkout_pythonpath, run_logged, training_command
+from megatron.remoe.cli.demo import demo_data_fields
+from megatron.remoe.cli.launch import checkout_pythonpath, run_logged, training_command
 from megatron.remoe.logs import get_logger
-from megatron.remoe.metrics_logging import format_duration
+from megatron.remoe.training.arguments import TrainConfig, _coerce, finalize_config
+from megatron.remoe.training.metrics import format_duration
 
 log = get_logger(__name__)
 

@@ -15,7 +15,7 @@ Pipeline (each stage is a plain function, usable on an in-memory model):
     report           `report.write_report(out_dir, ...)`: PNGs, the CSV behind each figure, report.md
     everything       `pipeline.analyze(models, eval_tokens, ...)`
 
-`checkpoint.load_checkpoint_model(path)` is the checkpoint front end (megatron.remoe.offline's
+`checkpoint.load_checkpoint_model(path)` is the checkpoint front end (training.checkpointing.offline's
 loader): the model of any saved parallel layout as a single-process fp32 model. The CLI is
 `tools/analyze_routing.py`.
 

@@ -1,14 +1,18 @@
-"""The analysis' checkpoint front end: megatron.remoe.offline's loader with the analysis' rules
-(dense models have no routing to analyse) and error type."""
+"""The analysis' checkpoint front end: the offline loader (training.checkpointing.offline) with
+the analysis' rules (dense models have no routing to analyse) and error type."""
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 from megatron.remoe.analysis.errors import AnalysisError
-from megatron.remoe.checkpointing import read_checkpoint_config, resolve_checkpoint
 from megatron.remoe.logs import get_logger
-from megatron.remoe.offline import CheckpointLoadError, load_offline_model, run_tokenizer
+from megatron.remoe.training.checkpointing import read_checkpoint_config, resolve_checkpoint
+from megatron.remoe.training.checkpointing.offline import (
+    CheckpointLoadError,
+    load_offline_model,
+    run_tokenizer,
+)
 
 logger = get_logger(__name__)
 

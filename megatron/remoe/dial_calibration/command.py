@@ -349,7 +349,7 @@ def main(argv: Optional[list] = None, prog: str = "remoe dial") -> int:
         _quiet()
         if args.threads:
             torch.set_num_threads(args.threads)
-        from megatron.remoe.distributed import ParallelConfig, destroy_distributed, init_distributed
+        from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
         if "WORLD_SIZE" not in os.environ:
             os.environ.pop("MASTER_PORT", None)

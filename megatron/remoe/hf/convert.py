@@ -10,7 +10,7 @@ each lives in the module of its concept:
                  hf_to_megatron_state_dict(hf_sd, tcfg, kind)
     to_hf        megatron_to_hf(model, tcfg, vocab_size, ...) -> HF model (weights copied);
                  load_megatron_checkpoint(path, iteration=None) -> (model, tcfg, TrainConfig, info)
-                 (megatron.remoe.offline's loader); megatron_checkpoint_to_hf(load, out_dir, ...)
+                 (training.checkpointing.offline's loader); megatron_checkpoint_to_hf(load, out_dir, ...)
     to_megatron  hf_to_megatron(hf_model) -> (megatron GPTModel, tcfg);
                  save_megatron_checkpoint_from_hf(hf_dir, save_dir) -> iter_0000000 checkpoint for
                  continued training

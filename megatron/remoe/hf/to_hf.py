@@ -20,9 +20,9 @@ from megatron.remoe.hf.folders import check_output_dir, load_hf_folder, save_hf_
 from megatron.remoe.hf.key_map import bare_megatron, load_into, megatron_to_hf_state_dict
 from megatron.remoe.hf.parity import verify_parity
 from megatron.remoe.logs import get_logger
-from megatron.remoe.offline import CheckpointLoadError, load_offline_model
 from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.router import saved_controller_state
+from megatron.remoe.training.checkpointing.offline import CheckpointLoadError, load_offline_model
 
 logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,8 +78,8 @@ def cast(hf, dtype):
 def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
                              tokenizer: Optional[str] = None, log: Callable = logger.info,
                              overrides: Optional[dict] = None, dial=None):
-    """megatron.remoe.offline's loader for conversion: the checkpoint's model in this single
-    process (TP=PP=EP=1, fp32, eval), any saved layout. Needs init_distributed() first.
+    """The offline loader (training.checkpointing.offline) for conversion: the checkpoint's model
+    in this single process (TP=PP=EP=1, fp32, eval), any saved layout. Needs init_distributed() first.
     `overrides`: TrainConfig fields that do not change the weights' shapes (e.g. the TopK
     `moe_router_topk` or the token dispatcher, for inference); `dial`: a compute dial (see
     megatron.remoe.dial.set_dial) applied to the loaded model.

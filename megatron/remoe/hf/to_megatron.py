@@ -11,16 +11,6 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron.remoe.arguments import (
-    FIELDS,
-    TrainConfig,
-    _coerce,
-    config_to_yaml,
-    finalize_config,
-    load_yaml_config,
-    transformer_config,
-)
-from megatron.remoe.checkpointing import save_checkpoint
 from megatron.remoe.hf.configs import (
     hf_kind,
     rope_theta,
@@ -37,9 +27,19 @@ from megatron.remoe.hf.folders import (
 from megatron.remoe.hf.key_map import bare_megatron, hf_to_megatron_state_dict, load_into
 from megatron.remoe.logs import get_logger
 from megatron.remoe.model import build_controller
-from megatron.remoe.offline import build_single_process_model
 from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.run_state import build_model, build_optimizer
+from megatron.remoe.training.arguments import (
+    FIELDS,
+    TrainConfig,
+    _coerce,
+    config_to_yaml,
+    finalize_config,
+    load_yaml_config,
+    transformer_config,
+)
+from megatron.remoe.training.checkpointing import save_checkpoint
+from megatron.remoe.training.checkpointing.offline import build_single_process_model
+from megatron.remoe.training.state import build_model, build_optimizer
 
 logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
 

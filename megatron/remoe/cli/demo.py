@@ -1,4 +1,4 @@
-"""The embedded demo: `remoe demo` (or `python -m megatron.remoe.demo`).
+"""The embedded demo: `remoe demo` (or `python -m megatron.remoe.cli.demo`).
 
 1. builds (or reuses) the multi-domain demo corpus and a BPE tokenizer (megatron.remoe.data);
 2. trains a small ReMoE GPT on CPU with the real trainer (`python -m megatron.remoe.pretrain
@@ -21,10 +21,10 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.cpu_settings import demo_settings, describe_settings
-from megatron.remoe.launch import run_logged, training_command
+from megatron.remoe.cli.launch import run_logged, training_command
+from megatron.remoe.cpu.settings import demo_settings, describe_settings
 from megatron.remoe.logs import configure, get_logger
-from megatron.remoe.metrics_logging import format_duration
+from megatron.remoe.training.metrics import format_duration
 
 # The demo model: measured on 2 CPU cores (see docs/training.md).
 DEMO_MODEL = dict(

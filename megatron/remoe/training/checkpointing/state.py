@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.checkpointing.files import _rank
+from megatron.remoe.training.checkpointing.files import _rank
 
 
 def sharded_metadata() -> dict:

@@ -7,7 +7,9 @@ import os
 import shutil
 from typing import Optional
 
-from megatron.remoe.checkpointing.files import (
+from megatron.remoe.config import ConfigError
+from megatron.remoe.logs import get_logger
+from megatron.remoe.training.checkpointing.files import (
     _ITER_DIR,
     _TMP_DIR,
     COMMON_PT,
@@ -17,8 +19,6 @@ from megatron.remoe.checkpointing.files import (
     verify_checkpoint,
     verify_checkpoint_distributed,
 )
-from megatron.remoe.config import ConfigError
-from megatron.remoe.logs import get_logger
 
 logger = get_logger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Optional
 import yaml
 
 from megatron.remoe.config import ConfigError
-from megatron.remoe.train_config import (  # noqa: F401 (re-exported: the config's old home)
+from megatron.remoe.training.config import (  # noqa: F401 (re-exported: the config's old home)
     FIELDS,
     GROUPS,
     TrainConfig,
@@ -32,7 +32,7 @@ from megatron.remoe.train_config import (  # noqa: F401 (re-exported: the config
     num_micro_batches,
     transformer_config,
 )
-from megatron.remoe.validation import (  # noqa: F401 (re-exported)
+from megatron.remoe.training.validation import (  # noqa: F401 (re-exported)
     check_output_dir,
     finalize_config,
     parse_blend,

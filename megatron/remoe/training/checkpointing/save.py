@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron.remoe.checkpointing.directory import _complete_iterations, prune_checkpoints
-from megatron.remoe.checkpointing.files import (
+from megatron.remoe.logs import get_logger
+from megatron.remoe.training.checkpointing.directory import _complete_iterations, prune_checkpoints
+from megatron.remoe.training.checkpointing.files import (
     CHECKPOINT_VERSION,
     MANIFEST,
     TRACKER,
@@ -32,8 +33,7 @@ from megatron.remoe.checkpointing.files import (
     iteration_dir,
     writer_versions,
 )
-from megatron.remoe.checkpointing.state import _layout, _state_dict, sharded_metadata
-from megatron.remoe.logs import get_logger
+from megatron.remoe.training.checkpointing.state import _layout, _state_dict, sharded_metadata
 
 logger = get_logger(__name__)
 
@@ -148,7 +148,7 @@ def _children_die_with_parent() -> None:
     global _DIE_WITH_PARENT_REGISTERED
     if _DIE_WITH_PARENT_REGISTERED or not sys.platform.startswith("linux"):
         return
-    from megatron.remoe.distributed import set_parent_death_signal
+    from megatron.remoe.training.distributed import set_parent_death_signal
 
     forking = [os.getpid()]
 

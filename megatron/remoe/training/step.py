@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from megatron.remoe.compat import report_moe_metrics
-from megatron.remoe.nonfinite import grads_nonfinite
 from megatron.remoe.regularizer import RoutingStats
-from megatron.remoe.signals import agree
 from megatron.remoe.spec import is_relu_routed
+from megatron.remoe.training.nonfinite import grads_nonfinite
+from megatron.remoe.training.signals import agree
 
 
 @dataclass

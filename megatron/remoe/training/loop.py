@@ -27,21 +27,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.arguments import TrainConfig, config_to_yaml
-from megatron.remoe.checkpointing import CheckpointSaveError, save_checkpoint
 from megatron.remoe.compat import clear_moe_metrics
 from megatron.remoe.config import ConfigError
-from megatron.remoe.datasets import build_datasets, make_loader
-from megatron.remoe.distributed import collective_failure, is_collective_failure, is_rank0
 from megatron.remoe.log_filters import fallback_note
 from megatron.remoe.logs import get_logger, info0
-from megatron.remoe.metrics_logging import MetricsLogger, format_train_line, memory_gb
-from megatron.remoe.nonfinite import EXIT_NONFINITE, NonFiniteError, apply_nan_policy
 from megatron.remoe.regularizer import RoutingWindow
-from megatron.remoe.run_lock import RunLock
-from megatron.remoe.run_state import Run, build_model, build_optimizer, setup
-from megatron.remoe.signals import ExitSignalHandler
-from megatron.remoe.step import StepResult, StopVote, forward_backward, reduce_lm_loss, train_step
+from megatron.remoe.training.arguments import TrainConfig, config_to_yaml
+from megatron.remoe.training.checkpointing import CheckpointSaveError, save_checkpoint
+from megatron.remoe.training.data import build_datasets, make_loader
+from megatron.remoe.training.distributed import collective_failure, is_collective_failure, is_rank0
+from megatron.remoe.training.metrics import MetricsLogger, format_train_line, memory_gb
+from megatron.remoe.training.nonfinite import EXIT_NONFINITE, NonFiniteError, apply_nan_policy
+from megatron.remoe.training.run_lock import RunLock
+from megatron.remoe.training.signals import ExitSignalHandler
+from megatron.remoe.training.state import Run, build_model, build_optimizer, setup
+from megatron.remoe.training.step import StepResult, StopVote, forward_backward, reduce_lm_loss, train_step
 
 # the names other modules and tests import from here (tests replace setup / train_step / evaluate
 # in this module to record every step, so the loop calls them through this module's namespace)

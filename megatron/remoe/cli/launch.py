@@ -15,7 +15,7 @@ from megatron.remoe.logs import get_logger
 log = get_logger(__name__)
 
 # the checkout this module belongs to: a trainer started from any working directory imports it
-CHECKOUT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHECKOUT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def training_command(config_path: str, nproc: int) -> list:

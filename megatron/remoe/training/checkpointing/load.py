@@ -9,8 +9,10 @@ from typing import Optional
 
 import torch
 
-from megatron.remoe.checkpointing.files import check_writer_version
-from megatron.remoe.checkpointing.state import (
+from megatron.remoe.config import ConfigError
+from megatron.remoe.logs import get_logger
+from megatron.remoe.training.checkpointing.files import check_writer_version
+from megatron.remoe.training.checkpointing.state import (
     _layout,
     _restore_torch_adam_steps,
     _set_rng_state,
@@ -18,9 +20,7 @@ from megatron.remoe.checkpointing.state import (
     load_sharded,
     sharded_metadata,
 )
-from megatron.remoe.config import ConfigError
-from megatron.remoe.logs import get_logger
-from megatron.remoe.train_config import FIELDS, TrainConfig
+from megatron.remoe.training.config import FIELDS, TrainConfig
 
 logger = get_logger(__name__)
 

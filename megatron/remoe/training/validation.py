@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from megatron.remoe.config import ConfigError, check_topk_range
-from megatron.remoe.train_config import (
+from megatron.remoe.training.config import (
     TrainConfig,
     data_parallel_size,
     default_ffn_hidden_size,
@@ -195,7 +195,7 @@ def check_moe(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
 def check_implementation(cfg: TrainConfig, cuda: bool) -> None:
     """This machine can run the chosen precision and layer implementation; recompute is coherent."""
     if cfg.bf16 and not cuda:
-        from megatron.remoe.cpu_settings import cpu_bf16_supported  # only for bf16 on CPU
+        from megatron.remoe.cpu.settings import cpu_bf16_supported  # only for bf16 on CPU
 
         if not cpu_bf16_supported():
             raise ConfigError("bf16 on CPU needs native bf16 arithmetic (AVX512-BF16 or AMX), "

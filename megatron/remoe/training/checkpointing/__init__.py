@@ -35,14 +35,14 @@ imported inside the functions that use them, so offline tools that only find and
 checkpoints do not load the training stack.
 """
 
-from megatron.remoe.checkpointing.directory import (
+from megatron.remoe.training.checkpointing.directory import (
     checkpoint_candidates,
     find_latest_checkpoint,
     find_loadable_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
 )
-from megatron.remoe.checkpointing.files import (
+from megatron.remoe.training.checkpointing.files import (
     CHECKPOINT_VERSION,
     COMMON_PT,
     MANIFEST,
@@ -54,7 +54,7 @@ from megatron.remoe.checkpointing.files import (
     verify_checkpoint_distributed,
     writer_versions,
 )
-from megatron.remoe.checkpointing.load import (
+from megatron.remoe.training.checkpointing.load import (
     MODEL_SHAPE_FIELDS,
     check_checkpoint_matches,
     check_model_shape,
@@ -63,8 +63,8 @@ from megatron.remoe.checkpointing.load import (
     read_checkpoint_config,
     single_process_config,
 )
-from megatron.remoe.checkpointing.save import EXIT_SAVE_FAILED, CheckpointSaveError, save_checkpoint
-from megatron.remoe.checkpointing.state import load_sharded, sharded_metadata
+from megatron.remoe.training.checkpointing.save import EXIT_SAVE_FAILED, CheckpointSaveError, save_checkpoint
+from megatron.remoe.training.checkpointing.state import load_sharded, sharded_metadata
 
 __all__ = [
     "CHECKPOINT_VERSION", "COMMON_PT", "EXIT_SAVE_FAILED", "MANIFEST", "MODEL_SHAPE_FIELDS", "TRACKER",

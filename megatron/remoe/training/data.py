@@ -18,8 +18,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron.remoe.arguments import TrainConfig, parse_blend
 from megatron.remoe.config import ConfigError
+from megatron.remoe.training.arguments import TrainConfig, parse_blend
 
 
 @dataclass

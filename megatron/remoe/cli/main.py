@@ -33,7 +33,7 @@ def main(argv: Optional[list] = None) -> int:
 
         return train_main(rest, prog="remoe train")
     if command == "demo":
-        from megatron.remoe.demo import main as demo_main
+        from megatron.remoe.cli.demo import main as demo_main
 
         return demo_main(rest, prog="remoe demo")
     if command == "ablate":

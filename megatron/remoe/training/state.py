@@ -15,23 +15,23 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.arguments import TrainConfig, num_micro_batches, transformer_config
-from megatron.remoe.checkpointing import (
+from megatron.remoe.config import ConfigError
+from megatron.remoe.integration import attach, controller_for
+from megatron.remoe.logs import get_logger, info0
+from megatron.remoe.model import build_gpt_model, count_parameters
+from megatron.remoe.training.arguments import TrainConfig, num_micro_batches, transformer_config
+from megatron.remoe.training.checkpointing import (
     check_checkpoint_matches,
     check_writer_version,
     checkpoint_candidates,
     find_loadable_checkpoint,
     load_checkpoint,
 )
-from megatron.remoe.config import ConfigError
-from megatron.remoe.datasets import check_data_matches_tokenizer, load_run_tokenizer, padded_vocab_size
-from megatron.remoe.distributed import ParallelConfig, init_distributed
-from megatron.remoe.integration import attach, controller_for
-from megatron.remoe.logs import get_logger, info0
-from megatron.remoe.metrics_logging import check_logging_backends
-from megatron.remoe.model import build_gpt_model, count_parameters
-from megatron.remoe.run_lock import check_not_held
-from megatron.remoe.testing_hooks import TestHooks
+from megatron.remoe.training.data import check_data_matches_tokenizer, load_run_tokenizer, padded_vocab_size
+from megatron.remoe.training.distributed import ParallelConfig, init_distributed
+from megatron.remoe.training.fault_injection import TestHooks
+from megatron.remoe.training.metrics import check_logging_backends
+from megatron.remoe.training.run_lock import check_not_held
 
 log = get_logger(__name__)
 _progress = partial(info0, log)  # the checkpoint functions' progress-line callback
@@ -99,7 +99,7 @@ def build_optimizer(cfg: TrainConfig, model: list):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron.remoe.cpu_settings import use_fused_cpu_adam
+    from megatron.remoe.cpu.settings import use_fused_cpu_adam
 
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
@@ -127,7 +127,7 @@ def setup(cfg: TrainConfig) -> Run:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron.remoe.cpu_settings import keep_cpu_allocations
+    from megatron.remoe.cpu.settings import keep_cpu_allocations
 
     check_logging_backends(cfg.tensorboard_dir, cfg.wandb_project)
     tokenizer = _load_tokenizer(cfg)
@@ -181,7 +181,7 @@ def _install_schedule_hooks(cfg: TrainConfig, tcfg, model: list, optimizer) -> N
 
 def _load_tokenizer(cfg: TrainConfig):
     from megatron.remoe.data.errors import DataError
-    from megatron.remoe.datasets import MockTokenizer
+    from megatron.remoe.training.data import MockTokenizer
 
     try:
         tokenizer = load_run_tokenizer(cfg)

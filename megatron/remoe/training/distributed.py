@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.cpu_backend import apply_cpu_backend, cpu_backend_needed, default_backend
+from megatron.remoe.cpu.backend import apply_cpu_backend, cpu_backend_needed, default_backend
 
 
 @dataclass
