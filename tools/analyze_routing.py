@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
     args = build_parser().parse_args(argv)
     from megatron.remoe.analysis import AnalysisError
-    from megatron.remoe.config import ConfigError
+    from megatron.remoe.errors import ConfigError
     from megatron.remoe.logs import get_logger
 
     try:

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from megatron.remoe.dial import set_dial
 from megatron.remoe.logs import get_logger
+from megatron.remoe.router import set_dial
 
 logger = get_logger(__name__)
 

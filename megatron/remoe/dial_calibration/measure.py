@@ -10,9 +10,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron.remoe.dial import relu_routers, set_dial
 from megatron.remoe.dial_calibration.inputs import LoadedModel
 from megatron.remoe.logs import get_logger
+from megatron.remoe.router import relu_routers, set_dial
 
 logger = get_logger(__name__)
 

@@ -42,11 +42,11 @@ from megatron.remoe.hf.folders import (
 )
 from megatron.remoe.hf.key_map import (
     KeyRule,
+    conversion_moe_layer_pattern,
     hf_to_megatron_state_dict,
     key_map,
     megatron_to_hf_state_dict,
 )
-from megatron.remoe.hf.key_map import layer_pattern as moe_layer_pattern
 from megatron.remoe.hf.parity import (
     ParityReport,
     greedy_hf,
@@ -71,7 +71,7 @@ __all__ = [
     "greedy_megatron", "hf_config_from_megatron", "hf_kind", "hf_to_megatron",
     "hf_to_megatron_state_dict", "key_map", "load_hf_folder", "load_megatron_checkpoint",
     "megatron_checkpoint_to_hf", "megatron_to_hf", "megatron_to_hf_state_dict",
-    "moe_layer_pattern", "save_hf_folder", "save_megatron_checkpoint_from_hf",
+    "conversion_moe_layer_pattern", "save_hf_folder", "save_megatron_checkpoint_from_hf",
     "train_config_from_hf", "transformer_config_fields_from_hf", "transformer_config_from_hf",
     "verify_parity", "write_tokenizer_files",
 ]

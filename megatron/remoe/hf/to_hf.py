@@ -13,15 +13,14 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron.remoe.dial import set_dial
+from megatron.remoe.controller import SparsityController
 from megatron.remoe.hf.configs import export_kind, hf_config_from_megatron
 from megatron.remoe.hf.errors import ConversionError
 from megatron.remoe.hf.folders import check_output_dir, load_hf_folder, save_hf_folder
 from megatron.remoe.hf.key_map import bare_megatron, load_into, megatron_to_hf_state_dict
 from megatron.remoe.hf.parity import verify_parity
 from megatron.remoe.logs import get_logger
-from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.router import saved_controller_state
+from megatron.remoe.router import saved_controller_state, set_dial
 from megatron.remoe.training.checkpointing.offline import CheckpointLoadError, load_offline_model
 
 logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines

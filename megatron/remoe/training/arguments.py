@@ -23,7 +23,7 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.training.config import (  # noqa: F401 (re-exported: the config's old home)
     FIELDS,
     GROUPS,

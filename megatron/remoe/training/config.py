@@ -15,6 +15,12 @@ from typing import Any, Optional
 import torch
 
 from megatron.remoe.config import ROUTERS
+from megatron.remoe.lambda_rules import (
+    CONTROLLERS,
+    PAPER_L1_COEFF_INIT,
+    PAPER_L1_COEFF_MULTIPLIER,
+    ControllerOptions,
+)
 
 GROUPS = ("model", "moe", "parallel", "batch", "optimizer", "training", "data", "checkpoint",
           "logging")
@@ -78,20 +84,24 @@ class TrainConfig:
                               "(megatron-core's SequentialMLP); GPUs ignore it", "moe",
                               choices=["grouped", "sequential"])
     moe_aux_loss_coeff: float = _f(1e-2, "TopK aux (load-balancing) loss coefficient", "moe")
-    moe_relu_l1_reg_coeff_init: float = _f(1e-8, "lambda_0 of the adaptive L1", "moe")
-    moe_relu_l1_reg_coeff_multiplier: float = _f(1.2, "alpha: lambda update factor per step",
-                                                 "moe")
+    # the lambda controller: defaults and rule names from megatron/remoe/lambda_rules.py
+    moe_relu_l1_reg_coeff_init: float = _f(PAPER_L1_COEFF_INIT, "lambda_0 of the adaptive L1",
+                                           "moe")
+    moe_relu_l1_reg_coeff_multiplier: float = _f(PAPER_L1_COEFF_MULTIPLIER,
+                                                 "alpha: lambda update factor per step", "moe")
     moe_relu_l1_reg_coeff_controller: str = _f(
-        "paper", "lambda update rule: paper (alpha^sign(target - S)); ema, deadband or pi are "
-        "steadier in Stage III on small batches (docs/training.md)", "moe",
-        choices=["paper", "ema", "deadband", "pi"])
-    moe_relu_l1_reg_coeff_ema_beta: float = _f(0.9, "ema rule: moving-average factor of the "
-                                               "sparsity", "moe")
-    moe_relu_l1_reg_coeff_deadband_z: float = _f(2.0, "deadband rule: hold lambda while |S - "
-                                                 "target| <= z * sampling noise of S", "moe")
-    moe_relu_l1_reg_coeff_pi_kp: float = _f(2.0, "pi rule: proportional gain on log lambda",
-                                            "moe")
-    moe_relu_l1_reg_coeff_pi_ki: float = _f(1.0, "pi rule: integral gain on log lambda", "moe")
+        ControllerOptions.kind, "lambda update rule: paper (alpha^sign(target - S)); ema, "
+        "deadband or pi are steadier in Stage III on small batches (docs/training.md)", "moe",
+        choices=list(CONTROLLERS))
+    moe_relu_l1_reg_coeff_ema_beta: float = _f(ControllerOptions.ema_beta, "ema rule: "
+                                               "moving-average factor of the sparsity", "moe")
+    moe_relu_l1_reg_coeff_deadband_z: float = _f(ControllerOptions.deadband_z, "deadband rule: "
+                                                 "hold lambda while |S - target| <= z * sampling "
+                                                 "noise of S", "moe")
+    moe_relu_l1_reg_coeff_pi_kp: float = _f(ControllerOptions.pi_kp, "pi rule: proportional gain "
+                                            "on log lambda", "moe")
+    moe_relu_l1_reg_coeff_pi_ki: float = _f(ControllerOptions.pi_ki, "pi rule: integral gain on "
+                                            "log lambda", "moe")
     moe_relu_target_sparsity: Optional[float] = _f(None, "target sparsity (default 1 - k/E)",
                                                    "moe")
     moe_relu_no_load_balancing: bool = _f(False, "plain L1 (paper Eq. 9) instead of the "
@@ -214,11 +224,6 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def default_ffn_hidden_size(hidden_size: int) -> int:
-    """The FFN width when `ffn_hidden_size` is not given: 4 x hidden, as in megatron-core."""
-    return 4 * hidden_size
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron.remoe.training.distributed import is_rank0
+from megatron.remoe.logs import is_rank0
 
 
 @dataclass

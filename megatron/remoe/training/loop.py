@@ -28,16 +28,16 @@ import torch
 import torch.distributed as dist
 
 from megatron.remoe.compat import clear_moe_metrics
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.log_filters import fallback_note
-from megatron.remoe.logs import get_logger, info0
-from megatron.remoe.regularizer import RoutingWindow
+from megatron.remoe.logs import get_logger, info0, is_rank0
+from megatron.remoe.routing_stats import RoutingWindow
 from megatron.remoe.training.arguments import TrainConfig, config_to_yaml
 from megatron.remoe.training.checkpointing import CheckpointSaveError, save_checkpoint
 from megatron.remoe.training.data import build_datasets, make_loader
-from megatron.remoe.training.distributed import collective_failure, is_collective_failure, is_rank0
+from megatron.remoe.training.distributed import collective_failure, is_collective_failure
 from megatron.remoe.training.metrics import MetricsLogger, format_train_line, memory_gb
-from megatron.remoe.training.nonfinite import EXIT_NONFINITE, NonFiniteError, apply_nan_policy
+from megatron.remoe.training.nonfinite import NonFiniteError, apply_nan_policy
 from megatron.remoe.training.run_lock import RunLock
 from megatron.remoe.training.signals import ExitSignalHandler
 from megatron.remoe.training.state import Run, build_model, build_optimizer, setup
@@ -45,7 +45,7 @@ from megatron.remoe.training.step import StepResult, StopVote, forward_backward,
 
 # the names other modules and tests import from here (tests replace setup / train_step / evaluate
 # in this module to record every step, so the loop calls them through this module's namespace)
-__all__ = ["EXIT_NONFINITE", "NonFiniteError", "Run", "build_model", "build_optimizer", "evaluate",
+__all__ = ["NonFiniteError", "Run", "build_model", "build_optimizer", "evaluate",
            "pretrain", "setup", "train_step"]
 
 log = get_logger(__name__)

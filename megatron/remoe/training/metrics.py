@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Optional
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 
 log = get_logger(__name__)

@@ -30,7 +30,7 @@ import time
 import uuid
 from typing import Optional
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 10.0  # how often the holder refreshes the lock's mtime

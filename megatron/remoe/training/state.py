@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.integration import attach, controller_for
 from megatron.remoe.logs import get_logger, info0
 from megatron.remoe.model import build_gpt_model, count_parameters

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megatron.remoe.compat import report_moe_metrics
-from megatron.remoe.regularizer import RoutingStats
-from megatron.remoe.spec import is_relu_routed
+from megatron.remoe.config import is_relu_routed
+from megatron.remoe.routing_stats import RoutingStats
 from megatron.remoe.training.nonfinite import grads_nonfinite
 from megatron.remoe.training.signals import agree
 

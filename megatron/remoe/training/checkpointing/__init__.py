@@ -63,11 +63,11 @@ from megatron.remoe.training.checkpointing.load import (
     read_checkpoint_config,
     single_process_config,
 )
-from megatron.remoe.training.checkpointing.save import EXIT_SAVE_FAILED, CheckpointSaveError, save_checkpoint
+from megatron.remoe.training.checkpointing.save import CheckpointSaveError, save_checkpoint
 from megatron.remoe.training.checkpointing.state import load_sharded, sharded_metadata
 
 __all__ = [
-    "CHECKPOINT_VERSION", "COMMON_PT", "EXIT_SAVE_FAILED", "MANIFEST", "MODEL_SHAPE_FIELDS", "TRACKER",
+    "CHECKPOINT_VERSION", "COMMON_PT", "MANIFEST", "MODEL_SHAPE_FIELDS", "TRACKER",
     "CheckpointSaveError", "_describe_files", "check_checkpoint_matches", "check_model_shape",
     "check_writer_version", "checkpoint_candidates", "find_latest_checkpoint",
     "find_loadable_checkpoint", "iteration_dir", "load_checkpoint", "load_common_state",

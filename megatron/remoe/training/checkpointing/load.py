@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 from megatron.remoe.training.checkpointing.files import check_writer_version
 from megatron.remoe.training.checkpointing.state import (

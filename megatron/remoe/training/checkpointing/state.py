@@ -148,7 +148,7 @@ def load_sharded(sd: dict, path: str, common: dict) -> dict:
     `path` holds in megatron-core's TE layout are read from there (`_request_te_moe_norm_keys`)."""
     from megatron.core import dist_checkpointing
 
-    from megatron.remoe.regularizer import SparsityController
+    from megatron.remoe.controller import SparsityController
 
     _request_te_moe_norm_keys(sd, path)
     legacy = common.get(SparsityController.CHECKPOINT_KEY)
