@@ -230,7 +230,7 @@ def check_topk_range(k: Optional[int], num_experts: int,
 
 
 def check_l1_coeff_init(value: float, what: Optional[str] = None,
-                        tail: str = f"; the paper uses {PAPER_L1_COEFF_INIT:g}") -> None:
+                        tail: str = "; the paper uses 1e-8") -> None:
     """lambda_0 > 0: the controller multiplies lambda, so it can never leave 0."""
     if not value > 0:
         what = what or f"moe_relu_l1_reg_coeff_init={value}"
@@ -238,7 +238,7 @@ def check_l1_coeff_init(value: float, what: Optional[str] = None,
 
 
 def check_l1_multiplier(value: float, what: Optional[str] = None,
-                        tail: str = f"; the paper uses {PAPER_L1_COEFF_MULTIPLIER:g}") -> None:
+                        tail: str = "; the paper uses 1.2") -> None:
     """alpha > 1: lambda grows by alpha below the target sparsity and shrinks above it."""
     if not value > 1.0:
         what = what or f"moe_relu_l1_reg_coeff_multiplier={value}"

@@ -49,7 +49,6 @@ L1_COEFF_MIN = 1e-30
 L1_COEFF_MAX = 1e4
 
 
-
 @dataclass
 class ControllerOptions:
     """Which lambda update rule and its parameters; the one owner of their defaults

@@ -81,7 +81,7 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
     in this single process (TP=PP=EP=1, fp32, eval), any saved layout. Needs init_distributed() first.
     `overrides`: TrainConfig fields that do not change the weights' shapes (e.g. the TopK
     `moe_router_topk` or the token dispatcher, for inference); `dial`: a compute dial (see
-    megatron.remoe.dial.set_dial) applied to the loaded model.
+    megatron.remoe.router.set_dial) applied to the loaded model.
     Returns (model, tcfg, TrainConfig, info) where info has the iteration, lambda, tokenizer,
     padded vocabulary size."""
     try:
