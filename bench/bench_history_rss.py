@@ -48,8 +48,10 @@ def measure(cfg, every: int, keep_every_step: bool) -> list:
     its end."""
     from megatron.remoe.training import loop as training
     from megatron.remoe.training.distributed import destroy_distributed
+    from megatron.remoe.training.loop import LoopParts
+    from megatron.remoe.training.step import StepResult
 
-    real_step, real_history = training.train_step, training.StepHistory
+    real_step, real_history = LoopParts().train_step, training.StepHistory
     samples, first = [], []
 
     def step(run, data_iterator, stop_flags=None):
@@ -59,7 +61,7 @@ def measure(cfg, every: int, keep_every_step: bool) -> list:
         metrics = {k: v + 0.0 if isinstance(v, float) else v for k, v in real.metrics.items()}
         if run.iteration % every == 0:
             samples.append((run.iteration, rss_mb()))
-        return training.StepResult(metrics, real.routing, real.stop)
+        return StepResult(metrics, real.routing, real.stop)
 
     class EveryStepHistory(real_history):
         """The loop before the change: every step's metrics and time kept for the summary."""
@@ -73,14 +75,13 @@ def measure(cfg, every: int, keep_every_step: bool) -> list:
             self.every_step.append(metrics)
             self.step_times.append(seconds)
 
-    training.train_step = step
-    if keep_every_step:
+    if keep_every_step:  # StepHistory is loop.py's own class, replaced in its module
         training.StepHistory = EveryStepHistory
     try:
-        training.pretrain(cfg)
+        training.pretrain(cfg, LoopParts(train_step=step))
         samples.append((cfg.train_iters, rss_mb()))  # after the summary
     finally:
-        training.train_step, training.StepHistory = real_step, real_history
+        training.StepHistory = real_history
         destroy_distributed()
     return samples
 

@@ -141,7 +141,7 @@ def _build(flags: list):
     """A trainer Run and its training data iterator, exactly as `pretrain` builds them."""
     from megatron.remoe.training.arguments import parse_config
     from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader
-    from megatron.remoe.training.loop import setup
+    from megatron.remoe.training.state import setup
 
     unfused = UNFUSED_ADAM in flags
     cfg = parse_config([f for f in flags if f != UNFUSED_ADAM])
@@ -169,7 +169,7 @@ def _routing(metrics: dict) -> dict:
 def worker_time(spec: dict) -> dict:
     import torch
 
-    from megatron.remoe.training.loop import train_step
+    from megatron.remoe.training.step import train_step
 
     peak_dtype = "bfloat16" if "--bf16" in next(iter(spec["variants"].values())) else "float32"
     peak = [gemm_peak_gflops(peak_dtype)]
@@ -233,7 +233,7 @@ def _reset_peak_rss() -> bool:
 def worker_memory(spec: dict) -> dict:
     import torch
 
-    from megatron.remoe.training.loop import train_step
+    from megatron.remoe.training.step import train_step
 
     run, it = _build(spec["flags"])
     device = run.device

@@ -137,7 +137,7 @@ def profile_variants(variants: dict, threads: int, steps: int, warmup: int, top:
     from bench_step import _build, _routing
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron.remoe.training.loop import train_step
+    from megatron.remoe.training.step import train_step
 
     torch.set_num_threads(threads)
     out = {}

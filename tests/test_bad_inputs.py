@@ -57,7 +57,7 @@ def broken_copies(train):
     .bin, a token id beyond the vocabulary, and an empty dataset (no documents)."""
     import numpy as np
 
-    from megatron.remoe.data.preprocess import _IDX_HEADER
+    from megatron.remoe.data.indexed import _IDX_HEADER
 
     out = {}
     ptr = _copy_prefix(train, train + "_bad_ptr")

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from megatron.remoe.config import ConfigError
-from megatron.remoe.training.arguments import config_to_yaml, parse_blend, parse_config
+from megatron.remoe.training.arguments import config_to_yaml, parse_config
+from megatron.remoe.training.validation import parse_blend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.timeout(120)
@@ -132,7 +133,7 @@ def test_in_process_main_returns_2(tmp_path, capsys):
     and os.sep + "ablations" + os.sep not in p))  # grids: tests/test_ablate.py expands them
 def test_example_configs_parse(path):
     from megatron.remoe.model import count_parameters
-    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.config import transformer_config
 
     gpu = "cpu-demo" not in path
     # validated as on 8 GPUs; TE / grouped GEMM / bf16 switched off since this machine has neither

@@ -147,8 +147,7 @@ def _model_keys_and_state(monkeypatch, mode, moe_layer_freq):
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
     from megatron.remoe.model import build_gpt_model
-    from megatron.remoe.training.arguments import transformer_config
-    from megatron.remoe.training.config import TrainConfig
+    from megatron.remoe.training.config import TrainConfig, transformer_config
 
     if mode != "local":
         te_layout.install(mode, lambda obj, name, value: monkeypatch.setattr(obj, name, value,

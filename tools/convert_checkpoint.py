@@ -130,12 +130,10 @@ def _hf_to_megatron(args) -> tuple:
     """--hf-to-megatron: the checkpoint, then (with --verify) its parity with the HF folder."""
     import torch
 
-    from megatron.remoe.hf.convert import (
-        load_hf_folder,
-        load_megatron_checkpoint,
-        save_megatron_checkpoint_from_hf,
-        verify_parity,
-    )
+    from megatron.remoe.hf.folders import load_hf_folder
+    from megatron.remoe.hf.parity import verify_parity
+    from megatron.remoe.hf.to_hf import load_megatron_checkpoint
+    from megatron.remoe.hf.to_megatron import save_megatron_checkpoint_from_hf
 
     save_megatron_checkpoint_from_hf(args.hf, args.save, args.config, overwrite=args.overwrite)
     summary = {"save": os.path.abspath(args.save)}
@@ -150,7 +148,7 @@ def _hf_to_megatron(args) -> tuple:
 
 
 def _megatron_to_hf(args) -> tuple:
-    from megatron.remoe.hf.convert import megatron_checkpoint_to_hf
+    from megatron.remoe.hf.to_hf import megatron_checkpoint_to_hf
 
     summary = megatron_checkpoint_to_hf(
         args.load, args.out, iteration=args.iteration, dtype=args.dtype,
@@ -169,7 +167,7 @@ def _convert(args) -> int:
         import transformers  # noqa: F401  (optional dependency: the eval extra)
     except ImportError:
         raise UsageError("transformers is not installed; pip install 'megatron-remoe[eval]'")
-    from megatron.remoe.hf.convert import check_output_dir
+    from megatron.remoe.hf.folders import check_output_dir
     from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
     check_output_dir(args.save if args.hf_to_megatron else args.out, args.overwrite)

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     configure()  # the console: progress lines, known noise filtered
     args = parse_args(argv)
     from megatron.remoe.data.errors import DataError
-    from megatron.remoe.data.preprocess import PreprocessConfig, preprocess, read_documents, resolve_inputs
+    from megatron.remoe.data.preprocess import PreprocessConfig, preprocess
+    from megatron.remoe.data.readers import read_documents, resolve_inputs
     from megatron.remoe.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     try:

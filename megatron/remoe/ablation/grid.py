@@ -35,14 +35,8 @@ from megatron.remoe.config import (
     check_l1_multiplier,
     check_topk_range,
 )
-from megatron.remoe.training.arguments import (
-    FIELDS,
-    _close_match,
-    _coerce,
-    load_yaml_config,
-    read_yaml_mapping,
-)
-from megatron.remoe.training.config import default_ffn_hidden_size
+from megatron.remoe.training.arguments import _close_match, _coerce, load_yaml_config, read_yaml_mapping
+from megatron.remoe.training.config import FIELDS, default_ffn_hidden_size
 
 GRID_KEYS = ("name", "description", "out", "config", "base", "demo_data", "axes",
              "compute_match", "checkpoints", "nproc", "settle_window", "settle_tol")

@@ -8,7 +8,9 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.training.arguments import TrainConfig, _coerce, load_yaml_config, resolve_derived
+from megatron.remoe.training.arguments import _coerce, load_yaml_config
+from megatron.remoe.training.config import TrainConfig
+from megatron.remoe.training.validation import resolve_derived
 
 
 def read_summary(path: str) -> Optional[dict]:

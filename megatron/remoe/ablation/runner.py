@@ -24,8 +24,10 @@ from megatron.remoe.ablation.rundir import existing_config, is_finished
 from megatron.remoe.cli.demo import demo_data_fields
 from megatron.remoe.cli.launch import checkout_pythonpath, run_logged, training_command
 from megatron.remoe.logs import get_logger
-from megatron.remoe.training.arguments import TrainConfig, _coerce, finalize_config
+from megatron.remoe.training.arguments import _coerce
+from megatron.remoe.training.config import TrainConfig
 from megatron.remoe.training.metrics import format_duration
+from megatron.remoe.training.validation import finalize_config
 
 log = get_logger(__name__)
 

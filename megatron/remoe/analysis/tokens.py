@@ -11,10 +11,10 @@ import numpy as np
 
 from megatron.remoe.analysis.errors import AnalysisError
 from megatron.remoe.data.errors import DataError
-from megatron.remoe.data.preprocess import load_indexed_dataset
+from megatron.remoe.data.indexed import load_indexed_dataset
 from megatron.remoe.logs import get_logger
-from megatron.remoe.training.arguments import parse_blend
 from megatron.remoe.training.data import _domain_names
+from megatron.remoe.training.validation import parse_blend
 
 logger = get_logger(__name__)
 

@@ -205,7 +205,7 @@ class Undialled:
 def undialled(args, log: Callable) -> Undialled:
     """Load the model, check the arguments against it, pick the held-out tokens and measure the
     model as trained (tau = 0)."""
-    from megatron.remoe.hf.convert import ConversionError
+    from megatron.remoe.hf.errors import ConversionError
 
     try:
         lm = load_model(args.load, args.tokenizer, log=log)

@@ -41,12 +41,10 @@ def load_model(path: str, tokenizer: Optional[str] = None, overrides: Optional[d
                log: Callable = logger.info) -> LoadedModel:
     """A Megatron checkpoint (converter's loader) or an HF folder (hf_to_megatron), fp32, eval,
     undialled."""
-    from megatron.remoe.hf.convert import (
-        hf_to_megatron,
-        load_hf_folder,
-        load_megatron_checkpoint,
-        transformer_config_from_hf,
-    )
+    from megatron.remoe.hf.configs import transformer_config_from_hf
+    from megatron.remoe.hf.folders import load_hf_folder
+    from megatron.remoe.hf.to_hf import load_megatron_checkpoint
+    from megatron.remoe.hf.to_megatron import hf_to_megatron
 
     if is_hf_folder(path):
         hf, _ = load_hf_folder(path, torch.float32)

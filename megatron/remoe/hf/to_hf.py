@@ -24,7 +24,7 @@ from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.router import saved_controller_state
 from megatron.remoe.training.checkpointing.offline import CheckpointLoadError, load_offline_model
 
-logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
+logger = get_logger("megatron.remoe.hf")  # the converter's progress lines
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -19,7 +19,8 @@ from typing import Iterator, Optional
 import torch
 
 from megatron.remoe.config import ConfigError
-from megatron.remoe.training.arguments import TrainConfig, parse_blend
+from megatron.remoe.training.config import TrainConfig
+from megatron.remoe.training.validation import parse_blend
 
 
 @dataclass
@@ -57,7 +58,7 @@ def check_data_matches_tokenizer(cfg: TrainConfig, tokenizer) -> None:
     or with --full-data-check, sampled blocks of larger ones)."""
     if cfg.mock_data:
         return
-    from megatron.remoe.data.preprocess import check_indexed_files, check_token_ids, check_tokenizer_match
+    from megatron.remoe.data.indexed import check_indexed_files, check_token_ids, check_tokenizer_match
 
     for name in ("data_path", "valid_data_path"):
         items = getattr(cfg, name)

@@ -19,7 +19,6 @@ from megatron.remoe.config import ConfigError
 from megatron.remoe.integration import attach, controller_for
 from megatron.remoe.logs import get_logger, info0
 from megatron.remoe.model import build_gpt_model, count_parameters
-from megatron.remoe.training.arguments import TrainConfig, num_micro_batches, transformer_config
 from megatron.remoe.training.checkpointing import (
     check_checkpoint_matches,
     check_writer_version,
@@ -27,6 +26,7 @@ from megatron.remoe.training.checkpointing import (
     find_loadable_checkpoint,
     load_checkpoint,
 )
+from megatron.remoe.training.config import TrainConfig, num_micro_batches, transformer_config
 from megatron.remoe.training.data import check_data_matches_tokenizer, load_run_tokenizer, padded_vocab_size
 from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 from megatron.remoe.training.fault_injection import TestHooks
