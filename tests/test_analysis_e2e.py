@@ -261,7 +261,7 @@ def test_bf16_checkpoint_is_analysed_in_fp32(world, tmp_path):
 @needs_mpl
 @pytest.mark.timeout(30)
 def test_figure_check_catches_missing_labels():
-    plt = A._plt()
+    plt = A.pyplot()
     fig, ax = plt.subplots()
     ax.plot([1, 2], [3, 4])
     ax.plot([1, 2], [4, 3])

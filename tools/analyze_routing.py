@@ -142,7 +142,7 @@ def _checkpoints(args, log) -> tuple:
     paths = [resolve_checkpoint(p, log=log) for p in args.load]
     cpaths = [resolve_checkpoint(p, log=log) for p in args.compare_load]
     if not args.no_figures:
-        A._plt()  # fail now, not after the forward passes
+        A.pyplot()  # fail now, not after the forward passes
     A.prepare_out_dir(args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)

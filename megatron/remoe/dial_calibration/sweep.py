@@ -104,9 +104,9 @@ def write_csv(path: str, points: Sequence[DialPoint]) -> None:
 
 def sweep_figure(points: Sequence[DialPoint], title: str):
     """Validation loss vs active experts per token and vs forward FLOPs per token."""
-    from megatron.remoe.analysis import _plt
+    from megatron.remoe.analysis import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict = {}
     for p in points:

@@ -166,7 +166,7 @@ def run_lm_eval(sm: ScoringModel, tasks: Sequence[str], task_dir: Optional[str] 
     return res["results"]
 
 
-def _metric(res: dict, name: str):
+def metric_value(res: dict, name: str):
     for key, v in res.items():
         if key == name or key.startswith(name + ","):
             return v

@@ -106,7 +106,7 @@ def cap_documents(docs: Sequence[str], max_chars: int, min_doc_chars: int = 1000
     return out
 
 
-def _nonblank_lines(doc: str) -> list:
+def nonblank_lines(doc: str) -> list:
     return [ln.rstrip() for ln in doc.split("\n") if ln.strip()]
 
 
@@ -126,7 +126,7 @@ def build_nextline_items(domain_docs: dict, items_per_domain: int = 50, num_choi
     def ok(line: str) -> bool:
         return min_line_chars <= len(line.strip()) and len(line) <= max_line_chars
 
-    lines = {d: [_nonblank_lines(doc) for doc in docs] for d, docs in domain_docs.items()}
+    lines = {d: [nonblank_lines(doc) for doc in docs] for d, docs in domain_docs.items()}
     pools = {d: [sorted(set(ln for ln in doc if ok(ln))) for doc in docs]
              for d, docs in lines.items()}
     items = []

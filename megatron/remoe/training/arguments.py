@@ -130,7 +130,7 @@ def load_yaml_config(path: str, _seen: Optional[set] = None) -> dict:
         merged.update(load_yaml_config(base_path, _seen))
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        hint = _close_match(unknown[0])
+        hint = closest_field_name(unknown[0])
         raise ConfigError(f"config {path}: unknown key {unknown[0]!r}"
                           + (f" (did you mean {hint!r}?)" if hint else "")
                           + "; remove it or fix the spelling")
@@ -138,12 +138,12 @@ def load_yaml_config(path: str, _seen: Optional[set] = None) -> dict:
     return merged
 
 
-def _close_match(name: str) -> Optional[str]:
+def closest_field_name(name: str) -> Optional[str]:
     match = difflib.get_close_matches(name, list(FIELDS), n=1)
     return match[0] if match else None
 
 
-def _coerce(name: str, value):
+def coerce_field_value(name: str, value):
     """YAML values to the field's type (PyYAML reads `5e-4` as a string, for instance)."""
     if value is None:
         return None
@@ -203,7 +203,7 @@ def parse_config(argv: Optional[list] = None, world_size: Optional[int] = None,
     if config_path:
         values.update(load_yaml_config(config_path))
     values.update(args)
-    values = {k: _coerce(k, v) for k, v in values.items()}
+    values = {k: coerce_field_value(k, v) for k, v in values.items()}
     cfg = TrainConfig(**values)
     return finalize_config(cfg, world_size, cuda)
 

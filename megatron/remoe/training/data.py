@@ -122,7 +122,7 @@ def _build(cfg: TrainConfig, tokenizer, sizes: list, **blend_kwargs):
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
 
 
-def _domain_names(prefixes: list) -> list:
+def domain_names_of(prefixes: list) -> list:
     names = [os.path.basename(p.rstrip("/")) or p for p in prefixes]
     if len(set(names)) != len(names):  # e.g. .../a/text_document and .../b/text_document
         names = [f"{i}_{n}" for i, n in enumerate(names)]
@@ -148,7 +148,7 @@ def build_datasets(cfg: TrainConfig, tokenizer):
         train = _build(cfg, tokenizer, [train_samples, 0, 0],
                        blend_per_split=[train_blend, None, None])[0]
         prefixes, weights = parse_blend(cfg.valid_data_path, "valid_data_path")
-        names = _domain_names(prefixes)
+        names = domain_names_of(prefixes)
         weights = weights or [1.0] * len(prefixes)
         valid = {}
         if evaluate:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.remoe.training.checkpointing.files import _rank
+from megatron.remoe.training.checkpointing.files import this_rank
 
 
 def sharded_metadata() -> dict:
@@ -30,7 +30,7 @@ def sharded_metadata() -> dict:
             "chained_optim_avoid_prefix": True}
 
 
-def _layout(cfg) -> dict:
+def parallel_layout(cfg) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {"world_size": world, "tp": cfg.tensor_model_parallel_size,
             "pp": cfg.pipeline_model_parallel_size, "vp": cfg.virtual_pipeline_model_parallel_size,
@@ -50,7 +50,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
@@ -66,7 +66,7 @@ def _rng_sharded(rng: Optional[dict]):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)
+    return ShardedObject("rng_state", rng, (world,), (this_rank(),), replica_id=0)
 
 
 def _prime_empty_optimizer_state(optimizer) -> None:
@@ -88,7 +88,7 @@ def _prime_empty_optimizer_state(optimizer) -> None:
                                           "step": torch.tensor(0.0)}
 
 
-def _restore_torch_adam_steps(optimizer, loaded) -> None:
+def restore_torch_adam_steps(optimizer, loaded) -> None:
     """Without Transformer Engine / Apex, megatron-core 0.16's DistributedOptimizer loads torch
     Adam's 'step' as ONE tensor shared by every parameter and leaves it at a stale value (0 after
     loading a step-3 checkpoint), so the updates after a resume used the wrong Adam bias
@@ -111,8 +111,8 @@ def _restore_torch_adam_steps(optimizer, loaded) -> None:
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def _state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
-                with_rng: bool, metadata: dict) -> dict:
+def build_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
+                     with_rng: bool, metadata: dict) -> dict:
     """The sharded state dict of this rank (model chunk(s), optimizer, RNG)."""
     from megatron.core.utils import unwrap_model
 
