@@ -23,6 +23,7 @@ from megatron.remoe.ablation.report import one_line
 from megatron.remoe.ablation.rundir import existing_config, is_finished
 from megatron.remoe.cli.demo import demo_data_fields
 from megatron.remoe.cli.launch import checkout_pythonpath, run_logged, training_command
+from megatron.remoe.data.demo import prepare_demo_data
 from megatron.remoe.logs import get_logger
 from megatron.remoe.training.arguments import coerce_field_value
 from megatron.remoe.training.config import TrainConfig
@@ -42,7 +43,6 @@ def data_fields(grid: Grid) -> dict:
     """Data fields for every run: the demo corpus (built or reused) or nothing (base has them)."""
     if grid.demo_data is None:
         return {}
-    from megatron.remoe.data.demo import prepare_demo_data  # the data toolchain: only when used
 
     log.info(f"ablate: demo data in {grid.demo_data['dir']} (built on first use, then reused)")
     data = prepare_demo_data(grid.demo_data["dir"], tokenizer="bpe",

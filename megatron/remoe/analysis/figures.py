@@ -14,7 +14,7 @@ from megatron.remoe.analysis.errors import AnalysisError
 
 def have_matplotlib() -> bool:
     try:
-        import matplotlib  # noqa: F401  (optional dependency)
+        import matplotlib  # noqa: F401, PLC0415 -- optional extra (plots)
     except ImportError:
         return False
     return True
@@ -22,12 +22,12 @@ def have_matplotlib() -> bool:
 
 def pyplot():
     try:
-        import matplotlib  # optional dependency (the plots extra)
+        import matplotlib  # noqa: PLC0415 -- optional extra (plots)
     except ImportError:
         raise AnalysisError("figures need matplotlib: pip install 'megatron-remoe[plots]' "
                             "(or run with --no-figures)") from None
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 -- optional extra (plots), after matplotlib.use('Agg')
 
     return plt
 

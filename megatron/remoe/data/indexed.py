@@ -171,6 +171,6 @@ def load_indexed_dataset(prefix: str, tokenizer: Tokenizer | None = None):
     check_indexed_files(prefix)
     if tokenizer is not None:
         check_tokenizer_match(prefix, tokenizer)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: PLC0415 -- keeps megatron-core out of tokenizer workers and CLI error paths
 
     return IndexedDataset(prefix)

@@ -8,6 +8,8 @@ import os
 from typing import Optional
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.utils import unwrap_model
 
 from megatron.remoe.config import ConfigError
 from megatron.remoe.logs import get_logger
@@ -35,8 +37,6 @@ _MOE_ONLY_FIELDS = ("num_experts", "moe_granularity", "moe_layer_freq")
 
 def load_common_state(path: str) -> dict:
     """The common (non-sharded) state of checkpoint `path`, after the writer-version check."""
-    from megatron.core import dist_checkpointing
-
     check_writer_version(path)
     return dist_checkpointing.load_common_state_dict(path)
 
@@ -151,9 +151,6 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
     (or padded vocabulary, `vocab_size`) raises ConfigError before any tensor is read. The
     sparsity controller's state comes with the model (its routers' `_extra_state`) and is then
     synced to every rank."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.utils import unwrap_model
-
     common = load_common_state(path)
     check_checkpoint_matches(path, common, cfg, vocab_size)
     metadata = dist_checkpointing.load_content_metadata(path) or sharded_metadata()

@@ -16,6 +16,9 @@ import time
 from typing import Optional
 
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron.remoe.logs import get_logger
 from megatron.remoe.training.checkpointing.directory import complete_iterations, prune_checkpoints
@@ -34,6 +37,7 @@ from megatron.remoe.training.checkpointing.files import (
     writer_versions,
 )
 from megatron.remoe.training.checkpointing.state import build_state_dict, parallel_layout, sharded_metadata
+from megatron.remoe.training.distributed import set_parent_death_signal
 
 logger = get_logger(__name__)
 
@@ -131,7 +135,7 @@ def _in_process_write_results() -> None:
     that outlives a killed trainer as an orphan (~275 MB each). Writer and reader are this
     process in a synchronous save, so a plain in-process queue does the same job."""
     try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: PLC0415 -- guarded: not in every megatron-core version
     except ImportError:  # pragma: no cover
         return
     if getattr(filesystem_async, "_results_queue", 0) is None:
@@ -148,7 +152,6 @@ def _children_die_with_parent() -> None:
     global _DIE_WITH_PARENT_REGISTERED
     if _DIE_WITH_PARENT_REGISTERED or not sys.platform.startswith("linux"):
         return
-    from megatron.remoe.training.distributed import set_parent_death_signal
 
     forking = [os.getpid()]
 
@@ -193,7 +196,6 @@ def _test_hook_fail(iteration: int, stage: str):
 
     if stage != "shards":
         fail()
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     real = filesystem_async._write_item
     filesystem_async._write_item = fail
@@ -216,9 +218,6 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
     rank after the ranks agreed on it (no rank is left waiting in a collective); the partial
     checkpoint is removed and the previous one stays the newest.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
     final, tmp = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
     error = None
     if this_rank() == 0:
