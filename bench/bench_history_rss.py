@@ -21,10 +21,14 @@ import argparse
 import os
 import sys
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+
+from machine import format_machine, machine_info  # noqa: E402  (after the sys.path lines)
 
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
 
@@ -38,18 +42,16 @@ def trainer_flags(steps: int, layers: int, every: int) -> list:
 
 
 def rss_mb() -> float:
-    import psutil
-
     return psutil.Process().memory_info().rss / 2**20
 
 
 def measure(cfg, every: int, keep_every_step: bool) -> list:
     """(steps, RSS MB) every `every` steps of one `pretrain(cfg)` with the step replaced, and at
     its end."""
-    from megatron.remoe.training import loop as training
-    from megatron.remoe.training.distributed import destroy_distributed
-    from megatron.remoe.training.loop import LoopParts
-    from megatron.remoe.training.step import StepResult
+    from megatron.remoe.training import loop as training  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.distributed import destroy_distributed  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.loop import LoopParts  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.step import StepResult  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     real_step, real_history = LoopParts().train_step, training.StepHistory
     samples, first = [], []
@@ -102,7 +104,6 @@ def growth_per_1k(samples: list) -> float:
 def main(argv=None) -> int:
     os.environ.setdefault("REMOE_LOG_LEVEL", "WARNING")  # the trainer's opening lines: not ours
     configure()
-    from machine import format_machine, machine_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20000, help="loop iterations [20000]")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     if args.steps < 2 * args.every or args.every < 1 or args.layers < 1:
         print("error: need --steps >= 2 x --every >= 2 and --layers >= 1", file=sys.stderr)
         return 2
-    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.arguments import parse_config  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     cfg = parse_config(trainer_flags(args.steps, args.layers, args.every), prog="bench")
     runs = {"bounded": measure(cfg, args.every, keep_every_step=False)}
