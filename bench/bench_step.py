@@ -15,7 +15,7 @@ Everything after `--` is passed to the trainer's flag parser and overrides the d
 (examples/remoe/cpu-demo.yaml shape, synthetic data).
 
 How it measures:
-* Time: one process builds every variant with `megatron.remoe.training.loop.setup` and runs
+* Time: one process builds every variant with `megatron.remoe.training.state.setup` and runs
   `train_step` in rotated order (ABC, BCA, CAB, ...), so load drift on a shared machine hits every
   variant alike. Reported: median, quartiles, and the median of the per-round ratios.
 * Stage III: a ReMoE run is first trained by the trainer itself (`pretrain`, synthetic data) with
