@@ -74,13 +74,13 @@ def test_bad_values_fail_with_one_line(extra, needle):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_fails_with_one_line(monkeypatch):
-    from megatron.remoe.cpu import settings as cpu_settings
+    from megatron.remoe.training import validation  # the module that asks, where the name is looked up
 
-    monkeypatch.setattr(cpu_settings, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(validation, "cpu_bf16_supported", lambda: False)
     with pytest.raises(ConfigError) as err:
         parse(TINY + ["--bf16"])
     assert "bf16 on CPU needs native bf16" in str(err.value) and "--no-bf16" in str(err.value)
-    monkeypatch.setattr(cpu_settings, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(validation, "cpu_bf16_supported", lambda: True)
     assert parse(TINY + ["--bf16"]).bf16
 
 
