@@ -36,7 +36,8 @@ def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pret
         CollectiveFailure,
         destroy_distributed,
     )
-    from megatron.remoe.training.loop import EXIT_NONFINITE, NonFiniteError, pretrain
+    from megatron.remoe.training.loop import pretrain
+    from megatron.remoe.training.nonfinite import EXIT_NONFINITE, NonFiniteError
 
     try:
         pretrain(cfg)

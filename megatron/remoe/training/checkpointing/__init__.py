@@ -47,8 +47,8 @@ from megatron.remoe.training.checkpointing.files import (
     COMMON_PT,
     MANIFEST,
     TRACKER,
-    _describe_files,
     check_writer_version,
+    describe_files,
     iteration_dir,
     verify_checkpoint,
     verify_checkpoint_distributed,
@@ -68,7 +68,7 @@ from megatron.remoe.training.checkpointing.state import load_sharded, sharded_me
 
 __all__ = [
     "CHECKPOINT_VERSION", "COMMON_PT", "EXIT_SAVE_FAILED", "MANIFEST", "MODEL_SHAPE_FIELDS", "TRACKER",
-    "CheckpointSaveError", "_describe_files", "check_checkpoint_matches", "check_model_shape",
+    "CheckpointSaveError", "describe_files", "check_checkpoint_matches", "check_model_shape",
     "check_writer_version", "checkpoint_candidates", "find_latest_checkpoint",
     "find_loadable_checkpoint", "iteration_dir", "load_checkpoint", "load_common_state",
     "load_sharded",
