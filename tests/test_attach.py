@@ -183,7 +183,7 @@ ARGS = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
 
 def trainer_parts(cfg):
     """The trainer's model, optimizer and schedule, built through controller_for and attach."""
-    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.config import transformer_config
     from megatron.remoe.training.state import build_model, build_optimizer
 
     tcfg = transformer_config(cfg, use_cpu_initialization=True)

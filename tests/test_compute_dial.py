@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("transformers")
 
 from megatron.remoe import dial as D  # noqa: E402
-from megatron.remoe.hf import convert  # noqa: E402
+from megatron.remoe.hf.parity import verify_parity  # noqa: E402
+from megatron.remoe.hf.to_hf import megatron_to_hf  # noqa: E402
 from megatron.remoe.router import relu_routers, set_dial  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,7 +71,7 @@ def test_tau_zero_is_bit_identical_megatron_and_hf(single_rank):
     model, cfg = build()
     x = ids()
     ref, ref_seen = gates_and_logits(model, x)
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
     with torch.no_grad():
         hf_ref = hf(input_ids=x).logits
     for form in D.FORMS:
@@ -129,9 +130,9 @@ def test_megatron_hf_parity_with_thresholds(single_rank, dispatcher, form, cap):
     x = ids(3)
     _, undialled = gates_and_logits(model, x)
     dial = set_dial(model, {"thresholds": [0.15, 0.3], "form": form, "max_experts": cap})
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
     assert hf.config.router_dial == dial.to_dict()
-    rep = convert.verify_parity(model, hf, input_ids=x)
+    rep = verify_parity(model, hf, input_ids=x)
     print(rep.summary())
     assert rep.ok, rep.failures
     assert rep.routing_mismatches == 0 and rep.dial == dial.to_dict()
@@ -140,14 +141,14 @@ def test_megatron_hf_parity_with_thresholds(single_rank, dispatcher, form, cap):
     assert fewer > 0  # the dial really removed experts
     # an undialled HF model is caught by the parity check
     hf.config.router_dial = None
-    rep = convert.verify_parity(model, hf, input_ids=x, new_tokens=0)
+    rep = verify_parity(model, hf, input_ids=x, new_tokens=0)
     assert not rep.ok and any("dial differs" in f for f in rep.failures)
     set_dial(model, None)
 
 
 def test_dial_in_training_is_refused(single_rank):
     model, cfg = build()
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
     set_dial(model, 0.1)
     model.train()
     with pytest.raises(D.DialError, match="inference-only") as e:

@@ -82,7 +82,7 @@ def install() -> None:
 def fallback_note() -> Optional[str]:
     """One informational line when megatron-core runs its torch fallbacks on a GPU (Transformer
     Engine not usable); None on CPU, where the fallbacks are the only option."""
-    import torch  # noqa: PLC0415 (this module is stdlib-only at import)
+    import torch  # noqa: PLC0415 -- this module is stdlib-only at import
 
     if not torch.cuda.is_available() or transformer_engine_usable():
         return None

@@ -26,7 +26,7 @@ from megatron.remoe.logs import configure
 def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pretrain") -> int:
     configure()  # the console: progress lines, known noise filtered (before megatron-core loads)
     # after configure(), which filters the warnings megatron-core gives at import
-    from megatron.remoe.training.arguments import parse_config  # noqa: PLC0415 (after configure)
+    from megatron.remoe.training.arguments import parse_config  # noqa: PLC0415 -- after configure()
 
     quiet = int(os.environ.get("RANK", "0")) != 0  # one error line per job, not per rank
     try:
@@ -37,12 +37,13 @@ def main(argv: Optional[list] = None, prog: str = "python -m megatron.remoe.pret
         return EXIT_BAD_INPUT
     # the training stack (the GPT model, optimizers, checkpointing) once the flags parsed: a bad
     # flag is reported without loading it
-    from megatron.remoe.training.checkpointing import CheckpointSaveError  # noqa: PLC0415 (flags first)
-    from megatron.remoe.training.distributed import (  # noqa: PLC0415 (flags first)
+    from megatron.remoe.training.checkpointing import CheckpointSaveError  # noqa: PLC0415 -- flags first
+    from megatron.remoe.training.distributed import (  # noqa: PLC0415 -- flags first
         CollectiveFailure,
         destroy_distributed,
     )
-    from megatron.remoe.training.loop import NonFiniteError, pretrain  # noqa: PLC0415 (flags first)
+    from megatron.remoe.training.loop import pretrain  # noqa: PLC0415 -- flags first
+    from megatron.remoe.training.nonfinite import NonFiniteError  # noqa: PLC0415 -- flags first
 
     try:
         pretrain(cfg)

@@ -122,7 +122,7 @@ def _iter_text(path: str, mode: str) -> Iterator[str]:
 
 def _iter_parquet(path: str, key: str) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq  # noqa: PLC0415 (optional extra)
+        import pyarrow.parquet as pq  # noqa: PLC0415 -- optional extra
     except ImportError:
         raise DataError(f"reading {path!r} needs pyarrow; fix: pip install pyarrow") from None
     pf = pq.ParquetFile(path)
@@ -136,7 +136,7 @@ def _iter_parquet(path: str, key: str) -> Iterator[str]:
 
 def _iter_hf(spec: str, key: str, split: str) -> Iterator[str]:
     try:
-        import datasets  # noqa: PLC0415 (optional extra)
+        import datasets  # noqa: PLC0415 -- optional extra
     except ImportError:
         raise DataError(f"reading {spec!r} needs the 'datasets' package; fix: pip install datasets") from None
     if spec.startswith("hf:"):

@@ -80,12 +80,12 @@ def hf_config_from_megatron(tcfg, vocab_size: int, max_position_embeddings: int,
         initializer_range=tcfg.init_method_std, tie_word_embeddings=False,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     if kind == "llama":
-        from transformers import LlamaConfig  # optional dependency
+        from transformers import LlamaConfig  # noqa: PLC0415 -- optional extra (eval)
 
         cfg = LlamaConfig(intermediate_size=tcfg.ffn_hidden_size, attention_bias=False,
                           mlp_bias=False, **common)
     elif kind == "mixtral":
-        from transformers import MixtralConfig  # optional dependency
+        from transformers import MixtralConfig  # noqa: PLC0415 -- optional extra (eval)
 
         cfg = MixtralConfig(intermediate_size=tcfg.moe_ffn_hidden_size,
                             num_local_experts=tcfg.num_moe_experts,
@@ -93,7 +93,7 @@ def hf_config_from_megatron(tcfg, vocab_size: int, max_position_embeddings: int,
                             router_aux_loss_coef=tcfg.moe_aux_loss_coeff or 0.0,
                             sliding_window=None, **common)
     elif kind == "remoe":
-        from megatron.remoe.hf.configuration_remoe import ReMoEConfig  # needs transformers
+        from megatron.remoe.hf.configuration_remoe import ReMoEConfig  # noqa: PLC0415 -- needs transformers, an optional extra (eval)
 
         relu = is_relu_routed(tcfg)
         if target_sparsity is None and relu:

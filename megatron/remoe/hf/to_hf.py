@@ -23,18 +23,18 @@ from megatron.remoe.logs import get_logger
 from megatron.remoe.router import saved_controller_state, set_dial
 from megatron.remoe.training.checkpointing.offline import CheckpointLoadError, load_offline_model
 
-logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
+logger = get_logger("megatron.remoe.hf")  # the converter's progress lines
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def hf_class(kind: str):
     if kind == "llama":
-        from transformers import LlamaForCausalLM  # optional dependency
+        from transformers import LlamaForCausalLM  # noqa: PLC0415 -- optional extra (eval)
         return LlamaForCausalLM
     if kind == "mixtral":
-        from transformers import MixtralForCausalLM  # optional dependency
+        from transformers import MixtralForCausalLM  # noqa: PLC0415 -- optional extra (eval)
         return MixtralForCausalLM
-    from megatron.remoe.hf.modeling_remoe import ReMoEForCausalLM  # needs transformers
+    from megatron.remoe.hf.modeling_remoe import ReMoEForCausalLM  # noqa: PLC0415 -- needs transformers, an optional extra (eval)
     return ReMoEForCausalLM
 
 

@@ -241,7 +241,7 @@ def num_micro_batches(cfg: TrainConfig, world_size: int) -> int:
 # ------------------------------------------------------------------------------------------------
 def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool):
     """The ReMoETransformerConfig of this run (LLaMA defaults + router preset from model.py)."""
-    from megatron.remoe.model import build_transformer_config  # the layer stack: only when built
+    from megatron.remoe.model import build_transformer_config  # noqa: PLC0415 -- model loads the layer specs; flag parsing does not need them
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     fields = dict(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model
 
 from megatron.remoe.logs import get_logger, info0
 
@@ -75,8 +76,6 @@ def apply_nan_policy(run, metrics: dict, last_saved) -> None:
 def _nonfinite_params(model: list) -> tuple:
     """({parameter name: layer number or None} with non-finite gradients on this rank, the layer
     numbers of this rank's model chunks)."""
-    from megatron.core.utils import unwrap_model
-
     local, numbers = {}, set()
     for chunk in unwrap_model(model):
         layer_of = {id(p): layer.layer_number

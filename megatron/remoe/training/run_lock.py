@@ -30,6 +30,8 @@ import time
 import uuid
 from typing import Optional
 
+import psutil
+
 from megatron.remoe.errors import ConfigError
 
 LOCK_FILE = "run.lock"
@@ -64,8 +66,6 @@ def read_lock(save_dir: str) -> Optional[dict]:
 def _pid_matches(pid: int, started: Optional[float]) -> bool:
     """Is process `pid` on this host alive and the one that took the lock (pid not reused)?"""
     try:
-        import psutil
-
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
