@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.training.arguments import config_to_yaml, parse_config
 from megatron.remoe.training.validation import parse_blend
 

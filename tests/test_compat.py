@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron.remoe.compat import build_from_spec, mcore_at_least, mcore_version_string
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
 from megatron.remoe.router import ReLURouter
 from tests.helpers.moe_reference import FFN, E, H, K, canonical_weights, load_canonical

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.controller import SparsityController
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.lambda_rules import CONTROLLERS, ControllerOptions, sparsity_noise
-from megatron.remoe.regularizer import SparsityController
 from tests.helpers.dist_utils import run_workers
 from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
 

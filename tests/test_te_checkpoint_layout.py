@@ -187,7 +187,7 @@ def test_te_and_local_moe_models_share_checkpoint_keys(monkeypatch, single_rank,
 
 
 def test_dp_reshardable_optimizer_state_does_not_cross_transformer_impl(tmp_path):
-    from megatron.remoe.config import ConfigError
+    from megatron.remoe.errors import ConfigError
     from megatron.remoe.training.checkpointing.load import check_optimizer_reshardable
     from megatron.remoe.training.config import TrainConfig
 

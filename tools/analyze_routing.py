@@ -254,7 +254,9 @@ def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
     args = build_parser().parse_args(argv)
     from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
-    from megatron.remoe.config import ConfigError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.errors import (  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+        ConfigError,
+    )
 
     try:
         run(args, get_logger("megatron.remoe.analyze_routing").info)

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"directory to save the trained tokenizer, or drop --train-tokenizer")
             paths = [p for job in jobs for p in resolve_inputs(job.inputs)]
             # Validate by reading once before training (errors name file and line).
-            texts = (d for p in paths for d in read_documents(p, config))
+            texts = (d for p in paths
+                     for d in read_documents(p, args.json_key, args.text_mode, args.hf_split))
             tokenizer = train_bpe_tokenizer(texts, args.train_tokenizer)
         else:
             tokenizer = load_tokenizer(args.tokenizer)

@@ -29,19 +29,20 @@ from typing import Optional
 
 from megatron.remoe.config import (
     ROUTERS,
-    ConfigError,
     check_granularity,
     check_l1_coeff_init,
     check_l1_multiplier,
     check_topk_range,
+    default_ffn_hidden_size,
 )
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.training.arguments import (
     closest_field_name,
     coerce_field_value,
     load_yaml_config,
     read_yaml_mapping,
 )
-from megatron.remoe.training.config import FIELDS, default_ffn_hidden_size
+from megatron.remoe.training.config import FIELDS
 
 GRID_KEYS = ("name", "description", "out", "config", "base", "demo_data", "axes",
              "compute_match", "checkpoints", "nproc", "settle_window", "settle_tol")

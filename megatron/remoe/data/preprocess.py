@@ -221,7 +221,7 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------
 def token_dtype(vocab_size: int) -> type:
     """uint16 when every id fits (as Megatron's own preprocess_data.py picks), else int32."""
-    from megatron.core.datasets.indexed_dataset import DType
+    from megatron.core.datasets.indexed_dataset import DType  # noqa: PLC0415 -- not in tokenizer workers
 
     return DType.optimal_dtype(vocab_size)
 
@@ -233,12 +233,13 @@ def _tmp_prefix(prefix: str) -> str:
 
 def _write_one(job: PreprocessJob, tokenizer: Tokenizer, config: PreprocessConfig,
                encoder: _ChunkEncoder, tmp: str, dtype: type) -> DatasetInfo:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: PLC0415 -- not in workers
 
     inputs = resolve_inputs(job.inputs)
     total = sum(os.path.getsize(p) for p in inputs if os.path.isfile(p)) or None
     progress = _Progress(job.label or job.domain, total, config.progress)
-    docs = (d for path in inputs for d in read_documents(path, config))
+    docs = (d for path in inputs
+            for d in read_documents(path, config.json_key, config.text_mode, config.hf_split))
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     try:
         for texts, flat, lengths in encoder.encode(_chunks(docs, config.chunk_docs, config.chunk_chars)):

@@ -21,9 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from megatron.remoe.analysis import AnalysisError
-from megatron.remoe.config import ConfigError
 from megatron.remoe.data.errors import DataError
-from megatron.remoe.dial import make_dial, relu_routers
+from megatron.remoe.dial import make_dial
 from megatron.remoe.dial_calibration.calibrate import calibrate
 from megatron.remoe.dial_calibration.inputs import (
     DialUsageError,
@@ -34,9 +33,11 @@ from megatron.remoe.dial_calibration.inputs import (
 )
 from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator
 from megatron.remoe.dial_calibration.sweep import sweep_figure, sweep_relu, sweep_topk, write_csv
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.evaluation import EvaluationError
 from megatron.remoe.hf.errors import ConversionError
 from megatron.remoe.logs import configure, get_logger
+from megatron.remoe.router import relu_routers
 from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
 logger = get_logger(__name__)

@@ -15,12 +15,12 @@ from megatron.remoe import analysis as A
 from megatron.remoe import evaluation as ev
 from megatron.remoe.analysis import EvalTokens
 from megatron.remoe.data.tokenizer import load_tokenizer
-from megatron.remoe.dial import set_dial
 from megatron.remoe.hf.configs import transformer_config_from_hf
 from megatron.remoe.hf.folders import load_hf_folder
 from megatron.remoe.hf.to_hf import load_megatron_checkpoint
 from megatron.remoe.hf.to_megatron import hf_to_megatron
 from megatron.remoe.logs import get_logger
+from megatron.remoe.router import set_dial
 
 logger = get_logger(__name__)
 

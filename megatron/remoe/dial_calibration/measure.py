@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from megatron.remoe.analysis import capture_routing
-from megatron.remoe.dial import relu_routers, set_dial
 from megatron.remoe.dial_calibration.inputs import LoadedModel
 from megatron.remoe.logs import get_logger
 from megatron.remoe.model import ModelShape, train_flops_per_token
+from megatron.remoe.router import relu_routers, set_dial
 
 logger = get_logger(__name__)
 

@@ -9,11 +9,11 @@ import time
 from typing import Callable, Optional, Sequence
 
 from megatron.remoe.analysis import pyplot
-from megatron.remoe.dial import set_dial
 from megatron.remoe.dial_calibration.calibrate import calibrate_global, check_reached, greedy_per_layer
 from megatron.remoe.dial_calibration.inputs import DialUsageError, load_model
 from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator
 from megatron.remoe.logs import get_logger
+from megatron.remoe.router import set_dial
 
 logger = get_logger(__name__)
 

@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch.nn.functional as F
 
+from megatron.remoe.config import is_relu_routed
 from megatron.remoe.hf.errors import ConversionError
-from megatron.remoe.hf.key_map import dims, layer_pattern
+from megatron.remoe.hf.key_map import conversion_moe_layer_pattern, dims
 from megatron.remoe.model import build_transformer_config
-from megatron.remoe.spec import is_relu_routed
 
 
 def _check_supported(tcfg) -> None:
@@ -60,7 +60,7 @@ def export_kind(tcfg) -> str:
     mixtral_like = (
         tcfg.moe_router_score_function == "softmax" and not tcfg.moe_router_pre_softmax
         and not tcfg.moe_router_enable_expert_bias and not tcfg.moe_router_topk_scaling_factor
-        and all(layer_pattern(tcfg)))
+        and all(conversion_moe_layer_pattern(tcfg)))
     return "mixtral" if mixtral_like else "remoe"
 
 
@@ -100,7 +100,7 @@ def hf_config_from_megatron(tcfg, vocab_size: int, max_position_embeddings: int,
             target_sparsity = tcfg.target_sparsity
         cfg = ReMoEConfig(
             intermediate_size=tcfg.ffn_hidden_size, moe_intermediate_size=tcfg.moe_ffn_hidden_size,
-            num_experts=tcfg.num_moe_experts, moe_layers=layer_pattern(tcfg),
+            num_experts=tcfg.num_moe_experts, moe_layers=conversion_moe_layer_pattern(tcfg),
             router_type="relu" if relu else "topk", num_experts_per_tok=tcfg.moe_router_topk,
             router_score_function=getattr(tcfg, "moe_router_score_function", "softmax"),
             router_pre_softmax=bool(tcfg.moe_router_pre_softmax),

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron.remoe.controller import SparsityController
 from megatron.remoe.hf.configs import (
     hf_kind,
     rope_theta,
@@ -27,7 +28,6 @@ from megatron.remoe.hf.folders import (
 from megatron.remoe.hf.key_map import bare_megatron, hf_to_megatron_state_dict, load_into
 from megatron.remoe.logs import get_logger
 from megatron.remoe.model import build_controller
-from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.training.arguments import coerce_field_value, config_to_yaml, load_yaml_config
 from megatron.remoe.training.checkpointing import save_checkpoint
 from megatron.remoe.training.checkpointing.offline import build_single_process_model

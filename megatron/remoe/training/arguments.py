@@ -22,7 +22,7 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.training.config import FIELDS, GROUPS, TrainConfig
 from megatron.remoe.training.validation import finalize_config
 

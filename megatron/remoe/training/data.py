@@ -24,9 +24,9 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron.remoe.config import ConfigError
 from megatron.remoe.data.indexed import check_indexed_files, check_token_ids, check_tokenizer_match
 from megatron.remoe.data.tokenizer import load_tokenizer
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.training.config import TrainConfig
 from megatron.remoe.training.validation import parse_blend
 

@@ -111,8 +111,6 @@ class CollectiveFailure(RuntimeError):
     instead of waiting until the job's wall-clock limit; the message names the last checkpoint."""
 
 
-EXIT_COLLECTIVE_FAILED = 5  # process exit code for CollectiveFailure
-
 # What gloo / NCCL / the TCP store say when a peer is gone or a collective timed out.
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe",
               "timed out", "timeout", "connection refused", "socket", "nccl communicator was "
@@ -142,7 +140,3 @@ def collective_failure(error: BaseException, where: str, last_checkpoint, load_h
         f"probably died (killed, out of memory, node failure) or hangs (--distributed-timeout-"
         f"minutes {timeout_minutes:g}); {saved}; fix: check the other ranks' logs, then resume "
         f"with {load_hint}")
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0

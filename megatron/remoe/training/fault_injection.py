@@ -24,7 +24,7 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core.utils import unwrap_model  # megatron-core after cpu_backend (lazy)
 
-from megatron.remoe.training.distributed import is_rank0
+from megatron.remoe.logs import is_rank0
 
 
 @dataclass

@@ -29,15 +29,15 @@ import torch
 import torch.distributed as dist
 
 from megatron.remoe.compat import clear_moe_metrics
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.log_filters import fallback_note
-from megatron.remoe.logs import get_logger, info0
-from megatron.remoe.regularizer import RoutingWindow
+from megatron.remoe.logs import get_logger, info0, is_rank0
+from megatron.remoe.routing_stats import RoutingWindow
 from megatron.remoe.training.arguments import config_to_yaml
 from megatron.remoe.training.checkpointing import CheckpointSaveError, save_checkpoint
 from megatron.remoe.training.config import TrainConfig
 from megatron.remoe.training.data import build_datasets, make_loader
-from megatron.remoe.training.distributed import collective_failure, is_collective_failure, is_rank0
+from megatron.remoe.training.distributed import collective_failure, is_collective_failure
 from megatron.remoe.training.metrics import MetricsLogger, format_train_line, memory_gb
 from megatron.remoe.training.nonfinite import NonFiniteError, apply_nan_policy
 from megatron.remoe.training.run_lock import RunLock

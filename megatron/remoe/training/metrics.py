@@ -28,7 +28,7 @@ from typing import Optional
 import psutil
 import torch
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 
 log = get_logger(__name__)

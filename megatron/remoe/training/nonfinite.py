@@ -22,8 +22,6 @@ class NonFiniteError(RuntimeError):
     stops without saving; the message names the iteration and the per-layer statistics."""
 
 
-EXIT_NONFINITE = 3  # process exit code for NonFiniteError (2 is configuration errors)
-
 
 def _grad_buffers(model: list):
     for chunk in model:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import psutil
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 10.0  # how often the holder refreshes the lock's mtime

@@ -25,9 +25,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron.remoe.config import ConfigError
 from megatron.remoe.cpu.settings import keep_cpu_allocations, use_fused_cpu_adam
 from megatron.remoe.data.errors import DataError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.integration import attach, controller_for
 from megatron.remoe.logs import get_logger, info0
 from megatron.remoe.model import build_gpt_model, count_parameters

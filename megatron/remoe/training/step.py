@@ -23,8 +23,8 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron.remoe.compat import report_moe_metrics
-from megatron.remoe.regularizer import RoutingStats
-from megatron.remoe.spec import is_relu_routed
+from megatron.remoe.config import is_relu_routed
+from megatron.remoe.routing_stats import RoutingStats
 from megatron.remoe.training.nonfinite import grads_nonfinite
 from megatron.remoe.training.signals import agree
 

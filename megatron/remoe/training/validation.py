@@ -14,14 +14,10 @@ from typing import Optional
 
 import torch
 
-from megatron.remoe.config import ConfigError, check_topk_range
+from megatron.remoe.config import check_topk_range, default_ffn_hidden_size
 from megatron.remoe.cpu.settings import cpu_bf16_supported
-from megatron.remoe.training.config import (
-    TrainConfig,
-    data_parallel_size,
-    default_ffn_hidden_size,
-    transformer_config,
-)
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.training.config import TrainConfig, data_parallel_size, transformer_config
 
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters")
 POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",

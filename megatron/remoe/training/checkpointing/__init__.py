@@ -35,6 +35,7 @@ imported inside the functions that use them, so offline tools that only find and
 checkpoints do not load the training stack.
 """
 
+from megatron.remoe.errors import EXIT_SAVE_FAILED
 from megatron.remoe.training.checkpointing.directory import (
     checkpoint_candidates,
     find_latest_checkpoint,
@@ -63,7 +64,7 @@ from megatron.remoe.training.checkpointing.load import (
     read_checkpoint_config,
     single_process_config,
 )
-from megatron.remoe.training.checkpointing.save import EXIT_SAVE_FAILED, CheckpointSaveError, save_checkpoint
+from megatron.remoe.training.checkpointing.save import CheckpointSaveError, save_checkpoint
 from megatron.remoe.training.checkpointing.state import load_sharded, sharded_metadata
 
 __all__ = [

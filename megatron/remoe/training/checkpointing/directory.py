@@ -7,7 +7,7 @@ import os
 import shutil
 from typing import Optional
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 from megatron.remoe.training.checkpointing.files import (
     COMMON_PT,

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron.remoe import __version__
 from megatron.remoe.compat import mcore_version_string, reads_checkpoint_of, writes_common_pt
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 

@@ -11,7 +11,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 from megatron.remoe.training.checkpointing.files import check_writer_version
 from megatron.remoe.training.checkpointing.state import (

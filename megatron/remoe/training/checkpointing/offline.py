@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from megatron.remoe.config import ConfigError
 from megatron.remoe.data.tokenizer import load_tokenizer
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 from megatron.remoe.model import build_gpt_model
 from megatron.remoe.training.checkpointing import (

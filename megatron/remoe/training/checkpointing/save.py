@@ -48,8 +48,6 @@ class CheckpointSaveError(RuntimeError):
     the previous checkpoint and the tracker are untouched."""
 
 
-EXIT_SAVE_FAILED = 4  # process exit code for CheckpointSaveError
-
 
 def _error_text(error: BaseException) -> str:
     """One line for a save error: the innermost OSError if there is one (torch's distributed

@@ -15,7 +15,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.utils import unwrap_model
 
-from megatron.remoe.regularizer import SparsityController
+from megatron.remoe.controller import SparsityController
 from megatron.remoe.spec import MOE_NORM_KEY_MAP
 from megatron.remoe.training.checkpointing.files import this_rank
 
