@@ -30,6 +30,8 @@ import sys
 import time
 import warnings
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.remoe.logs import configure, get_logger  # noqa: E402  (after the sys.path line; stdlib only)
 
@@ -105,7 +107,7 @@ def _labels(args, cfgs: list) -> list:
 
 
 def _parse_data(items: list) -> dict:
-    from megatron.remoe.analysis import AnalysisError
+    from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     data = {}
     for item in items:
@@ -121,7 +123,7 @@ def _parse_data(items: list) -> dict:
 
 
 def _check_args(args) -> None:
-    from megatron.remoe.analysis import AnalysisError
+    from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     if len(args.label) > len(args.load):
         raise AnalysisError(f"{len(args.label)} --label for {len(args.load)} --load")
@@ -135,15 +137,15 @@ def _check_args(args) -> None:
 
 def _checkpoints(args) -> tuple:
     """(paths, compare paths, their configs, compare configs): cheap, common state only."""
-    import torch
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
-    from megatron.remoe import analysis as A
-    from megatron.remoe.training.checkpointing import read_checkpoint_config, resolve_checkpoint
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.checkpointing import read_checkpoint_config, resolve_checkpoint  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     paths = [resolve_checkpoint(p) for p in args.load]
     cpaths = [resolve_checkpoint(p) for p in args.compare_load]
     if not args.no_figures:
-        A._plt()  # fail now, not after the forward passes
+        A.pyplot()  # fail now, not after the forward passes
     A.prepare_out_dir(args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,7 +159,7 @@ def _checkpoints(args) -> tuple:
 
 def _eval_data(args, cfgs: list, tokenizer) -> tuple:
     """({domain: prefix}, [training prefixes], EvalTokens, window length)."""
-    from megatron.remoe import analysis as A
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     if args.data:
         data, train = _parse_data(args.data), []
@@ -183,7 +185,7 @@ def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens,
     """Load each checkpoint in turn (one model in memory at a time) and capture its routing;
     with --compare-load also the flip rates against the compared checkpoint.
     Returns (captures, flips, vocabulary size)."""
-    from megatron.remoe import analysis as A
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     captures, flips, vocab = [], [], None
     for i, (path, label) in enumerate(zip(paths, labels)):
@@ -208,9 +210,7 @@ def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens,
 
 def _frequencies(args, train: list, vocab: int, eval_tokens) -> tuple:
     """(token counts, where they were counted): the training split, else the analysed tokens."""
-    import numpy as np
-
-    from megatron.remoe import analysis as A
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     if not train:
         return (np.bincount(eval_tokens.token_ids, minlength=vocab),
@@ -223,8 +223,8 @@ def _frequencies(args, train: list, vocab: int, eval_tokens) -> tuple:
 
 
 def run(args) -> str:
-    from megatron.remoe import analysis as A
-    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     t_start = time.perf_counter()
     _check_args(args)
@@ -252,8 +252,10 @@ def main(argv=None) -> int:
     for message in NOISE:
         warnings.filterwarnings("ignore", message=message)
     args = build_parser().parse_args(argv)
-    from megatron.remoe.analysis import AnalysisError
-    from megatron.remoe.config import ConfigError
+    from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.errors import (  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+        ConfigError,
+    )
 
     try:
         run(args)

@@ -7,9 +7,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron.remoe.dial import DialError, make_dial, relu_routers, set_dial
+from megatron.remoe.dial import DialError, make_dial
 from megatron.remoe.dial_calibration.measure import Evaluator
 from megatron.remoe.logs import get_logger
+from megatron.remoe.router import relu_routers, set_dial
 
 logger = get_logger(__name__)
 

@@ -30,7 +30,9 @@ import time
 import uuid
 from typing import Optional
 
-from megatron.remoe.config import ConfigError
+import psutil
+
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 
 logger = get_logger(__name__)
@@ -67,8 +69,6 @@ def read_lock(save_dir: str) -> Optional[dict]:
 def _pid_matches(pid: int, started: Optional[float]) -> bool:
     """Is process `pid` on this host alive and the one that took the lock (pid not reused)?"""
     try:
-        import psutil
-
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False

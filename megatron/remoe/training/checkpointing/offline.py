@@ -20,10 +20,9 @@ from typing import Any, Optional
 
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from megatron.remoe.config import ConfigError
 from megatron.remoe.data.tokenizer import load_tokenizer
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.model import build_gpt_model
-from megatron.remoe.training.arguments import TrainConfig, transformer_config
 from megatron.remoe.training.checkpointing import (
     load_sharded,
     read_checkpoint_config,
@@ -31,6 +30,7 @@ from megatron.remoe.training.checkpointing import (
     sharded_metadata,
     single_process_config,
 )
+from megatron.remoe.training.config import TrainConfig, transformer_config
 from megatron.remoe.training.data import padded_vocab_size
 
 
