@@ -63,7 +63,7 @@ def test_summary_matches_hand_computation(runs):
     # paired with each seed's own undialled loss: +0.10 and +0.06
     assert half.loss_change[0] == pytest.approx(0.08)
     assert half.loss_change[1] == pytest.approx(math.sqrt(2 * 0.02 ** 2))
-    assert rows["TopK k'=2"].valid_loss[0] == pytest.approx(5.40)
+    assert rows["TopK k'=2"].valid_loss[0] == pytest.approx(5.40) and rows["TopK k'=2"].group == "topk"
     assert math.isnan(rows["TopK k'=2"].loss_change[0])
     trained = rows["frontier-0.5 as trained"]  # thresholds all 0: the model as trained
     assert trained.method == "undialled" and trained.seeds == (1,)
@@ -103,3 +103,11 @@ def test_cli_writes_table_and_refuses_bad_names(runs, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "GROUP-sSEED" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not bad.exists()
+
+
+def test_a_topk_run_contributes_only_its_topk_points(runs):
+    points = F.load_run("topk-s1", runs / "relu-s1")
+    assert {p.model for p in points} == {"TopK"} and {p.group for p in points} == {"topk"}
+    assert [p.topk for p in points] == [1, 2]
+    with pytest.raises(F.FrontierError, match="seed given twice"):
+        F.summarise(points + F.load_run("relu-s1", runs / "relu-s1"))

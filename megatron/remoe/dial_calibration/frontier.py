@@ -4,7 +4,8 @@ table and one figure (`tools/dial_frontier.py`, docs/compute-dial.md).
 
 Inputs are `remoe dial` output folders named `GROUP-sSEED`: a sweep folder (sweep.json: every point
 of the sweep, the TopK points included) or a single-dial folder (dial.json: one point; with
-`--thresholds 0` it is the model as trained). Points of one group and one setting (model, method,
+`--thresholds 0` it is the model as trained). TopK points form the group `topk` whichever folder
+they come from; a folder named `topk-sSEED` contributes only its TopK points (a sweep run for them). Points of one group and one setting (model, method,
 form, target) are averaged over seeds; a sweep's loss change is paired with its own undialled point.
 """
 
@@ -21,6 +22,7 @@ from typing import Iterable, Optional, Sequence
 
 from megatron.remoe.errors import ConfigError
 
+TOPK_GROUP = "topk"
 RUN_NAME = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
 
@@ -77,7 +79,8 @@ def load_run(name: str, folder: str) -> list:
         base = [p for p in raw if p["method"] == "undialled"]
         if len(base) != 1:
             raise FrontierError(f"{sweep}: expected one undialled point, found {len(base)}")
-        return [_point(group, seed, p, base[0]["valid_loss"]) for p in raw]
+        return [_point(TOPK_GROUP if p.get("model") == "TopK" else group, seed, p, base[0]["valid_loss"])
+                for p in raw if group != TOPK_GROUP or p.get("model") == "TopK"]
     if os.path.exists(single):
         with open(single, encoding="utf-8") as fh:
             d = json.load(fh)
