@@ -5,8 +5,9 @@ statistics and relies on probs/routing_map being masked already: check it agains
 import pytest
 import torch
 
+from megatron.remoe.controller import SparsityController
 from megatron.remoe.model import build_controller, build_transformer_config
-from megatron.remoe.regularizer import SparsityController, l1_reg_loss
+from megatron.remoe.regularizer import l1_reg_loss
 from tests.helpers.moe_reference import E, H, K, build_moe_layer, canonical_weights, load_canonical
 
 pytestmark = pytest.mark.timeout(120)

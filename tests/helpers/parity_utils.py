@@ -492,11 +492,11 @@ def _worker(argv: list) -> int:
     configure()  # an entry point: the console of `python -m megatron.remoe.pretrain`, first
     import torch.distributed as dist
 
-    from megatron.remoe.training import loop as training
     from megatron.remoe.training.arguments import config_to_yaml, parse_config
     from megatron.remoe.training.checkpointing import save_checkpoint
     from megatron.remoe.training.data import build_datasets, load_run_tokenizer
     from megatron.remoe.training.distributed import destroy_distributed
+    from megatron.remoe.training.loop import LoopParts, pretrain
 
     rank = int(os.environ.get("RANK", "0"))
     path = os.path.join(os.environ["PARITY_RECORD_DIR"], f"rank{rank}.jsonl")
@@ -506,7 +506,8 @@ def _worker(argv: list) -> int:
         sink.write(json.dumps(row) + "\n")
         sink.flush()
 
-    orig_setup, orig_step, orig_eval = training.setup, training.train_step, training.evaluate
+    real = LoopParts()
+    orig_setup, orig_step, orig_eval = real.setup, real.train_step, real.evaluate
 
     def setup(cfg):
         run = orig_setup(cfg)
@@ -516,7 +517,7 @@ def _worker(argv: list) -> int:
             run.controller.group = _split_group(broken)
         if run.loaded_from:  # the evaluation loss of the loaded checkpoint, before any step
             _, valid_sets, weights = build_datasets(cfg, load_run_tokenizer(cfg))
-            training.evaluate(run, valid_sets, weights)
+            evaluate(run, valid_sets, weights)
         return run
 
     def train_step(run, data_iterator, stop_flags=None):
@@ -541,7 +542,6 @@ def _worker(argv: list) -> int:
         record({"kind": "eval", "iteration": run.iteration, "valid_loss": out.get("valid/loss")})
         return out
 
-    training.setup, training.train_step, training.evaluate = setup, train_step, evaluate
     cfg = parse_config(argv, prog="parity worker")
     try:
         init = os.environ.get("PARITY_SAVE_INIT")
@@ -552,7 +552,7 @@ def _worker(argv: list) -> int:
                             extra_common={"padded_vocab_size": run.vocab_size,
                                           "skipped_steps": 0}, log=lambda message: None)
         else:
-            training.pretrain(cfg)
+            pretrain(cfg, LoopParts(setup=setup, train_step=train_step, evaluate=evaluate))
     finally:
         sink.close()
         if dist.is_initialized():
