@@ -5,8 +5,9 @@ table and one figure (`tools/dial_frontier.py`, docs/compute-dial.md).
 Inputs are `remoe dial` output folders named `GROUP-sSEED`: a sweep folder (sweep.json: every point
 of the sweep, the TopK points included) or a single-dial folder (dial.json: one point; with
 `--thresholds 0` it is the model as trained). TopK points form the group `topk` whichever folder
-they come from; a folder named `topk-sSEED` contributes only its TopK points (a sweep run for them). Points of one group and one setting (model, method,
-form, target) are averaged over seeds; a sweep's loss change is paired with its own undialled point.
+they come from; a folder named `topk-sSEED` contributes only its TopK points (a sweep run for them).
+Points of one group and one setting (model, method, form, target) are averaged over seeds; a sweep's
+loss change is paired with its own undialled point.
 """
 
 from __future__ import annotations
