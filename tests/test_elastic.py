@@ -206,13 +206,16 @@ def test_bad_settings_are_one_line_errors(extra, needle):
 
 
 def test_yaml_budgets_are_read(tmp_path):
-    from megatron.remoe.arguments import parse_config
+    from megatron.remoe.arguments import config_to_yaml, parse_config
 
     path = tmp_path / "c.yaml"
     path.write_text("moe_relu_elastic_budgets: [0.5, 0.25]\nmoe_relu_elastic_prob: 0.25\n")
     cfg = parse_config(BASE + ["--config", str(path)], world_size=1, cuda=False)
     opts = EL.elastic_options(cfg)
     assert opts.budgets == (0.5, 0.25) and opts.prob == 0.25 and opts.mode == "step"
+    saved = tmp_path / "saved.yaml"  # the config a checkpoint carries reads back the same
+    saved.write_text(config_to_yaml(cfg))
+    assert parse_config(["--config", str(saved)], world_size=1, cuda=False) == cfg
     assert EL.elastic_options(parse_config(BASE, world_size=1, cuda=False)) is None
 
 
