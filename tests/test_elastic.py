@@ -291,3 +291,24 @@ def test_elastic_grid_is_cpu_converge_plus_the_elastic_fields(tmp_path):
                     "moe_relu_elastic_prob: [0.25, 0.5], moe_relu_elastic_mode: [step, layer]}\n")
     names = [r.name for r in ab.expand(ab.load_grid(str(path)))]
     assert len(names) == 4 and len(set(names)) == 4
+
+
+def test_recompute_dispatches_the_same_cut(single_rank):
+    """Under activation recomputation the no-grad first forward and the recomputation with grad
+    apply the same cut (a deterministic ranking): losses, counts and gradients equal the run
+    without recompute."""
+    from tests.test_recompute import run as run_recompute
+
+    wide = dict(init_method_std=0.2)
+    state, base, base_grads, base_losses = run_recompute("none", moe_relu_elastic_budget=0.25,
+                                                         **wide)
+    _, _, _, uncut_losses = run_recompute("none", state, **wide)
+    assert (torch.stack(uncut_losses) - torch.stack(base_losses)).abs().min() > 1e-3
+    for mode in ("full", "moe"):
+        _, stats, grads, losses = run_recompute(mode, state, moe_relu_elastic_budget=0.25, **wide)
+        torch.testing.assert_close(torch.stack(losses), torch.stack(base_losses), rtol=1e-6,
+                                   atol=0, msg=mode)
+        assert torch.equal(stats.tokens_per_expert, base.tokens_per_expert), mode
+        for name, grad in base_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6,
+                                       msg=f"{mode}: {name}")
