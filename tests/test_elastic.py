@@ -280,7 +280,7 @@ def test_elastic_grid_is_cpu_converge_plus_the_elastic_fields(tmp_path):
     grid = ab.load_grid(os.path.join(folder, "cpu-converge-elastic.yaml"))
     plain = ab.load_grid(os.path.join(folder, "cpu-converge.yaml"))
     assert [r.name for r in grid.runs] == ["relu-s1", "relu-s2", "relu-s3"]
-    elastic = {"moe_relu_elastic_budgets": [0.5, 0.25], "moe_relu_elastic_prob": 0.5,
+    elastic = {"moe_relu_elastic_budgets": [0.5, 0.25], "moe_relu_elastic_prob": 0.2,
                "moe_relu_elastic_mode": "step"}
     for r in grid.runs:
         assert r.fields == dict(plain.run(r.name).fields, **elastic), r.name
