@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from megatron.remoe import elastic as EL
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.router import set_elastic_budget
+from megatron.remoe.training.step import begin_elastic_step
 from tests.helpers.dist_utils import run_workers
 from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
 
@@ -84,8 +86,8 @@ def test_draws_are_seeded_and_follow_the_configured_share():
 def _draws_on_rank(rank, world_size):
     import torch.distributed as dist
 
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
     from megatron.remoe.model import build_gpt_model, build_transformer_config
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(), seed=1234)
     torch.manual_seed(100 + rank)  # different global RNG states on the two ranks
@@ -100,7 +102,7 @@ def _draws_on_rank(rank, world_size):
     seen = []
     for it in range(40):
         run.iteration = it
-        metrics = EL.begin_step(run)
+        metrics = begin_elastic_step(run)
         budgets = [r.config.moe_relu_elastic_budget for r in
                    (m for m in model.modules() if type(m).__name__ == "ReLURouter")]
         seen.append((metrics["elastic_budget"], budgets))
@@ -119,8 +121,8 @@ def test_draws_are_identical_on_every_rank():
 
 # ---- the router -----------------------------------------------------------------------------
 def _build(seed=0):
+    from megatron.remoe.controller import SparsityController
     from megatron.remoe.model import build_gpt_model, build_transformer_config
-    from megatron.remoe.regularizer import SparsityController
 
     torch.manual_seed(seed)
     tcfg = build_transformer_config(router="relu", num_experts=4, moe_router_topk=1,
@@ -161,7 +163,7 @@ def test_router_dispatches_the_budget_and_counts_undialled_gates(single_rank):
     model, tcfg, controller = _build()
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     for budget in (0.5, 0.25, {1: 0.5}):
-        EL.set_elastic_budget(model, budget)
+        set_elastic_budget(model, budget)
         seen, _ = _routed(model, x)
         for layer, s in seen.items():
             positive = int(s["positive"].sum())
@@ -175,9 +177,9 @@ def test_router_dispatches_the_budget_and_counts_undialled_gates(single_rank):
         controller.counts.zero_()
         controller.reg_sum.zero_()
     # evaluation ignores the budget: the same logits as undialled
-    EL.set_elastic_budget(model, 0.25)
+    set_elastic_budget(model, 0.25)
     _, dialled_eval = _routed(model, x, train=False)
-    EL.set_elastic_budget(model, None)
+    set_elastic_budget(model, None)
     _, plain_eval = _routed(model, x, train=False)
     assert torch.equal(dialled_eval, plain_eval)
 
@@ -198,7 +200,7 @@ BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
     (["--moe-relu-elastic-mode", "layer"], "without moe_relu_elastic_budgets"),
 ])
 def test_bad_settings_are_one_line_errors(extra, needle):
-    from megatron.remoe.arguments import parse_config
+    from megatron.remoe.training.arguments import parse_config
 
     with pytest.raises(ConfigError) as e:
         parse_config(BASE + extra, world_size=1, cuda=False)
@@ -206,7 +208,7 @@ def test_bad_settings_are_one_line_errors(extra, needle):
 
 
 def test_yaml_budgets_are_read(tmp_path):
-    from megatron.remoe.arguments import config_to_yaml, parse_config
+    from megatron.remoe.training.arguments import config_to_yaml, parse_config
 
     path = tmp_path / "c.yaml"
     path.write_text("moe_relu_elastic_budgets: [0.5, 0.25]\nmoe_relu_elastic_prob: 0.25\n")
