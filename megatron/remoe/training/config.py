@@ -109,6 +109,16 @@ class TrainConfig:
     moe_relu_warmup_max_experts: Optional[int] = _f(None, "Stage I memory bound: dispatch at "
                                                     "most this many experts per token until the "
                                                     "target is first reached", "moe")
+    moe_relu_elastic_budgets: list = _f([], "elastic training: budgets, fractions in (0, 1) of "
+                                        "the undialled experts per token (e.g. 0.5 0.25), that "
+                                        "a share of steps trains with the compute dial's cut "
+                                        "(docs/compute-dial.md); empty = the paper", "moe",
+                                        nargs="+", type=float)
+    moe_relu_elastic_prob: float = _f(0.5, "elastic training: share of steps (mode step) or of "
+                                      "MoE layers per step (mode layer) trained dialled", "moe")
+    moe_relu_elastic_mode: str = _f("step", "elastic training: step (every MoE layer of a drawn "
+                                    "step keeps the same fraction) or layer (each layer draws "
+                                    "its own)", "moe", choices=["step", "layer"])
 
     # ---- parallelism ----
     tensor_model_parallel_size: int = _f(1, "TP size", "parallel")
