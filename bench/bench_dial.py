@@ -14,7 +14,7 @@ token, mean over MoE layers and tokens):
 * `decode`: the same HF model generating `--new-tokens` greedy tokens per sequence with its KV
   cache after a `--prompt`-token prompt (the prompt's prefill is not timed); tokens/s;
 * `megatron`: the megatron-core model (megatron/remoe/model.py, the trainer's build, eval mode,
-  dialled with `dial.set_dial`) forward on the same `--batch` x `--seq` tokens on CPU.
+  dialled with `router.set_dial`) forward on the same `--batch` x `--seq` tokens on CPU.
 
 Thresholds: calibrated by the project's `remoe dial` code (`dial_calibration.calibrate`, `--method
 global` one tau for all MoE layers, or `per-layer`) on held-out tokens that the timed inputs do
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -47,12 +48,29 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicCache
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine import finish, format_machine, load_average, machine_info
+
+from megatron.remoe.analysis import EvalTokens
+from megatron.remoe.analysis.errors import AnalysisError
+from megatron.remoe.analysis.tokens import default_data, make_eval_tokens
+from megatron.remoe.cpu.settings import keep_cpu_allocations, usable_cores
+from megatron.remoe.dial import DialError
+from megatron.remoe.dial_calibration.calibrate import calibrate
+from megatron.remoe.dial_calibration.inputs import LoadedModel, load_model
+from megatron.remoe.dial_calibration.measure import Evaluator
+from megatron.remoe.hf.modeling_remoe import ReMoESparseMoE
+from megatron.remoe.hf.to_hf import megatron_to_hf
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+from megatron.remoe.model import ModelShape, train_flops_per_token
+from megatron.remoe.router import relu_routers, set_dial
+from megatron.remoe.training.checkpointing.offline import build_single_process_model
+from megatron.remoe.training.config import TrainConfig, transformer_config
+from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
 WORKLOADS = ("prefill", "decode", "megatron")
 # examples/remoe/ablations/cpu-converge.yaml (its base over examples/remoe/cpu-demo.yaml)
@@ -124,10 +142,6 @@ def parse_args(argv):
 # ------------------------------------------------------------------------------------------------
 def random_model(shape: str | None, seed: int):
     """A LoadedModel (the trainer's single-process build) of the cpu-converge shape, random init."""
-    from megatron.remoe.dial_calibration.inputs import LoadedModel
-    from megatron.remoe.offline import build_single_process_model
-    from megatron.remoe.train_config import TrainConfig, transformer_config
-
     fields = dict(CPU_CONVERGE, vocab_size=8192)
     for item in (shape.split(",") if shape else []):
         key, _, value = item.partition("=")
@@ -146,16 +160,11 @@ def random_model(shape: str | None, seed: int):
 def rotary_base(lm) -> float:
     if lm.train_config is not None:
         return float(lm.train_config.rotary_base)
-    import json
-
     with open(os.path.join(lm.source, "config.json"), encoding="utf-8") as f:
         return float(json.load(f)["rope_theta"])
 
 
 def build(args) -> Bench:
-    from megatron.remoe.dial_calibration.inputs import load_model
-    from megatron.remoe.hf.convert import megatron_to_hf
-
     lm = load_model(args.load) if args.load else random_model(args.shape, args.seed)
     if lm.router != "relu":
         raise SystemExit(f"error: {args.load} is a {lm.router} model; the compute dial needs a "
@@ -186,10 +195,6 @@ def token_sets(args, lm, seq: int, log: Callable = print):
     """(calibration EvalTokens, timed sequences [>= batch of length seq], data description).
     Run data: the validation sequences alternate between the two (disjoint); random ids
     otherwise."""
-    from megatron.remoe.analysis import EvalTokens
-    from megatron.remoe.analysis.errors import AnalysisError
-    from megatron.remoe.analysis.tokens import default_data, make_eval_tokens
-
     need = 2 * max(args.calibration_sequences, args.batch)
     if lm.train_config is not None and args.load:
         try:
@@ -218,10 +223,6 @@ def token_sets(args, lm, seq: int, log: Callable = print):
 # ------------------------------------------------------------------------------------------------
 def calibrate_budgets(lm, calib_tokens, targets, method: str, form: str, tolerance: float,
                       log: Callable = print) -> list:
-    from megatron.remoe.dial import DialError, relu_routers, set_dial
-    from megatron.remoe.dial_calibration.calibrate import calibrate
-    from megatron.remoe.dial_calibration.measure import Evaluator
-
     ev = Evaluator(lm, calib_tokens, batch_size=8, log=lambda m: None)
     layers = [n for n, _ in relu_routers(lm.model)]
     set_dial(lm.model, None)
@@ -248,8 +249,6 @@ def calibrate_budgets(lm, calib_tokens, targets, method: str, form: str, toleran
 # Workloads
 # ------------------------------------------------------------------------------------------------
 def set_budget(bench: Bench, budget: Budget) -> None:
-    from megatron.remoe.dial import set_dial
-
     set_dial(bench.lm.model, budget.dial)
     bench.hf.config.router_dial = budget.dial.to_dict() if budget.dial is not None else None
 
@@ -265,8 +264,6 @@ def flops_seq_length(workload: str, seq: int, prompt: int, new_tokens: int) -> i
 def forward_flops_per_token(lm, seq_length: int, experts_per_token: float) -> float:
     """Forward FLOPs per token: the project's count (model.train_flops_per_token, train = 3 x
     forward) at `experts_per_token` realised experts per MoE layer."""
-    from megatron.remoe.model import ModelShape, train_flops_per_token
-
     shape = ModelShape.of_transformer_config(lm.tcfg)
     return train_flops_per_token(shape, seq_length, lm.vocab_size, experts_per_token)["train"] / 3
 
@@ -298,17 +295,19 @@ class Workload:
     def _decode(self, on_step: Optional[Callable] = None) -> float:
         """Greedy decoding with the KV cache; the timed part is the `new_tokens` one-token steps
         (tokens/s = batch x new_tokens / seconds)."""
-        from megatron.remoe.hf.modeling_remoe import _CACHE_FIELD  # this transformers' name
-
         hf = self.bench.hf
-        out = hf(input_ids=self.prompt, use_cache=True)
-        cache = {_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        try:
+            cache = DynamicCache(config=hf.config)
+        except TypeError:  # transformers < 4.5x
+            cache = DynamicCache()
+        # the modeling file's forward takes the cache as `cache` under every transformers release
+        tok = hf(input_ids=self.prompt, cache=cache, use_cache=True).logits[:, -1].argmax(
+            -1, keepdim=True)
         t0 = time.perf_counter()
         for _ in range(self.args.new_tokens):
             if on_step is not None:
                 on_step(True)
-            logits = hf(input_ids=tok, use_cache=True, **cache).logits
+            logits = hf(input_ids=tok, cache=cache, use_cache=True).logits
             tok = logits[:, -1].argmax(-1, keepdim=True)
         seconds = time.perf_counter() - t0
         if on_step is not None:
@@ -317,9 +316,6 @@ class Workload:
 
     def count(self) -> tuple:
         """(realised experts/token: mean over MoE layers and this workload's tokens, per layer)."""
-        from megatron.remoe.dial import relu_routers
-        from megatron.remoe.hf.modeling_remoe import ReMoESparseMoE
-
         per_layer: dict = {}
         counting = [self.name != "decode"]  # decode: only the timed one-token steps
 
@@ -443,12 +439,6 @@ def write_csv(path: str, rows: list, machine: dict) -> None:
 def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
     args = parse_args(argv)
-
-    from machine import finish, format_machine, load_average, machine_info
-
-    from megatron.remoe.cpu_settings import keep_cpu_allocations, usable_cores
-    from megatron.remoe.distributed import ParallelConfig, init_distributed
-
     torch.set_num_threads(args.threads or usable_cores())
     device = init_distributed(ParallelConfig(), seed=args.seed)
     if device.type != "cpu":
@@ -498,7 +488,7 @@ def main(argv=None) -> int:
           f"prompt {args.prompt}, {args.new_tokens} new tokens (FLOPs at seq "
           f"{flops_seq_length('decode', seq, args.prompt, args.new_tokens)}); "
           f"{args.rounds} rounds; threads {torch.get_num_threads()}; freed CPU memory kept "
-          f"(cpu_settings.keep_cpu_allocations): {kept}")
+          f"(cpu.settings.keep_cpu_allocations): {kept}")
     print()
     print_table(rows)
     if args.csv:

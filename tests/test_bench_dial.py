@@ -96,7 +96,8 @@ def test_random_init_rows_and_predicted_speedups(tmp_path, single_rank):
 def test_load_megatron_checkpoint_gives_the_same_dials(tmp_path, single_rank):
     """A Megatron checkpoint written from the random model (HF folder -> trainer checkpoint):
     `--load` calibrates the same thresholds and counts the same experts per token."""
-    from megatron.remoe.hf.convert import megatron_to_hf, save_hf_folder
+    from megatron.remoe.hf.folders import save_hf_folder
+    from megatron.remoe.hf.to_hf import megatron_to_hf
     from megatron.remoe.hf.to_megatron import save_megatron_checkpoint_from_hf
 
     lm = bench_dial.random_model(SHAPE, seed=0)

@@ -1,6 +1,6 @@
 """Experts that receive no tokens (a dialled or sparse ReLU router leaves many) cost nothing: the HF
 MoE MLP (megatron/remoe/hf/modeling_remoe.py) does not call them, the grouped CPU experts
-(megatron/remoe/cpu_experts.py) run no GEMM for them, and both outputs equal the dense float64
+(megatron/remoe/cpu/experts.py) run no GEMM for them, and both outputs equal the dense float64
 reference, which runs every expert on every token (fp32 tolerance: rtol 1e-5 / atol 1e-6, as in
 test_cpu_experts). The HF MLP is also bit-identical in fp32 to one gather, MLP, weighting and
 index_add_ per routed expert (its previous formulation)."""
@@ -146,7 +146,7 @@ class GemmCounter(torch.overrides.TorchFunctionMode):
 
 
 def test_grouped_cpu_experts_run_no_gemm_for_an_empty_expert(single_rank):
-    from megatron.remoe.cpu_experts import GroupedCPUExperts
+    from megatron.remoe.cpu.experts import GroupedCPUExperts
     from megatron.remoe.model import build_controller, build_transformer_config
 
     cfg = build_transformer_config(
