@@ -29,10 +29,14 @@ def _sweep(folder, base_loss, curve, topk_losses):
     """A sweep.json: undialled at 1.0 experts/token, per-layer cut points [(ept, loss)], TopK k'."""
     os.makedirs(folder)
     points = [_p("ReMoE", "undialled", "-", None, 1.0, base_loss)]
-    points += [_p("ReMoE", "per-layer", "cut", ept, ept, loss) for ept, loss in curve]
+    points += [dict(_p("ReMoE", "per-layer", "cut", ept, ept, loss), extra={"multiple": ept})
+               for ept, loss in curve]
+    # the sweep's 1x k point: the target clipped to this model's own experts/token
+    points += [dict(_p("ReMoE", "per-layer", "cut", 0.99 - base_loss / 100, 0.99, base_loss),
+                    extra={"multiple": 1.0})]
     points += [_p("TopK", "topk", "-", None, float(k), loss, topk=k) for k, loss in topk_losses]
     with open(os.path.join(folder, "sweep.json"), "w") as fh:
-        json.dump({"points": points}, fh)
+        json.dump({"points": points, "trained_topk": 1}, fh)
 
 
 def _single(folder, thresholds, ept, loss, base_loss):
@@ -63,6 +67,8 @@ def test_summary_matches_hand_computation(runs):
     # paired with each seed's own undialled loss: +0.10 and +0.06
     assert half.loss_change[0] == pytest.approx(0.08)
     assert half.loss_change[1] == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+    full = rows["relu per-layer cut 1.0"]  # clipped targets 0.94 and 0.938 meet under 1x k
+    assert full.seeds == (1, 2) and full.experts_per_token[0] == pytest.approx(0.99)
     assert rows["TopK k'=2"].valid_loss[0] == pytest.approx(5.40) and rows["TopK k'=2"].group == "topk"
     assert math.isnan(rows["TopK k'=2"].loss_change[0])
     trained = rows["frontier-0.5 as trained"]  # thresholds all 0: the model as trained
@@ -97,7 +103,7 @@ def test_cli_writes_table_and_refuses_bad_names(runs, tmp_path):
     assert "| relu per-layer cut | 0.5 | 2 | 0.500 ± 0.000 | 5.1800 ± 0.1131 | +0.0800 ± 0.0283 |" in summary
     assert "s1: 0." in summary and "s2: 0." in summary
     lines = (out / "points.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 5
+    assert len(lines) == 1 + 2 * 6
     bad = tmp_path / "bad"
     r = subprocess.run([sys.executable, TOOL, "--out", str(bad), "--run", f"relu={runs / 'relu-s1'}"],
                        capture_output=True, text=True, timeout=120)

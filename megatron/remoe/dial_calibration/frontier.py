@@ -76,7 +76,12 @@ def load_run(name: str, folder: str) -> list:
     sweep, single = os.path.join(folder, "sweep.json"), os.path.join(folder, "dial.json")
     if os.path.exists(sweep):
         with open(sweep, encoding="utf-8") as fh:
-            raw = json.load(fh)["points"]
+            data = json.load(fh)
+        raw = data["points"]
+        for p in raw:  # targets as asked (multiple x trained k): the same across seeds, where the
+            mult = p.get("extra", {}).get("multiple")  # clipped target is each model's own maximum
+            if mult not in (None, ""):
+                p["target"] = float(mult) * data.get("trained_topk", 1)
         base = [p for p in raw if p["method"] == "undialled"]
         if len(base) != 1:
             raise FrontierError(f"{sweep}: expected one undialled point, found {len(base)}")
