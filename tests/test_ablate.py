@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from megatron.remoe import ablation as ab
-from tests.helpers.pretrain_utils import ROOT, build_corpus, pretrain_env
+from tests.helpers.paths import ROOT
+from tools.parity.tiny_gpt import build_corpus, pretrain_env
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron.remoe import analysis as A
+from tests.helpers.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_mpl = pytest.mark.skipif(not A.have_matplotlib(),
                                reason="matplotlib (the optional 'plots' extra) is not installed")
 

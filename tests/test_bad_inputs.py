@@ -12,7 +12,8 @@ import shutil
 
 import pytest
 
-from tests.helpers.pretrain_utils import build_corpus, run_pretrain
+from tests.helpers.pretrain_utils import run_pretrain
+from tools.parity.tiny_gpt import build_corpus
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # the benchmark and its `machine` helper
 
 import bench_dtype  # noqa: E402  (found through the path above)

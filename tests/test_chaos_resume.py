@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.helpers.pretrain_utils import ROOT
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.timeout(420)
 

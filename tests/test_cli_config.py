@@ -11,8 +11,8 @@ import pytest
 
 from megatron.remoe.config import ConfigError
 from megatron.remoe.training.arguments import config_to_yaml, parse_blend, parse_config
+from tests.helpers.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.timeout(120)
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",

@@ -17,11 +17,11 @@ import sysconfig
 
 import pytest
 
+from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import run_command
 
 pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
          "--num-query-groups", "2", "--seq-length", "32", "--num-experts", "4",

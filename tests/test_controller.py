@@ -21,7 +21,8 @@ from megatron.remoe.config import ConfigError
 from megatron.remoe.lambda_rules import CONTROLLERS, ControllerOptions, sparsity_noise
 from megatron.remoe.regularizer import SparsityController
 from tests.helpers.dist_utils import run_workers
-from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
+from tests.helpers.pretrain_utils import run_pretrain
+from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
 
 pytestmark = pytest.mark.timeout(170)
 

@@ -19,8 +19,8 @@ from megatron.remoe.data.preprocess import (
     read_sidecar,
 )
 from megatron.remoe.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from tests.helpers.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()["stdlib"]
 STDLIB_FILES = ["argparse.py", "textwrap.py", "shlex.py", "fractions.py", "string.py",
                 "bisect.py", "colorsys.py", "glob.py", "heapq.py", "keyword.py", "operator.py"]

@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from tests.helpers.dist_utils import free_port
-from tests.helpers.pretrain_utils import MODEL, ROOT, pretrain_cmd, pretrain_env, read_metrics
+from tests.helpers.paths import ROOT
+from tests.helpers.pretrain_utils import pretrain_cmd
+from tools.parity.tiny_gpt import MODEL, free_port, pretrain_env, read_metrics
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -29,8 +29,7 @@ from tests.helpers.moe_reference import (
     reference_step,
     sparse_router,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import ROOT
 
 # scripts/gpu_check.sh runs this file inside a 600 s command on the lent GPU machine
 pytestmark = pytest.mark.timeout(240)

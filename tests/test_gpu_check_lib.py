@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "scripts"))  # a script directory, not a package
 
 import gpu_check_lib as lib  # noqa: E402

@@ -16,12 +16,12 @@ import sysconfig
 
 import pytest
 
-from tests.helpers.dist_utils import free_port
+from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import run_command
+from tools.parity.tiny_gpt import free_port
 
 pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 EVALUATE = os.path.join(ROOT, "tools", "evaluate.py")
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",

@@ -16,9 +16,10 @@ import sys
 
 import pytest
 
-from tests.helpers.dist_utils import free_port
 from tests.helpers.foreign_loop import SAVE_AT
-from tests.helpers.pretrain_utils import ROOT, pretrain_env, read_metrics, run_pretrain
+from tests.helpers.paths import ROOT
+from tests.helpers.pretrain_utils import run_pretrain
+from tools.parity.tiny_gpt import free_port, pretrain_env, read_metrics
 
 pytestmark = pytest.mark.timeout(400)
 

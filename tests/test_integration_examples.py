@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from megatron.remoe.compat import mcore_at_least
+from tests.helpers.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEGATRON_LM = os.path.join(ROOT, "examples", "megatron_lm", "pretrain_remoe.py")
 BRIDGE = os.path.join(ROOT, "examples", "megatron_bridge", "remoe_recipe.py")
 needs_megatron_training = pytest.mark.skipif(

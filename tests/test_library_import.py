@@ -16,8 +16,8 @@ import sys
 import pytest
 
 import megatron.remoe
+from tests.helpers.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIR = os.path.join(ROOT, "megatron", "remoe")
 
 # Run in a fresh interpreter: `package MODULE...` imports megatron.remoe's modules, `reference

@@ -2,7 +2,7 @@
 
 The same tiny GPT (2 layers, hidden 64, seq 32, E=4, global batch 8), same seed and data, is trained
 for 6 steps under each layout and compared with the 1-process run, step by step (harness:
-tests/helpers/parity_utils.py; the full matrix and a table: `python tools/parity_table.py --full`).
+tools/parity/harness.py; the full matrix and a table: `python tools/parity_table.py --full`).
 
 Same initial weights: with one seed, megatron-core initialises PP stages (seed + 100 * PP rank)
 and expert weights (a per-EP-rank RNG stream) differently per layout, so the same seed does *not*
@@ -11,7 +11,7 @@ the 1-process run at iteration 0 and loaded (re-sharded) with --no-load-optim (A
 iteration 0, so nothing is lost); the evaluation loss right after that load is compared too.
 
 What CI runs (the reduced matrix; `tools/parity_table.py --full` runs everything):
-* ReLU routing: every layout of parity_utils.LAYOUTS but parity_utils.FULL_ONLY -- DP2, TP2+SP,
+* ReLU routing: every layout of harness.LAYOUTS but harness.FULL_ONLY -- DP2, TP2+SP,
   EP2 alltoall, EP2 allgather, PP2 (4 micro-batches), DP2 + distributed optimizer, DP2 with
   --overlap-grad-reduce (with and without the distributed optimizer), TP2xEP2 and PP2xEP2 on 4
   processes, and PP2 x VP2 (interleaved 1F1B, 2 chunks per rank) of a 4-layer model against 1
@@ -23,7 +23,7 @@ What CI runs (the reduced matrix; `tools/parity_table.py --full` runs everything
   megatron-core's DDP, router layer numbers 1..L); on every rank of a run the lambda used and the lambda
   after the update are bit-identical (fp32 bits), and so is the sparsity; evaluation loss after
   the initial load, after step 3 and after step 6 within 1e-5. Why these tolerances:
-  parity_utils (TOL_*) and docs/parity.md;
+  tools/parity/harness.py (TOL_*) and docs/parity.md;
 * re-sharding: iteration-3 checkpoints of one layout loaded under another (TP2+SP -> PP2,
   PP2xEP2 -> EP2 allgather, and 1 process -> TP2xEP2, which needs --no-load-optim because
   megatron-core uses a separate optimizer for experts only with EP > 1): the evaluation loss of
@@ -45,7 +45,7 @@ Megatron-LM's overlap_p2p_comm=True).
 
 Negative control (the checks must catch a sparsity reduction that skips a parallel group):
 `test_negative_control_skipped_group_is_caught` runs TP2+SP with the controller's all-reduce
-restricted to ranks of equal TP rank (PARITY_BREAK_CONTROLLER=tp, see parity_utils) and asserts
+restricted to ranks of equal TP rank (PARITY_BREAK_CONTROLLER=tp, see the harness) and asserts
 that the parity checks fail. Verified by hand as well, on 2026-11-29: in a copy of the tree,
 `SparsityController.step` in megatron/remoe/regularizer.py was changed to all-reduce over
 `parallel_state.get_data_parallel_group()` (leaving out TP and PP peers) and
@@ -58,8 +58,8 @@ they must, since their DP group is the whole world. The LM loss moved by < 1e-6 
 
 import pytest
 
-from tests.helpers import parity_utils as P
-from tests.helpers.pretrain_utils import build_corpus
+from tools.parity import harness as P
+from tools.parity.tiny_gpt import build_corpus
 
 pytestmark = pytest.mark.timeout(480)
 

@@ -22,7 +22,9 @@ import time
 
 import pytest
 
-from tests.helpers.pretrain_utils import MODEL, ROOT, read_metrics, run_pretrain, start_pretrain
+from tests.helpers.paths import ROOT
+from tests.helpers.pretrain_utils import run_pretrain, start_pretrain
+from tools.parity.tiny_gpt import MODEL, read_metrics
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from tests.helpers.pretrain_utils import MODEL, run_pretrain, start_pretrain
+from tests.helpers.pretrain_utils import run_pretrain, start_pretrain
+from tools.parity.tiny_gpt import MODEL
 
 pytestmark = pytest.mark.timeout(180)
 

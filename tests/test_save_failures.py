@@ -13,7 +13,8 @@ import re
 
 import pytest
 
-from tests.helpers.pretrain_utils import MODEL, read_metrics, run_pretrain
+from tests.helpers.pretrain_utils import run_pretrain
+from tools.parity.tiny_gpt import MODEL, read_metrics
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -13,8 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron.remoe.training.loop import StepHistory, summarize_run
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import ROOT
 
 
 class Metrics(dict):

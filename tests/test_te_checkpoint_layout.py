@@ -25,15 +25,9 @@ import pytest
 import torch
 
 from tests.helpers import te_layout
-from tests.helpers.pretrain_utils import (
-    MODEL,
-    ROOT,
-    build_corpus,
-    data_args,
-    pretrain_cmd,
-    pretrain_env,
-    read_metrics,
-)
+from tests.helpers.paths import ROOT
+from tests.helpers.pretrain_utils import pretrain_cmd
+from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, pretrain_env, read_metrics
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
+from tests.helpers.pretrain_utils import run_pretrain
+from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
 
 pytestmark = pytest.mark.timeout(170)
 

@@ -1,12 +1,12 @@
-"""Parallel-layout parity harness, shared by tests/test_parity.py and tools/parity_table.py.
+"""Parallel-layout parity harness, shared by tools/parity_table.py and the parity tests.
 
-Trains the same tiny GPT (tests/helpers/pretrain_utils.MODEL: 2 layers, hidden 64, seq 32, E=4, global
+Trains the same tiny GPT (tools/parity/tiny_gpt.MODEL: 2 layers, hidden 64, seq 32, E=4, global
 batch 8, fp32) with the same seed and data under several parallel layouts and compares every
 layout with the 1-process run.
 
 Each run is the real trainer (`megatron.remoe.training.loop.pretrain`, the function behind
 `python -m megatron.remoe.pretrain`) in real processes (1 process, or torchrun + gloo). This file is
-also the worker script: run as `python tests/helpers/parity_utils.py FLAGS...` (or under torchrun) it calls
+also the worker script: run as `python tools/parity/harness.py FLAGS...` (or under torchrun) it calls
 `pretrain` after wrapping three trainer functions *to record* what every rank computes (the JSONL
 metrics file is written by rank 0 only):
 
@@ -33,8 +33,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers.dist_utils import free_port
-from tests.helpers.pretrain_utils import MODEL, ROOT, data_args, pretrain_env, read_metrics
+from tools.parity.tiny_gpt import MODEL, ROOT, data_args, free_port, pretrain_env, read_metrics
 
 # name -> (processes, flags). Global batch 8, micro-batch 2: 4 micro-batches per step on 1 process
 # and with PP2 (DP1), 2 with DP2.
