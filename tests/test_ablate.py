@@ -317,6 +317,7 @@ def run_tool(args, timeout=120):
     return proc
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(240)
 def test_tool_collects_real_runs_and_skips_finished(corpus, tmp_path):
     out = tmp_path / "abl"
@@ -413,6 +414,7 @@ def test_tool_collects_real_runs_and_skips_finished(corpus, tmp_path):
     assert os.stat(out / "relu" / "summary.json").st_mtime_ns == mtimes["relu"]
 
 
+@pytest.mark.slow
 def test_plots_vs_E_and_G(tmp_path):
     """The loss-vs-E / vs-G figures from collected rows (no training needed)."""
     path = write_grid(tmp_path, axes={"router": ["relu", "topk", "dense"], "E": [4, 8],

@@ -111,6 +111,7 @@ def test_capture_is_independent_of_batching(world):
     np.testing.assert_array_equal(c.routing, a.routing[:, start:start + len(ev.sequences[2])])
 
 
+@pytest.mark.slow
 @needs_mpl
 @pytest.mark.timeout(60)
 def test_report_in_memory_relu_vs_topk(world, tmp_path):
@@ -190,6 +191,7 @@ def _save_checkpoint(model, cfg, root, iteration):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_cli_on_checkpoints(world, tmp_path, capsys):
     cfg = world["cfg"]

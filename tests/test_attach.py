@@ -28,7 +28,7 @@ from megatron.remoe.integration import attach, controller_for, remoe_layer_spec
 from megatron.remoe.model import build_transformer_config
 from tests.helpers.dist_utils import run_workers
 
-pytestmark = pytest.mark.timeout(170)
+pytestmark = [pytest.mark.core, pytest.mark.timeout(170)]
 
 
 def tiny_config(**kw):
@@ -164,6 +164,7 @@ def _two_ranks(rank, world):
     return out
 
 
+@pytest.mark.multiprocess
 def test_ranks_without_routers_get_the_loaded_state_and_skip_together():
     """The first hook call gives a rank without routers (a dense-only pipeline stage) the state
     its MoE stage loaded; a step skipped by one rank's optimizer is skipped on both."""

@@ -223,6 +223,7 @@ def test_table_has_at_least_20_rows():
     assert len(ROWS) >= 20 and len({r[0] for r in ROWS}) == len(ROWS)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(ctx, row, tmp_path, capsys):
     from megatron.remoe.pretrain import main
@@ -241,6 +242,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(ctx, row, tmp_path, 
     assert not os.path.exists(save)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("row_id", ["truncated-bin", "ckpt-other-hidden"])
 def test_bad_input_as_a_real_process(ctx, row_id, tmp_path):
     _, make_argv, value, fix = next(r for r in ROWS if r[0] == row_id)

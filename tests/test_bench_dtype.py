@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))  # the benchmark and its `machin
 
 import bench_dtype  # noqa: E402  (found through the path above)
 
+pytestmark = pytest.mark.slow
+
 TARGET = 0.875
 
 

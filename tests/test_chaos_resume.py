@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers.paths import ROOT
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
 
 
 def load_harness():

@@ -105,6 +105,7 @@ def _run(argv, **kw):
                           timeout=90, cwd=ROOT, **kw)
 
 
+@pytest.mark.multiprocess
 def test_pretrain_exits_2_with_one_line_and_no_checkpoint_dir(tmp_path):
     save = tmp_path / "ckpt"
     proc = _run(["-m", "megatron.remoe.pretrain", *TINY, "--router", "topk",

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.paths import ROOT
 
-pytestmark = pytest.mark.timeout(170)
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(170)]
 
 
 def _archives_cached() -> bool:

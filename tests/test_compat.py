@@ -20,7 +20,7 @@ from megatron.remoe.model import build_controller, build_gpt_model, build_transf
 from megatron.remoe.router import ReLURouter
 from tests.helpers.moe_reference import FFN, E, H, K, canonical_weights, load_canonical
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.core, pytest.mark.timeout(180)]
 
 SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
              use_cpu_initialization=True, moe_token_dispatcher_type="alltoall",
@@ -321,6 +321,7 @@ def test_checkpoint_of_a_newer_megatron_core_is_refused_by_name(tmp_path):
 
 # ---- console noise ------------------------------------------------------------------------------
 
+@pytest.mark.multiprocess
 def test_known_noise_is_filtered_and_real_warnings_still_show(tmp_path):
     """A fresh process that sets up the entry points' console (logs.configure, what `remoe` and
     `python -m megatron.remoe.pretrain` do first), imports the trainer and builds a model prints

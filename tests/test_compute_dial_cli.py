@@ -20,6 +20,8 @@ import pytest
 from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import run_command
 
+pytestmark = pytest.mark.multiprocess
+
 pytest.importorskip("transformers")
 
 CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")

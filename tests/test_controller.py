@@ -167,6 +167,7 @@ def _rank_worker(rank, world, kind):
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["ema", "deadband", "pi"])
 def test_same_lambda_on_every_rank(kind):
     """Each rank records half of every step's tokens: after the all-reduce both ranks hold the
@@ -209,6 +210,7 @@ def data(tmp_path_factory):
     return build_corpus(tmp_path_factory.mktemp("data"))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["pi"])
 def test_trainer_resume_with_option(data, tmp_path, kind):
     """Through the trainer's checkpoints: a low target is reached at step 1, so the option acts

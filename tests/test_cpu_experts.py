@@ -26,6 +26,8 @@ from tests.helpers.moe_reference import (
     load_canonical,
 )
 
+pytestmark = pytest.mark.core
+
 S, B = 8, 2
 LAYOUTS = {"single": (1, 1), "ep2": (1, 2), "tp2_sp": (2, 1)}  # name: (tp, ep)
 
@@ -117,6 +119,7 @@ def _dense(layout, rank):
                 gate=w["gate"].grad, up=w["up"].grad, down=w["down"].grad)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_grouped_equals_sequential_mlp_and_dense_reference(layout):
@@ -162,6 +165,7 @@ def _state_worker(rank, world):
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(200)
 def test_state_dict_and_sharded_keys_are_sequential_mlps():
     for res in run_workers(_state_worker, 2, timeout=150):
@@ -197,6 +201,7 @@ def _bf16_worker(rank, world):
             for impl in ("grouped", "sequential")}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(200)
 def test_bf16_expert_grads_go_to_fp32_main_grad_as_ddp_would():
     res = run_workers(_bf16_worker, 1, timeout=150)[0]

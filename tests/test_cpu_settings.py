@@ -12,6 +12,8 @@ import torch
 
 from tests.helpers.dist_utils import run_workers
 
+pytestmark = pytest.mark.core
+
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--seq-length", "32", "--num-experts", "4",
         "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "3e-3",
@@ -60,6 +62,7 @@ def _train(rank, world, flags, unfused_adam):
                                   if n.endswith("mlp.experts"))).__name__)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_fused_cpu_adam_gives_the_adam_loops_losses():
     """Measured: identical losses over the steps; the parameters are NOT bit-identical (they
@@ -70,6 +73,7 @@ def test_fused_cpu_adam_gives_the_adam_loops_losses():
     assert fused["losses"] == loop["losses"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_grouped_experts_train_like_sequential_mlp():
     grouped = run_workers(_train, 1, TINY, False, timeout=240)[0]
@@ -85,6 +89,7 @@ def test_grouped_experts_train_like_sequential_mlp():
         assert abs(a - b) <= 0.01, (grouped["sparsity"], seq["sparsity"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_bf16_on_cpu_keeps_router_and_lambda_fp32_and_follows_fp32():
     from megatron.remoe.cpu.settings import cpu_bf16_supported

@@ -108,6 +108,7 @@ def test_without_eod_and_text_inputs(tmp_path, bpe):
     assert len(load_indexed_dataset(prefix)) == 1
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_output_independent_of_worker_count(tmp_path, jsonl, bpe):
     outs = []
@@ -121,6 +122,7 @@ def test_output_independent_of_worker_count(tmp_path, jsonl, bpe):
         assert filecmp.cmp(outs[0] + suffix, outs[1] + suffix, shallow=False)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_multi_domain_cli(tmp_path, jsonl):
     txt = tmp_path / "t.txt"
@@ -152,7 +154,7 @@ BAD_INPUTS = {
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
 def test_bad_inputs_cli(tmp_path, capsys, jsonl, case, workers):
     content, pattern = BAD_INPUTS[case]
     path = str(tmp_path / f"{case}.jsonl")

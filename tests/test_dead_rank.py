@@ -15,7 +15,7 @@ from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import pretrain_cmd
 from tools.parity.tiny_gpt import MODEL, free_port, pretrain_env, read_metrics
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
 TIMEOUT_MIN = 0.25  # --distributed-timeout-minutes: 15 s
 

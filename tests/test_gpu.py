@@ -114,6 +114,7 @@ def _relu_config(**kw):
 
 # ---- router precision ---------------------------------------------------------------------------
 
+@pytest.mark.gpu
 @needs_cuda
 def test_relu_router_bf16_model_routes_like_fp32(gpu_rank):
     """bf16 model, router math in fp32: the routing map equals the fp32 model's on the same
@@ -148,6 +149,7 @@ def test_relu_router_bf16_model_routes_like_fp32(gpu_rank):
     assert flips < 1e-3, f"{flips:.2e} of the routing entries differ between bf16 and fp32"
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_controller_and_regulariser_stay_fp32_in_bf16(gpu_rank):
     cfg = _relu_config(params_dtype=torch.bfloat16, bf16=True, moe_relu_l1_reg_coeff_init=0.5)
@@ -218,6 +220,7 @@ def _te_cases():
     return cases
 
 
+@pytest.mark.gpu
 @needs_te
 @pytest.mark.parametrize("regime", ["dense", "sparse"])
 @pytest.mark.parametrize("dispatcher,grouped,fused", _te_cases())
@@ -257,6 +260,7 @@ def test_te_moe_layer_is_exact_with_variable_k(gpu_rank, dispatcher, grouped, fu
         assert all((got[k][E - 1] == 0).all() for k in ("gate", "up", "down"))
 
 
+@pytest.mark.gpu
 @needs_te
 def test_te_spec_gpt_forward_backward_bf16(gpu_rank):
     from megatron.core.transformer.module import Float16Module
@@ -289,6 +293,8 @@ def test_te_spec_gpt_forward_backward_bf16(gpu_rank):
 
 # ---- a few training steps with the trainer (TP1, 1 GPU) -----------------------------------------
 
+@pytest.mark.multiprocess
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("impl", ["local", "transformer_engine"])
 def test_train_steps_single_gpu(tmp_path, impl):

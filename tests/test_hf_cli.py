@@ -20,6 +20,8 @@ from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import run_command
 from tools.parity.tiny_gpt import free_port
 
+pytestmark = pytest.mark.multiprocess
+
 pytest.importorskip("transformers")
 
 CONVERT = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -56,6 +58,7 @@ def trained(tmp_path_factory):
     return {"dir": out, "ckpt": ckpt, "tok": tok_dir, "text": str(text)}
 
 
+@pytest.mark.core
 @pytest.mark.timeout(200)
 def test_tp2_ep2_checkpoint_convert_verify_evaluate_and_back(trained):
     out = trained["dir"]

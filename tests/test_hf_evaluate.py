@@ -104,6 +104,7 @@ def test_nextline_items_deterministic_and_wellformed():
     assert single and all(it["distractor_source"] == "other-domains" for it in single)
 
 
+@pytest.mark.slow
 def test_backends_agree_and_routing_counts(sm, tmp_path):
     if not ev.have_lm_eval():
         pytest.skip("lm-evaluation-harness not installed")

@@ -21,7 +21,7 @@ from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import run_pretrain
 from tools.parity.tiny_gpt import free_port, pretrain_env, read_metrics
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.core, pytest.mark.multiprocess, pytest.mark.timeout(400)]
 
 STEPS = 30
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",

@@ -17,6 +17,8 @@ import pytest
 from megatron.remoe.compat import mcore_at_least
 from tests.helpers.paths import ROOT
 
+pytestmark = pytest.mark.core
+
 MEGATRON_LM = os.path.join(ROOT, "examples", "megatron_lm", "pretrain_remoe.py")
 BRIDGE = os.path.join(ROOT, "examples", "megatron_bridge", "remoe_recipe.py")
 needs_megatron_training = pytest.mark.skipif(
@@ -48,6 +50,7 @@ def test_examples_compile(path, tmp_path):
     py_compile.compile(path, cfile=str(tmp_path / "out.pyc"), doraise=True)
 
 
+@pytest.mark.slow
 @needs_megatron_training
 def test_megatron_lm_flags_give_a_remoe_config_and_the_spec_function(monkeypatch, single_rank):
     from megatron.training.arguments import parse_args, validate_args

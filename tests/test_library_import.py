@@ -83,6 +83,7 @@ def probe(mode: str, names: list) -> dict:
     return json.loads(line[len("PROBE "):])
 
 
+@pytest.mark.multiprocess
 def test_importing_every_module_changes_no_warning_filter_and_no_foreign_logger():
     modules = package_modules()
     assert len(modules) > 50 and "megatron.remoe.training.loop" in modules  # the walk found the tree

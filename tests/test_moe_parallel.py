@@ -27,6 +27,8 @@ from tests.helpers.moe_reference import (
     reference_step,
 )
 
+pytestmark = pytest.mark.multiprocess
+
 S, B, STEPS, LAMBDA0 = 8, 2, 3, 0.05
 
 LAYOUTS = {  # name: (tp, ep, dispatcher)
@@ -144,6 +146,7 @@ def single():
     return run_workers(_worker, 1, "single", timeout=120)[0]
 
 
+@pytest.mark.core
 def test_single_process_matches_dense_reference(single):
     for step, res in enumerate(single):
         ref = dense_expectation(step, float(res["lam_used"]))
@@ -153,8 +156,12 @@ def test_single_process_matches_dense_reference(single):
         assert abs(res["l1_reg_loss"] - ref["l1_reg_loss"]) < 1e-6
 
 
+CORE_LAYOUTS = ("tp2_sp", "ep2_alltoall", "ep2_allgather")  # in the core subset (pytest -m core)
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n != "single"])
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=[pytest.mark.core] if n in CORE_LAYOUTS else [])
+                                    for n in LAYOUTS if n != "single"])
 def test_layout_matches_single_process(single, layout):
     per_rank = run_workers(_worker, 2, layout, timeout=180)
     res = per_rank[0]

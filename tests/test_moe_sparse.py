@@ -183,7 +183,9 @@ def check_against_reference(got, dtype_name, regime):
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=pytest.mark.gpu if b == "cuda" else pytest.mark.core)
+    for b in BACKENDS])
 def test_sparse_regime_one_process(single_rank, backend, dispatcher, dtype_name, regime):
     device, _, experts = backend.partition("-")
     if device == "cuda" and not torch.cuda.is_available():
@@ -208,6 +210,8 @@ def ep2_results():
     return run_workers(_ep2_worker, 2, timeout=240)
 
 
+@pytest.mark.core
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo EP2 on CPU: runs in CI")
 @pytest.mark.parametrize("regime", list(REGIMES))

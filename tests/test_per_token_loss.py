@@ -89,6 +89,7 @@ def check(per_token, default, no_l1):
         torch.testing.assert_close(per_token[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.core
 def test_per_token_loss_gives_the_default_modes_gradients(single_rank):
     check(*compare_modes(tp=1))
 
@@ -101,6 +102,7 @@ def _worker(rank, world_size, tp):
         destroy_distributed()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["tp2_sp", "dp2"])
 def test_per_token_loss_with_tensor_and_data_parallel(layout):
     """TP2 with sequence parallel: each rank's router sees half the tokens, so the factor needs

@@ -7,7 +7,7 @@ import torch
 
 from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.core, pytest.mark.timeout(180)]
 
 RECOMPUTE = {
     "none": {},

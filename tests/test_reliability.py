@@ -91,6 +91,7 @@ def train_records(save):
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.multiprocess
 def test_reference_keeps_last_two_verified_checkpoints(reference):
     from megatron.remoe.training.checkpointing import MANIFEST, verify_checkpoint
 
@@ -105,6 +106,7 @@ def test_reference_keeps_last_two_verified_checkpoints(reference):
     assert summary["exit_reason"] == "train_iters" and summary["skipped_steps"] == 0
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", ["shards", "rename"])
 def test_kill9_during_save_then_resume(reference, tmp_path, stage):
     """SIGKILL while iteration 4 is being saved: before the manifest/rename (a .tmp directory is
@@ -135,6 +137,7 @@ def test_kill9_during_save_then_resume(reference, tmp_path, stage):
     assert tracker(save) == ITERS
 
 
+@pytest.mark.multiprocess
 def test_sigterm_mid_run_saves_exits_0_and_resumes_identically(reference, tmp_path):
     save, log = str(tmp_path / "ckpt"), str(tmp_path / "term.log")
     proc = start_pretrain(BASE + ["--save", save], log,
@@ -157,6 +160,7 @@ def test_sigterm_mid_run_saves_exits_0_and_resumes_identically(reference, tmp_pa
     assert_same_as_reference(save, reference)
 
 
+@pytest.mark.multiprocess
 def test_sigusr1_on_one_rank_stops_both_ranks(tmp_path):
     """SLURM's pre-timeout signal reaching only rank 1 of 2: the flag is all-reduced at the step
     boundary, both ranks save the same iteration and exit 0."""
@@ -184,6 +188,7 @@ def test_sigusr1_on_one_rank_stops_both_ranks(tmp_path):
     assert verify_checkpoint(os.path.join(save, f"iter_{stopped:07d}")) is None
 
 
+@pytest.mark.multiprocess
 def test_corrupt_newest_checkpoint_falls_back_with_warning(reference, tmp_path):
     """Bytes of the newest checkpoint altered (same size: only the CRC32 can tell): --load warns,
     resumes from the previous checkpoint and reproduces the uninterrupted run."""
@@ -206,6 +211,8 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(reference, tmp_path):
     assert verify_checkpoint(newest) is None  # saved again, whole
 
 
+@pytest.mark.core
+@pytest.mark.multiprocess
 def test_unloadable_checkpoints_fall_back_or_stop_with_exit_2(reference, tmp_path):
     """A checkpoint without manifest (older format) whose load fails is skipped like a corrupt
     one; when no checkpoint is loadable the run stops with exit 2 and touches nothing (it does not
@@ -244,6 +251,7 @@ def test_unloadable_checkpoints_fall_back_or_stop_with_exit_2(reference, tmp_pat
     assert_same_as_reference(save, reference)
 
 
+@pytest.mark.multiprocess
 def test_nan_stop_policy_exits_3_naming_step_and_layers(tmp_path):
     save = str(tmp_path / "ckpt")
     proc = run_pretrain(BASE + ["--save", save, "--save-interval", "1"], expect_rc=3,
@@ -260,6 +268,7 @@ def test_nan_stop_policy_exits_3_naming_step_and_layers(tmp_path):
     assert not os.path.exists(os.path.join(save, "summary.json"))
 
 
+@pytest.mark.multiprocess
 def test_nan_skip_step_skips_and_continues(reference, tmp_path):
     save = str(tmp_path / "ckpt")
     proc = run_pretrain(BASE + ["--save", save, "--nan-policy", "skip-step"],
@@ -279,6 +288,7 @@ def test_nan_skip_step_skips_and_continues(reference, tmp_path):
     assert summary["skipped_steps"] == 1 and summary["iterations"] == ITERS
 
 
+@pytest.mark.multiprocess
 def test_nan_on_one_rank_is_seen_by_all_and_skips_are_bounded(tmp_path):
     """NaN gradients on rank 1 only (after the DP reduction, so rank 0's are finite): both ranks
     skip iteration 2 together; at iteration 4 the bound (--max-skipped-steps 1) stops both
@@ -304,6 +314,7 @@ def test_nan_on_one_rank_is_seen_by_all_and_skips_are_bounded(tmp_path):
     assert tracker(save) == 2
 
 
+@pytest.mark.multiprocess
 def test_exit_duration_in_mins_saves_and_exits_0(tmp_path):
     save = str(tmp_path / "ckpt")
     out = run_pretrain(BASE + ["--save", save, "--exit-duration-in-mins", "0.0001"])
@@ -406,6 +417,7 @@ def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
     assert os.path.isdir(p8) and os.path.isdir(p10)
 
 
+@pytest.mark.multiprocess
 def test_signal_handler_defers_then_second_signal_kills():
     """First SIGTERM only sets the flag; a second one restores the default action."""
     code = ("import os, signal, sys\n"

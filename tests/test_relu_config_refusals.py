@@ -12,6 +12,8 @@ from megatron.remoe.config import ConfigError, ReMoETransformerConfig, validate_
 from megatron.remoe.model import build_transformer_config
 from megatron.remoe.router import ReLURouter
 
+pytestmark = pytest.mark.core
+
 E, K = 4, 1
 
 

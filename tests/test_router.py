@@ -20,7 +20,7 @@ from tests.helpers.moe_reference import (
     reference_l1,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.core, pytest.mark.timeout(120)]
 
 
 def layer_config(dispatcher="alltoall", **kw):

@@ -9,7 +9,7 @@ from megatron.remoe.model import build_controller, build_transformer_config
 from megatron.remoe.regularizer import SparsityController, l1_reg_loss
 from tests.helpers.moe_reference import E, H, K, build_moe_layer, canonical_weights, load_canonical
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.core, pytest.mark.timeout(120)]
 
 
 def test_router_training_path_matches_general_path_with_padding(single_rank):

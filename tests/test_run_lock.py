@@ -122,6 +122,7 @@ def snapshot(path):
     return out
 
 
+@pytest.mark.multiprocess
 def test_second_trainer_refused_then_stale_lock_taken_over(tmp_path):
     save, log = str(tmp_path / "ckpt"), str(tmp_path / "first.log")
     first = start_pretrain(BASE + ["--save", save], log,

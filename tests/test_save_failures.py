@@ -16,7 +16,7 @@ import pytest
 from tests.helpers.pretrain_utils import run_pretrain
 from tools.parity.tiny_gpt import MODEL, read_metrics
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
 
 ITERS = 6
 BASE = MODEL + ["--mock-data", "--vocab-size", "256", "--eval-iters", "0",

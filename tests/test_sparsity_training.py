@@ -10,7 +10,7 @@ import torch
 
 from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.core, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def stdlib_bytes(n_bytes=400_000):

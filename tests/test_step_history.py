@@ -90,6 +90,7 @@ def test_only_the_first_and_last_step_metrics_stay_alive():
     assert len(history.recent_times) == 25
 
 
+@pytest.mark.multiprocess
 def test_rss_benchmark_smoke():
     """bench/bench_history_rss.py end to end on a few steps (a smoke test: its RSS numbers are
     the benchmark's to print, not asserted here)."""

@@ -91,6 +91,7 @@ def saved_tensor(path: str, key: str) -> torch.Tensor:
     return dist_checkpointing.load(request, path)["t"]
 
 
+@pytest.mark.multiprocess
 def test_emulation_writes_te_layout_before_the_fix_and_local_keys_after(runs):
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
@@ -104,7 +105,9 @@ def test_emulation_writes_te_layout_before_the_fix_and_local_keys_after(runs):
     assert keys("te") == keys("local")
 
 
-@pytest.mark.parametrize("mode", te_layout.MODES)
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=[pytest.mark.core] if m == "te" else [])
+                                  for m in te_layout.MODES])
 def test_te_checkpoint_loads_in_every_offline_tool(runs, mode, tmp_path, single_rank):
     from megatron.remoe.analysis.checkpoint import load_checkpoint_model
     from megatron.remoe.dial_calibration.inputs import load_model
@@ -162,6 +165,7 @@ def _model_keys_and_state(monkeypatch, mode, moe_layer_freq):
     return keys, state, model
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("moe_layer_freq", [1, [1, 0]], ids=["all_moe", "moe_and_dense"])
 def test_te_and_local_moe_models_share_checkpoint_keys(monkeypatch, single_rank, moe_layer_freq):
     local_keys, local_state, local = _model_keys_and_state(monkeypatch, "local", moe_layer_freq)
@@ -181,6 +185,7 @@ def test_te_and_local_moe_models_share_checkpoint_keys(monkeypatch, single_rank,
             assert not torch.is_tensor(value) or torch.equal(value, loaded[name]), name
 
 
+@pytest.mark.core
 def test_dp_reshardable_optimizer_state_does_not_cross_transformer_impl(tmp_path):
     from megatron.remoe.config import ConfigError
     from megatron.remoe.training.checkpointing.load import _check_optimizer_reshardable
@@ -203,7 +208,10 @@ def test_dp_reshardable_optimizer_state_does_not_cross_transformer_impl(tmp_path
 RESUMES = [("local", "te"), ("te", "local"), ("te_before_fix", "local"), ("te_before_fix", "te")]
 
 
-@pytest.mark.parametrize("first,then", RESUMES, ids=[f"{a}-to-{b}" for a, b in RESUMES])
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("first,then", [
+    pytest.param(a, b, id=f"{a}-to-{b}", marks=[pytest.mark.core] if (a, b) == ("te", "local") else [])
+    for a, b in RESUMES])
 def test_resume_with_the_other_transformer_impl_equals_uninterrupted_run(runs, first, then):
     save = str(runs.root / f"resumed_{first}_{then}")
     out = train(then, runs.base + ["--load", runs.part(first), "--save", save])

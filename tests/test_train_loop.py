@@ -26,6 +26,8 @@ def data(tmp_path_factory):
     return build_corpus(tmp_path_factory.mktemp("data"))
 
 
+@pytest.mark.core
+@pytest.mark.multiprocess
 def test_single_process_trains_and_logs(data, tmp_path):
     save = str(tmp_path / "ckpt")
     run_pretrain(MODEL + data_args(data) + ["--train-iters", "8", "--eval-interval", "4",
@@ -53,6 +55,7 @@ def test_single_process_trains_and_logs(data, tmp_path):
     assert summary["iterations"] == 8 and summary["target_sparsity"] == 0.75
 
 
+@pytest.mark.multiprocess
 def test_saved_config_round_trips(data, tmp_path):
     from megatron.remoe.training.arguments import config_to_yaml, parse_config
 
@@ -69,6 +72,8 @@ def test_saved_config_round_trips(data, tmp_path):
     assert "load_balancing_loss" in read_metrics(os.path.join(save, "metrics.jsonl"))[0]
 
 
+@pytest.mark.core
+@pytest.mark.multiprocess
 def test_resume_equals_uninterrupted_run(data, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     base = MODEL + data_args(data) + ["--train-iters", "6", "--eval-iters", "0"]
@@ -109,6 +114,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_processes_train(data, tmp_path, layout):
     metrics = str(tmp_path / "metrics.jsonl")
@@ -121,6 +127,7 @@ def test_two_processes_train(data, tmp_path, layout):
     assert 0.0 < train[-1]["moe_relu_sparsity"] < 1.0
 
 
+@pytest.mark.multiprocess
 def test_resume_tp2_checkpoint_on_one_process(data, tmp_path):
     """Re-sharding on load: a TP2+SP checkpoint continues on one process with the losses of the
     uninterrupted TP2 run (TP2 and one process compute the same function up to fp32 rounding)."""
