@@ -28,7 +28,7 @@ from megatron.remoe.logs import configure  # noqa: E402
 from tools.parity import harness as P  # noqa: E402
 from tools.parity.tiny_gpt import build_corpus  # noqa: E402
 
-# the reduced matrix = the CI set of tests/test_parity.py
+# the reduced matrix = the CI set of tests/training/test_parity.py
 REDUCED = {
     "parity": {"relu": [n for n in P.LAYOUTS if n not in P.REFERENCES + P.FULL_ONLY],
                "topk": ["tp2_sp", "pp2_ep2"]},

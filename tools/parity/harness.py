@@ -68,7 +68,7 @@ LAYOUTS = {
 # layouts that are such references.
 REFERENCE = {"1proc_l4": "1proc_l4", "pp2_vp2": "1proc_l4"}
 REFERENCES = ("1proc", "1proc_l4")
-# Layouts only `tools/parity_table.py --full` runs (CI runs the others: tests/test_parity.py)
+# Layouts only `tools/parity_table.py --full` runs (CI runs the others: tests/training/test_parity.py)
 FULL_ONLY = ("ep2_dp2_distopt",)
 
 
@@ -319,7 +319,7 @@ def valid_metrics(result: dict) -> list:
 
 
 # ------------------------------------------------------------------------------------------------
-# The checks, as used by tests/test_parity.py and tools/parity_table.py
+# The checks, as used by tests/training/test_parity.py and tools/parity_table.py
 # ------------------------------------------------------------------------------------------------
 def optimizer_moves(source: str, target: str) -> bool:
     """Whether megatron-core 0.16 can load `source`'s optimizer state under `target` (see

@@ -10,6 +10,9 @@ ulps (rtol 1e-6); the dense reference is float64 (rtol 1e-5 / atol 1e-6 as in te
 """
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +28,7 @@ from tests.helpers.moe_reference import (
     dense_reference,
     load_canonical,
 )
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.core
 
@@ -216,12 +220,7 @@ def test_bf16_expert_grads_go_to_fp32_main_grad_as_ddp_would():
 def test_expert_benchmark_runs_the_trainers_modules():
     """bench/bench_experts.py end to end on a tiny load (its numbers are not asserted: timings
     belong in benchmarks, not tests); bad arguments exit 2 before anything runs."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "bench", "bench_experts.py")
+    script = os.path.join(ROOT, "bench", "bench_experts.py")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     run = subprocess.run([sys.executable, script, "--threads", "1", "--tokens", "64",
                           "--rounds", "1", "--repeats", "1", "--uneven", "--sequential"],

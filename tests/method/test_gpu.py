@@ -229,7 +229,7 @@ def test_te_moe_layer_is_exact_with_variable_k(gpu_rank, dispatcher, grouped, fu
     dense reference sum_e ReLU(x W)_e FFN_e(x), forward and gradients; with fused permutation
     this needs the capacity factor E/topk that the config sets (megatron-core sizes the buffer as
     tokens * topk). "sparse": a bias feature makes about a third of the tokens route nowhere and
-    the last expert get no token (tests/test_moe_sparse.py has the CPU and local-spec GPU cases)."""
+    the last expert get no token (tests/method/test_moe_sparse.py has the CPU and local-spec GPU cases)."""
     cfg = _relu_config(moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=grouped,
                        moe_permute_fusion=fused, params_dtype=torch.float32)
     if fused and dispatcher == "alltoall":

@@ -80,7 +80,7 @@ def test_grouped_experts_train_like_sequential_mlp():
     seq = run_workers(_train, 1, TINY + ["--moe-cpu-experts", "sequential"], False,
                       timeout=240)[0]
     assert grouped["experts"] == "GroupedCPUExperts" and seq["experts"] == "SequentialMLP"
-    # the layer is exact to a few ulps (test_cpu_experts.py); Adam's normalised updates can
+    # the layer is exact to a few ulps (tests/cpu/test_experts.py); Adam's normalised updates can
     # amplify ulps on near-zero gradients, so the steps are compared on the loss and the routing
     assert grouped["losses"][0] == seq["losses"][0]
     for a, b in zip(grouped["losses"], seq["losses"]):

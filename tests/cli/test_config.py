@@ -130,7 +130,7 @@ def test_in_process_main_returns_2(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted(
     p for p in glob.glob(os.path.join(ROOT, "examples", "remoe", "**", "*.yaml"), recursive=True)
     if os.path.basename(p) not in ("base.yaml", "model.yaml")
-    and os.sep + "ablations" + os.sep not in p))  # grids: tests/test_ablate.py expands them
+    and os.sep + "ablations" + os.sep not in p))  # grids: tests/ablation/test_ablation.py expands them
 def test_example_configs_parse(path):
     from megatron.remoe.model import count_parameters
     from megatron.remoe.training.arguments import transformer_config

@@ -49,7 +49,7 @@ restricted to ranks of equal TP rank (PARITY_BREAK_CONTROLLER=tp, see the harnes
 that the parity checks fail. Verified by hand as well, on 2026-11-29: in a copy of the tree,
 `SparsityController.step` in megatron/remoe/regularizer.py was changed to all-reduce over
 `parallel_state.get_data_parallel_group()` (leaving out TP and PP peers) and
-`pytest tests/test_parity.py -k relu_parity` was run there: 4 failed, 4 passed. Exactly the layouts
+`pytest tests/training/test_parity.py -k relu_parity` was run there: 4 failed, 4 passed. Exactly the layouts
 with TP or PP failed (tp2_sp, tp2_ep2: |dsparsity| 0.021; pp2, pp2_ep2: 0.108; lambda differed
 between ranks in all four); DP2, EP2 (both dispatchers) and the distributed optimizer passed, as
 they must, since their DP group is the whole world. The LM loss moved by < 1e-6 in all of them

@@ -48,7 +48,7 @@ def test_compare_fails_resume_difference_nondeterminism_and_no_stage3(tmp_path, 
 
 
 def write_junit(path, cases):
-    body = "".join(f'<testcase classname="tests.test_moe_sparse" name="{name}">{inner}</testcase>'
+    body = "".join(f'<testcase classname="tests.method.test_moe_sparse" name="{name}">{inner}</testcase>'
                    for name, inner in cases)
     path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
     return str(path)
