@@ -415,6 +415,7 @@ def test_tool_collects_real_runs_and_skips_finished(corpus, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.smoke  # file names and sizes only
 def test_plots_vs_E_and_G(tmp_path):
     """The loss-vs-E / vs-G figures from collected rows (no training needed)."""
     path = write_grid(tmp_path, axes={"router": ["relu", "topk", "dense"], "E": [4, 8],
@@ -434,6 +435,7 @@ def test_plots_vs_E_and_G(tmp_path):
 
 
 
+@pytest.mark.smoke  # every shipped grid expands to unique run names
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "remoe",
                                                               "ablations", "*.yaml"))))
 def test_shipped_grids_expand(path):

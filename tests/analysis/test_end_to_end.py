@@ -122,7 +122,7 @@ def test_report_in_memory_relu_vs_topk(world, tmp_path):
     topk = _model(dataclasses.replace(cfg, router="topk", moe_relu_routing=False), 2)
     later = _model(cfg, 1)
     with torch.no_grad():
-        for p_, q in zip(relu.parameters(), later.parameters()):
+        for p_, q in zip(relu.parameters(), later.parameters(), strict=True):
             q.copy_(p_ + 0.05 * torch.randn_like(p_))
     ev = _eval_tokens(world)
     freq = A.token_frequencies(list(world["prefixes"]["train"].values()), 320)
@@ -215,7 +215,7 @@ def test_cli_on_checkpoints(world, tmp_path, capsys):
 
     rows = list(csv.DictReader(open(out / "summary.csv")))
     expect = A.layer_summary(cap.routing, cap.layer_numbers)
-    for r, e in zip(rows, expect):
+    for r, e in zip(rows, expect, strict=True):
         assert float(r["experts_per_token"]) == pytest.approx(e["experts_per_token"], rel=1e-5)
     # a checkpoint compared with itself never flips
     flips = list(csv.DictReader(open(out / "flip_rate.csv")))

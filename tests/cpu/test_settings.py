@@ -83,9 +83,9 @@ def test_grouped_experts_train_like_sequential_mlp():
     # the layer is exact to a few ulps (tests/cpu/test_experts.py); Adam's normalised updates can
     # amplify ulps on near-zero gradients, so the steps are compared on the loss and the routing
     assert grouped["losses"][0] == seq["losses"][0]
-    for a, b in zip(grouped["losses"], seq["losses"]):
+    for a, b in zip(grouped["losses"], seq["losses"], strict=True):
         assert abs(a - b) <= 1e-4 * abs(b), (grouped["losses"], seq["losses"])
-    for a, b in zip(grouped["sparsity"], seq["sparsity"]):
+    for a, b in zip(grouped["sparsity"], seq["sparsity"], strict=True):
         assert abs(a - b) <= 0.01, (grouped["sparsity"], seq["sparsity"])
 
 
@@ -103,7 +103,7 @@ def test_bf16_on_cpu_keeps_router_and_lambda_fp32_and_follows_fp32():
     assert bf16["lam"] == "torch.float32"
     assert all(math.isfinite(x) for x in bf16["losses"])
     # bf16 rounding (8 bits of mantissa) moves the loss by well under 1 %
-    for a, b in zip(bf16["losses"], fp32["losses"]):
+    for a, b in zip(bf16["losses"], fp32["losses"], strict=True):
         assert abs(a - b) <= 1e-2 * abs(b), (bf16["losses"], fp32["losses"])
 
 

@@ -216,10 +216,13 @@ def test_missing_files(small_dataset):
         load_indexed_dataset(small_dataset)
 
 
-def test_tokenizer_mismatch(small_dataset, bpe, gpt2):
+def test_tokenizer_mismatch(small_dataset, bpe, gpt2, docs):
     with pytest.raises(DataError, match=rf"tokenizer mismatch.*'bpe-2000' \(fingerprint {bpe.fingerprint()}.*'gpt2' \(fingerprint {gpt2.fingerprint()}"):  # noqa: E501
         load_indexed_dataset(small_dataset, gpt2)
-    assert len(load_indexed_dataset(small_dataset, bpe)) > 0
+    # the tokenizer that wrote it loads it: every document, the first one as written (+ EOD)
+    ds = load_indexed_dataset(small_dataset, bpe)
+    assert len(ds) == len(docs)
+    assert ds[0].tolist() == bpe.encode(docs[0]) + [bpe.eod]
 
 
 def test_megatron_gpt_dataset_reads_output(small_dataset, bpe):

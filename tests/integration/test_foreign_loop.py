@@ -68,7 +68,7 @@ def test_foreign_loop_matches_remoe_train(layout, tmp_path):
     for rank in range(nproc):
         steps = first[rank] + second[rank]
         assert [s["iteration"] for s in steps] == list(range(1, STEPS + 1))
-        for mine, ref in zip(steps, reference):
+        for mine, ref in zip(steps, reference, strict=True):
             where = (layout, rank, mine["iteration"])
             assert mine["lambda"] == ref["moe_relu_l1_reg_coeff"], where
             assert mine["sparsity"] == ref["moe_relu_sparsity"], where

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import torch
+from megatron.core import package_info
 
 from megatron.remoe.compat import build_from_spec, mcore_at_least, mcore_version_string
 from megatron.remoe.config import ConfigError
 from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
 from megatron.remoe.router import ReLURouter
 from tests.helpers.moe_reference import FFN, E, H, K, canonical_weights, load_canonical
+from tests.helpers.paths import ROOT
 
 pytestmark = [pytest.mark.core, pytest.mark.timeout(180)]
 
@@ -274,8 +278,8 @@ def test_gradient_clipping_scales_in_place_with_megatron_cores_values(single_ran
     local_multi_tensor_scale(None, None, [expected, expected], coeff)  # megatron-core's fallback
     grads_before = [p.grad for p in params]
     clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=total_norm)
-    assert all(p.grad is g for p, g in zip(params, grads_before))  # in place
-    for p, e in zip(params, expected):
+    assert all(p.grad is g for p, g in zip(params, grads_before, strict=True))  # in place
+    for p, e in zip(params, expected, strict=True):
         assert torch.equal(p.grad, e)
     assert float(torch.norm(torch.stack([torch.norm(p.grad) for p in params]))) < 1.0 + 1e-5
 
@@ -300,7 +304,13 @@ def fake_checkpoint(path, writer=None, files=(".metadata", "metadata.json", "__0
 def test_checkpoint_of_a_newer_megatron_core_is_refused_by_name(tmp_path):
     from megatron.remoe.training.checkpointing import check_writer_version, writer_versions
 
-    assert writer_versions()["megatron_core"] == mcore_version_string()
+    # what the manifest records, against what is installed, read without the package's helpers
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        project_version = tomllib.load(fh)["project"]["version"]
+    assert writer_versions() == {
+        "megatron_core": re.match(r"\d+\.\d+\.\d+", package_info.__version__).group(0),
+        "torch": re.match(r"\d+\.\d+\.\d+", torch.__version__).group(0),
+        "megatron_remoe": project_version}
     check_writer_version(fake_checkpoint(tmp_path / "same", mcore_version_string(),
                                          files=(".metadata", "common.pt")))
     check_writer_version(fake_checkpoint(tmp_path / "old", "0.16.1",

@@ -226,7 +226,7 @@ def test_trainer_resume_with_option(data, tmp_path, kind):
     a = read_metrics(os.path.join(full, "metrics.jsonl"))
     b = read_metrics(os.path.join(part, "metrics.jsonl"))
     assert [r["iteration"] for r in b] == list(range(1, 7))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for key in ("lm_loss", "moe_relu_l1_reg_coeff", "moe_relu_sparsity"):
             assert x[key] == y[key], (x["iteration"], key, x[key], y[key])
     # the logged lambda is the one used during the step; step 1 reaches the target (the paper's

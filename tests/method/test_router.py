@@ -109,8 +109,8 @@ def test_router_outputs_match_relu_of_linear(single_rank):
     expected = torch.relu(x.reshape(-1, H) @ w["router"].T)
     torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(routing_map, expected > 0)
-    per_token = routing_map.sum(1)
-    assert per_token.min() >= 0 and per_token.max() <= E
+    # ReLU routing: the tokens of this input use different numbers of experts (not a fixed k)
+    assert len(set(routing_map.sum(1).tolist())) > 1
 
 
 def test_router_padding_mask_routes_padding_nowhere(single_rank):

@@ -32,7 +32,7 @@ def test_three_kills_resume_bit_identical(tmp_path):
     events = report["events"]
     assert report["kills"] == 3, events
     assert [(e["target"], e["signal"]) for e in events] == kills
-    for event, (target, _) in zip(events, kills):
+    for event, (target, _) in zip(events, kills, strict=True):
         assert event["at"].startswith(target), event
         assert event["steps_lost"] >= 0 and "next_resumed_from" in event
     # SIGTERM: torchrun forwards it, the ranks save at the next step boundary: nothing lost

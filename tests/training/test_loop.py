@@ -86,7 +86,7 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     a = read_metrics(os.path.join(full, "metrics.jsonl"))
     b = read_metrics(os.path.join(part, "metrics.jsonl"))
     assert [r["iteration"] for r in b] == list(range(1, 7))
-    for x, y in zip(a, b):  # same data order, same lambda, same Adam state: bit-exact on CPU
+    for x, y in zip(a, b, strict=True):  # same data order, same lambda, same Adam state: bit-exact on CPU
         for key in ("lm_loss", "moe_relu_l1_reg_coeff", "moe_relu_sparsity", "lr", "grad_norm"):
             assert x[key] == y[key], (x["iteration"], key, x[key], y[key])
 
@@ -141,6 +141,6 @@ def test_resume_tp2_checkpoint_on_one_process(data, tmp_path):
     a = read_metrics(os.path.join(full, "metrics.jsonl"))
     b = read_metrics(os.path.join(part, "metrics.jsonl"))
     assert [r["iteration"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a[2:], b[2:]):
+    for x, y in zip(a[2:], b[2:], strict=True):
         assert y["lm_loss"] == pytest.approx(x["lm_loss"], rel=1e-5, abs=1e-5)
         assert y["moe_relu_l1_reg_coeff"] == x["moe_relu_l1_reg_coeff"]

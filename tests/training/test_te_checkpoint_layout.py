@@ -218,6 +218,6 @@ def test_resume_with_the_other_transformer_impl_equals_uninterrupted_run(runs, f
     assert "resumed from" in out.stdout and f"iteration {SAVED_AT}" in out.stdout, out.stdout
     resumed = read_metrics(os.path.join(save, "metrics.jsonl"))
     assert [r["iteration"] for r in resumed] == list(range(SAVED_AT + 1, ITERS + 1))
-    for x, y in zip(runs.full[SAVED_AT:], resumed):  # weights, Adam state, lambda: bit-exact
+    for x, y in zip(runs.full[SAVED_AT:], resumed, strict=True):  # weights, Adam state, lambda: bit-exact
         for key in ("lm_loss", "moe_relu_l1_reg_coeff", "moe_relu_sparsity", "lr", "grad_norm"):
             assert x[key] == y[key], (first, then, x["iteration"], key, x[key], y[key])
