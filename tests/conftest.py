@@ -11,6 +11,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # `pytest -m "not multiprocess and not slow and not gpu"`.
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the tests marked `full` (heavy duplicates of cheaper checks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="a heavy duplicate of a cheaper check; runs with --full")
+    for item in items:
+        if item.get_closest_marker("full"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def fresh_moe_aux_loss_scale():
     """megatron-core keeps the aux-loss gradient scale in a class attribute that a pipeline

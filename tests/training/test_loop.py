@@ -114,6 +114,10 @@ LAYOUTS = {
 }
 
 
+# Opt-in (--full): tests/training/test_parity.py runs these layouts (dp2_distopt, tp2_sp,
+# ep2_alltoall / ep2_allgather, pp2) for 6 steps and checks every step against the 1-process run,
+# which test_single_process_trains_and_logs checks to learn; this only checks that the loss falls.
+@pytest.mark.full
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_processes_train(data, tmp_path, layout):
