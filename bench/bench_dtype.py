@@ -25,6 +25,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from machine import finish, format_machine, load_average, machine_info  # noqa: E402  (after the sys.path lines)
+
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
 
 DTYPES = ("fp32", "bf16")
@@ -91,11 +93,9 @@ def run_record(summary: dict, metrics_file: str, window: int, last: int) -> dict
 
 def train_runs(args) -> dict:
     """Train the demo's ReMoE run once per dtype; {dtype: (summary, metrics file)}."""
-    from machine import load_average
-
-    from megatron.remoe.cli.demo import train
-    from megatron.remoe.cpu.settings import demo_settings, describe_settings
-    from megatron.remoe.data.demo import prepare_demo_data
+    from megatron.remoe.cli.demo import train  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.cpu.settings import demo_settings, describe_settings  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.data.demo import prepare_demo_data  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     data = prepare_demo_data(args.data, tokenizer="bpe", vocab_size=8192)
     out = {}
@@ -174,10 +174,10 @@ def write_csvs(runs: dict, prefix: str) -> list:
 def plot(runs: dict, path: str, window: int, last: int) -> str:
     """Train loss (raw faint, `window`-step means), sparsity (same) with the target and lambda of
     both dtypes side by side. matplotlib: the `plots` extra."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 -- optional extra (plots)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 -- optional extra (plots), after matplotlib.use('Agg')
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = {"fp32": "tab:blue", "bf16": "tab:orange"}
@@ -235,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
-    from machine import finish, format_machine, load_average, machine_info
 
     args = build_parser().parse_args(argv)
     if args.iters < 2 or (args.threads is not None and args.threads < 1) or args.window < 1 \

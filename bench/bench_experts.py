@@ -21,23 +21,26 @@ import sys
 import time
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.transformer.mlp import MLP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine import format_machine, machine_info
+
+from megatron.remoe.compat import build_from_spec
+from megatron.remoe.cpu.settings import keep_cpu_allocations, usable_cores
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+from megatron.remoe.model import build_transformer_config
+from megatron.remoe.spec import get_block_spec
+from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
 HIDDEN, FFN = 256, 1024  # the demo model (examples/remoe/cpu-demo.yaml)
 
 
 def build(router: str, experts: int, impl: str = "grouped"):
     """The MLP slot of one transformer layer of the demo shape, in megatron-core DDP."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from megatron.remoe.compat import build_from_spec
-    from megatron.remoe.model import build_transformer_config
-    from megatron.remoe.spec import get_block_spec
-
     moe = router != "dense"
     cfg = build_transformer_config(
         router=router, num_experts=experts if moe else None, num_layers=1, hidden_size=HIDDEN,
@@ -48,7 +51,6 @@ def build(router: str, experts: int, impl: str = "grouped"):
         module = build_from_spec(spec, config=cfg).experts
     else:  # megatron-core's MLP on the spec's linears (>= 0.19 builds it through a classmethod
         # that wants a transformer layer's process groups)
-        from megatron.core.transformer.mlp import MLP
 
         submodules = getattr(spec, "submodules", None) or spec.keywords["submodules"]
         module = MLP(config=cfg, submodules=submodules)
@@ -72,11 +74,6 @@ def main(argv=None) -> int:
         if value is not None and value < 1:
             print(f"error: --{flag} {value}: must be >= 1", file=sys.stderr)
             return 2
-
-    from machine import format_machine, machine_info
-
-    from megatron.remoe.cpu.settings import keep_cpu_allocations, usable_cores
-    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     torch.set_num_threads(args.threads or usable_cores())
     device = init_distributed(ParallelConfig(), seed=0)

@@ -21,10 +21,14 @@ import argparse
 import os
 import sys
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+
+from machine import format_machine, machine_info  # noqa: E402  (after the sys.path lines)
 
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
 
@@ -38,18 +42,18 @@ def trainer_flags(steps: int, layers: int, every: int) -> list:
 
 
 def rss_mb() -> float:
-    import psutil
-
     return psutil.Process().memory_info().rss / 2**20
 
 
 def measure(cfg, every: int, keep_every_step: bool) -> list:
     """(steps, RSS MB) every `every` steps of one `pretrain(cfg)` with the step replaced, and at
     its end."""
-    from megatron.remoe.training import loop as training
-    from megatron.remoe.training.distributed import destroy_distributed
+    from megatron.remoe.training import loop as training  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.distributed import destroy_distributed  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.loop import LoopParts  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.step import StepResult  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
-    real_step, real_history = training.train_step, training.StepHistory
+    real_step, real_history = LoopParts().train_step, training.StepHistory
     samples, first = [], []
 
     def step(run, data_iterator, stop_flags=None):
@@ -59,7 +63,7 @@ def measure(cfg, every: int, keep_every_step: bool) -> list:
         metrics = {k: v + 0.0 if isinstance(v, float) else v for k, v in real.metrics.items()}
         if run.iteration % every == 0:
             samples.append((run.iteration, rss_mb()))
-        return training.StepResult(metrics, real.routing, real.stop)
+        return StepResult(metrics, real.routing, real.stop)
 
     class EveryStepHistory(real_history):
         """The loop before the change: every step's metrics and time kept for the summary."""
@@ -73,14 +77,13 @@ def measure(cfg, every: int, keep_every_step: bool) -> list:
             self.every_step.append(metrics)
             self.step_times.append(seconds)
 
-    training.train_step = step
-    if keep_every_step:
+    if keep_every_step:  # StepHistory is loop.py's own class, replaced in its module
         training.StepHistory = EveryStepHistory
     try:
-        training.pretrain(cfg)
+        training.pretrain(cfg, LoopParts(train_step=step))
         samples.append((cfg.train_iters, rss_mb()))  # after the summary
     finally:
-        training.train_step, training.StepHistory = real_step, real_history
+        training.StepHistory = real_history
         destroy_distributed()
     return samples
 
@@ -101,7 +104,6 @@ def growth_per_1k(samples: list) -> float:
 def main(argv=None) -> int:
     os.environ.setdefault("REMOE_LOG_LEVEL", "WARNING")  # the trainer's opening lines: not ours
     configure()
-    from machine import format_machine, machine_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20000, help="loop iterations [20000]")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     if args.steps < 2 * args.every or args.every < 1 or args.layers < 1:
         print("error: need --steps >= 2 x --every >= 2 and --layers >= 1", file=sys.stderr)
         return 2
-    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.arguments import parse_config  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     cfg = parse_config(trainer_flags(args.steps, args.layers, args.every), prog="bench")
     runs = {"bounded": measure(cfg, args.every, keep_every_step=False)}

@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
 import platform
 import sys
 import tempfile
 import time
 
+import tokenizers
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.remoe.data.corpus import CorpusConfig, build_demo_corpus, iter_texts
+from megatron.remoe.data.demo import prepare_demo_data
+from megatron.remoe.data.errors import DataError
+from megatron.remoe.data.preprocess import PreprocessConfig, PreprocessJob, preprocess
+from megatron.remoe.data.tokenizer import load_tokenizer
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
 
 
@@ -33,7 +41,6 @@ def machine_info() -> str:
     except (OSError, StopIteration):
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import tokenizers
     return (f"{cpu}; {usable} usable cores (os.cpu_count={os.cpu_count()}); "
             f"{platform.system()} {platform.release()}; Python {platform.python_version()}; "
             f"tokenizers {tokenizers.__version__}")
@@ -49,12 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = p.parse_args(argv)
 
-    from megatron.remoe.data.corpus import CorpusConfig, build_demo_corpus, iter_texts
-    from megatron.remoe.data.demo import prepare_demo_data
-    from megatron.remoe.data.errors import DataError
-    from megatron.remoe.data.preprocess import PreprocessConfig, PreprocessJob, preprocess
-    from megatron.remoe.data.tokenizer import load_tokenizer
-
     config = CorpusConfig(**({"domains": tuple(args.domains)} if args.domains else {}))
     try:
         manifest = build_demo_corpus(os.path.join(args.out_dir, "corpus"), config=config)
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = [manifest.path(d, "train") for d in config.domains]
         if args.max_chars:  # a prefix of the documents, written once as one jsonl file
-            import json
             path, total = os.path.join(tmp, "subset.jsonl"), 0
             with open(path, "w", encoding="utf-8") as f:
                 for text in (t for i in inputs for t in iter_texts(i)):
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         chars = sum(manifest.entry(d, "train")["chars"] for d in config.domains) \
             if not args.max_chars else total
         # Import megatron.core (seconds) before timing so that it is not charged to one run.
-        import megatron.core.datasets.indexed_dataset  # noqa: F401
+        import megatron.core.datasets.indexed_dataset  # noqa: F401, PLC0415 -- loaded before timing so that no run is charged for it
 
         results = {}
         for workers in args.workers:

@@ -19,11 +19,17 @@ import sys
 import time
 
 import torch
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine import format_machine, machine_info
+
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+from megatron.remoe.model import build_controller, build_transformer_config
+from megatron.remoe.spec import make_router_builder
+from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
 
 def main():
@@ -36,12 +42,6 @@ def main():
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
-
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    from megatron.remoe.model import build_controller, build_transformer_config
-    from megatron.remoe.spec import make_router_builder
-    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     device = init_distributed(ParallelConfig(), seed=0)
     common = dict(num_experts=args.experts, moe_router_topk=args.topk, num_layers=1,
@@ -82,7 +82,6 @@ def main():
                 times[name].append(time.perf_counter() - t0)
 
     med = {n: statistics.median(t) for n, t in times.items()}
-    from machine import format_machine, machine_info
 
     print(f"machine: {format_machine(machine_info(device))}")
     print(f"config: tokens={args.tokens} hidden={args.hidden} experts={args.experts} "

@@ -15,7 +15,7 @@ Everything after `--` is passed to the trainer's flag parser and overrides the d
 (examples/remoe/cpu-demo.yaml shape, synthetic data).
 
 How it measures:
-* Time: one process builds every variant with `megatron.remoe.training.loop.setup` and runs
+* Time: one process builds every variant with `megatron.remoe.training.state.setup` and runs
   `train_step` in rotated order (ABC, BCA, CAB, ...), so load drift on a shared machine hits every
   variant alike. Reported: median, quartiles, and the median of the per-round ratios.
 * Stage III: a ReMoE run is first trained by the trainer itself (`pretrain`, synthetic data) with
@@ -40,6 +40,7 @@ How it measures:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,6 +55,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+
+from machine import format_machine, load_average, machine_info, split_passthrough  # noqa: E402  (after the sys.path lines)
 
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
 
@@ -99,7 +102,7 @@ def variant_flags(name: str) -> list:
 def gemm_peak_gflops(dtype_name: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """The machine's matmul peak as this process sees it (its threads): GFLOP/s of the fastest of
     `repeats` n x n x n GEMMs, after one warm-up."""
-    import torch
+    import torch  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -118,9 +121,7 @@ def gemm_peak_gflops(dtype_name: str = "float32", n: int = 2048, repeats: int = 
 
 def train_flops_per_token(cfg, router: str, experts_per_token=None) -> float:
     """The ablation tool's count (megatron.remoe.ablation.flops_per_token) for this run."""
-    import dataclasses
-
-    from megatron.remoe.ablation import flops_per_token
+    from megatron.remoe.ablation import flops_per_token  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     fields = dataclasses.asdict(cfg)
     fields["router"] = router
@@ -131,7 +132,7 @@ def train_flops_per_token(cfg, router: str, experts_per_token=None) -> float:
 # Workers (run in subprocesses)
 # ------------------------------------------------------------------------------------------------
 def _sync(device):
-    import torch
+    import torch  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,9 +140,9 @@ def _sync(device):
 
 def _build(flags: list):
     """A trainer Run and its training data iterator, exactly as `pretrain` builds them."""
-    from megatron.remoe.training.arguments import parse_config
-    from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader
-    from megatron.remoe.training.loop import setup
+    from megatron.remoe.training.arguments import parse_config  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
+    from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
+    from megatron.remoe.training.state import setup  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     unfused = UNFUSED_ADAM in flags
     cfg = parse_config([f for f in flags if f != UNFUSED_ADAM])
@@ -167,9 +168,9 @@ def _routing(metrics: dict) -> dict:
 
 
 def worker_time(spec: dict) -> dict:
-    import torch
+    import torch  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
-    from megatron.remoe.training.loop import train_step
+    from megatron.remoe.training.step import train_step  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     peak_dtype = "bfloat16" if "--bf16" in next(iter(spec["variants"].values())) else "float32"
     peak = [gemm_peak_gflops(peak_dtype)]
@@ -231,9 +232,9 @@ def _reset_peak_rss() -> bool:
 
 
 def worker_memory(spec: dict) -> dict:
-    import torch
+    import torch  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
-    from megatron.remoe.training.loop import train_step
+    from megatron.remoe.training.step import train_step  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     run, it = _build(spec["flags"])
     device = run.device
@@ -265,8 +266,8 @@ def worker_memory(spec: dict) -> dict:
 
 
 def worker_settle(spec: dict) -> dict:
-    from megatron.remoe.training.arguments import parse_config
-    from megatron.remoe.training.loop import pretrain
+    from megatron.remoe.training.arguments import parse_config  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
+    from megatron.remoe.training.loop import pretrain  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     summary = pretrain(parse_config(spec["flags"]))
     return {k: summary.get(k) for k in ("iterations", "sparsity_last10", "final_sparsity",
@@ -467,8 +468,6 @@ def run_as_worker(args) -> int:
 
 def print_header(args, base: list, log_path: str) -> dict:
     """The machine and configuration lines; returns the results dict they start."""
-    from machine import format_machine, machine_info
-
     info_start = machine_info()
     print(f"machine: {format_machine(info_start)}")
     print(f"config:  {' '.join(base)}")
@@ -549,7 +548,6 @@ def bench_stage1(args, base: list, log_path: str, mem_env: dict, results: dict) 
 
 def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
-    from machine import split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, extra = split_passthrough(argv)
@@ -568,8 +566,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.steps, args.warmup, args.mem_steps = 5, 1, 2
         args.settle_iters = min(args.settle_iters, 40)
-    import torch
-    from machine import machine_info
+    import torch  # noqa: PLC0415 -- workers only: the parent sets OMP_NUM_THREADS first
 
     cuda = torch.cuda.is_available()
     base = DEMO_FLAGS + extra
@@ -594,8 +591,6 @@ def main(argv=None) -> int:
 
 
 def _load() -> str:
-    from machine import load_average
-
     return load_average()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 
@@ -40,7 +41,7 @@ def load_average() -> str:
 
 def machine_info(device=None) -> dict:
     """A flat dict: CPU, cores, load average, accelerator, library versions."""
-    import torch
+    import torch  # noqa: PLC0415 -- a stdlib-only module: torch only when its version is asked for
 
     info = {
         "cpu": cpu_model(),
@@ -85,8 +86,6 @@ def split_passthrough(argv: list) -> tuple[list, list]:
 def finish(results: dict, json_path) -> None:
     """The closing lines every benchmark prints: the load average around the run, and where the
     results went (`json_path`, written when set)."""
-    import json
-
     print(f"\nload average: {results['load_start']} at the start, {results['load_end']} at the "
           "end")
     if json_path:

@@ -35,6 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from bench_step import DEMO_FLAGS, settled_checkpoint, variant_flags  # noqa: E402  (after the sys.path lines)
+from machine import finish, format_machine, load_average, machine_info, split_passthrough  # noqa: E402  (after the sys.path lines)
+
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
 
 PHASES = ["router", "permutation", "experts / MLP", "attention", "emb/norm/out", "grad accum",
@@ -46,7 +49,7 @@ _DISPATCHER_METHODS = ("dispatch_preprocess", "token_dispatch", "dispatch_postpr
 
 def _range_hooks(module, phase: str) -> None:
     """Open a profiler range named after `phase` around every forward call of `module`."""
-    import torch
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     stack = []
 
@@ -63,7 +66,7 @@ def _range_hooks(module, phase: str) -> None:
 
 
 def _wrap_method(obj, name: str, phase: str) -> None:
-    import torch
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     fn = getattr(obj, name, None)
     if fn is None:
@@ -78,9 +81,9 @@ def _wrap_method(obj, name: str, phase: str) -> None:
 
 def instrument(run) -> None:
     """Mark the model's modules and the optimizer with phase ranges."""
-    from megatron.core.transformer.attention import Attention
-    from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.attention import Attention  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.core.transformer.mlp import MLP  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     for chunk in run.model:
         for module in chunk.modules():
@@ -133,11 +136,11 @@ def phase_times(events) -> dict:
 
 def profile_variants(variants: dict, threads: int, steps: int, warmup: int, top: int = 0
                      ) -> dict:
-    import torch
-    from bench_step import _build, _routing
-    from torch.profiler import ProfilerActivity, profile
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from bench_step import _build, _routing  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
-    from megatron.remoe.training.loop import train_step
+    from megatron.remoe.training.step import train_step  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     torch.set_num_threads(threads)
     out = {}
@@ -196,7 +199,6 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
-    from machine import finish, split_passthrough
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, extra = split_passthrough(argv)
@@ -218,9 +220,6 @@ def main(argv=None) -> int:
         print(f"error: --threads {args.threads} / --steps {args.steps} must be >= 1; "
               "pass positive values", file=sys.stderr)
         return 2
-
-    from bench_step import DEMO_FLAGS, settled_checkpoint, variant_flags
-    from machine import format_machine, load_average, machine_info
 
     base = DEMO_FLAGS + extra
     print(f"machine: {format_machine(machine_info())}")

@@ -30,8 +30,13 @@ import sys
 import time
 import warnings
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path line; stdlib only)
+from megatron.remoe.logs import (
+    configure,  # noqa: E402  (after the sys.path line; stdlib only)
+    get_logger,
+)
 
 # megatron-core / torch chatter that says nothing about the analysis
 for _msg in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
@@ -104,7 +109,7 @@ def _labels(args, cfgs: list) -> list:
 
 
 def _parse_data(items: list) -> dict:
-    from megatron.remoe.analysis import AnalysisError
+    from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     data = {}
     for item in items:
@@ -120,7 +125,7 @@ def _parse_data(items: list) -> dict:
 
 
 def _check_args(args) -> None:
-    from megatron.remoe.analysis import AnalysisError
+    from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     if len(args.label) > len(args.load):
         raise AnalysisError(f"{len(args.label)} --label for {len(args.load)} --load")
@@ -134,15 +139,15 @@ def _check_args(args) -> None:
 
 def _checkpoints(args, log) -> tuple:
     """(paths, compare paths, their configs, compare configs): cheap, common state only."""
-    import torch
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
-    from megatron.remoe import analysis as A
-    from megatron.remoe.training.checkpointing import read_checkpoint_config, resolve_checkpoint
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.checkpointing import read_checkpoint_config, resolve_checkpoint  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     paths = [resolve_checkpoint(p, log=log) for p in args.load]
     cpaths = [resolve_checkpoint(p, log=log) for p in args.compare_load]
     if not args.no_figures:
-        A._plt()  # fail now, not after the forward passes
+        A.pyplot()  # fail now, not after the forward passes
     A.prepare_out_dir(args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +161,7 @@ def _checkpoints(args, log) -> tuple:
 
 def _eval_data(args, cfgs: list, tokenizer, log) -> tuple:
     """({domain: prefix}, [training prefixes], EvalTokens, window length)."""
-    from megatron.remoe import analysis as A
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     if args.data:
         data, train = _parse_data(args.data), []
@@ -182,7 +187,7 @@ def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens, tok
     """Load each checkpoint in turn (one model in memory at a time) and capture its routing;
     with --compare-load also the flip rates against the compared checkpoint.
     Returns (captures, flips, vocabulary size)."""
-    from megatron.remoe import analysis as A
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     captures, flips, vocab = [], [], None
     for i, (path, label) in enumerate(zip(paths, labels)):
@@ -207,9 +212,7 @@ def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens, tok
 
 def _frequencies(args, train: list, vocab: int, eval_tokens, log) -> tuple:
     """(token counts, where they were counted): the training split, else the analysed tokens."""
-    import numpy as np
-
-    from megatron.remoe import analysis as A
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     if not train:
         return (np.bincount(eval_tokens.token_ids, minlength=vocab),
@@ -222,8 +225,8 @@ def _frequencies(args, train: list, vocab: int, eval_tokens, log) -> tuple:
 
 
 def run(args, log) -> str:
-    from megatron.remoe import analysis as A
-    from megatron.remoe.training.distributed import ParallelConfig, init_distributed
+    from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.distributed import ParallelConfig, init_distributed  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     t_start = time.perf_counter()
     _check_args(args)
@@ -250,9 +253,10 @@ def run(args, log) -> str:
 def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
     args = build_parser().parse_args(argv)
-    from megatron.remoe.analysis import AnalysisError
-    from megatron.remoe.config import ConfigError
-    from megatron.remoe.logs import get_logger
+    from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.errors import (  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+        ConfigError,
+    )
 
     try:
         run(args, get_logger("megatron.remoe.analyze_routing").info)

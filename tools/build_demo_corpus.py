@@ -17,6 +17,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.remoe.data.corpus import CorpusConfig, build_demo_corpus
+from megatron.remoe.data.demo import prepare_demo_data
+from megatron.remoe.data.errors import DataError
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path line; stdlib only)
 
 
@@ -32,10 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus-only", action="store_true", help="only build the jsonl corpus")
     p.add_argument("--force", action="store_true", help="rebuild the corpus even if cached")
     args = p.parse_args(argv)
-
-    from megatron.remoe.data.corpus import CorpusConfig, build_demo_corpus
-    from megatron.remoe.data.demo import prepare_demo_data
-    from megatron.remoe.data.errors import DataError
 
     try:
         config = CorpusConfig(**({"code_max_chars": args.code_max_chars} if args.code_max_chars else {}))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -35,6 +36,9 @@ import socket
 import subprocess
 import sys
 import time
+
+import numpy as np
+import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -96,8 +100,6 @@ def completed_iterations(phase: str, iteration: int) -> int:
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every process below it (torchrun starts its workers in their own
     sessions, so a kill of its process group alone would leave them running)."""
-    import psutil
-
     try:
         victims = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
@@ -110,8 +112,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _workers(proc: subprocess.Popen) -> list:
-    import psutil
-
     try:
         return [p for p in psutil.Process(proc.pid).children(recursive=True)
                 if "megatron.remoe.pretrain" in " ".join(p.cmdline())]
@@ -148,8 +148,6 @@ class CpuLock:
     @contextlib.contextmanager
     def attempt(self):
         if self.path and self.fh is None:
-            import fcntl
-
             self.fh = open(self.path, "a")
             fcntl.flock(self.fh, fcntl.LOCK_EX)
         try:
@@ -161,8 +159,6 @@ class CpuLock:
 
     def release(self):
         if self.fh is not None:
-            import fcntl
-
             fcntl.flock(self.fh, fcntl.LOCK_UN)
             self.fh.close()
             self.fh = None
@@ -227,8 +223,8 @@ def attempt_with_kill(args: list, workdir: str, name: str, target: str, how: str
 # Comparison
 # ------------------------------------------------------------------------------------------------
 def _checkpoint_state(path: str) -> tuple:
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     flat = path.rstrip("/") + ".compare.pt"
     dcp_to_torch_save(path, flat)
@@ -243,7 +239,7 @@ def _checkpoint_state(path: str) -> tuple:
 
 
 def _diff(a, b, where: str, out: list) -> None:
-    import torch
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     if len(out) > 20:
         return
@@ -265,8 +261,6 @@ def _diff(a, b, where: str, out: list) -> None:
         if a.getvalue() != b.getvalue():
             out.append(where)
     elif type(a).__module__ == "numpy" or type(b).__module__ == "numpy":
-        import numpy as np
-
         if not (type(a) is type(b) and np.array_equal(a, b)):
             out.append(where)
     elif a != b and not (isinstance(a, float) and a != a and b != b):

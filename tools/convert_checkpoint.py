@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -116,26 +117,23 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 -- optional extra (eval)
 
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
-    import logging
 
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
 def _hf_to_megatron(args) -> tuple:
     """--hf-to-megatron: the checkpoint, then (with --verify) its parity with the HF folder."""
-    import torch
+    import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
-    from megatron.remoe.hf.convert import (
-        load_hf_folder,
-        load_megatron_checkpoint,
-        save_megatron_checkpoint_from_hf,
-        verify_parity,
-    )
+    from megatron.remoe.hf.folders import load_hf_folder  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.hf.parity import verify_parity  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.hf.to_hf import load_megatron_checkpoint  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.hf.to_megatron import save_megatron_checkpoint_from_hf  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     save_megatron_checkpoint_from_hf(args.hf, args.save, args.config, overwrite=args.overwrite)
     summary = {"save": os.path.abspath(args.save)}
@@ -150,7 +148,7 @@ def _hf_to_megatron(args) -> tuple:
 
 
 def _megatron_to_hf(args) -> tuple:
-    from megatron.remoe.hf.convert import megatron_checkpoint_to_hf
+    from megatron.remoe.hf.to_hf import megatron_checkpoint_to_hf  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     summary = megatron_checkpoint_to_hf(
         args.load, args.out, iteration=args.iteration, dtype=args.dtype,
@@ -166,11 +164,11 @@ def _convert(args) -> int:
     """Run the conversion in a one-process megatron-core parallel state."""
     # imported after the argument checks: megatron-core and transformers take seconds to import
     try:
-        import transformers  # noqa: F401  (optional dependency: the eval extra)
+        import transformers  # noqa: F401, PLC0415 -- optional extra (eval)
     except ImportError:
         raise UsageError("transformers is not installed; pip install 'megatron-remoe[eval]'")
-    from megatron.remoe.hf.convert import check_output_dir
-    from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megatron.remoe.hf.folders import check_output_dir  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
+    from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     check_output_dir(args.save if args.hf_to_megatron else args.out, args.overwrite)
     os.environ.pop("MASTER_PORT", None) if "WORLD_SIZE" not in os.environ else None

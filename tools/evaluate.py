@@ -98,10 +98,10 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
-            import transformers  # noqa: F401
+            import transformers  # noqa: F401, PLC0415 -- optional extra (eval)
         except ImportError:
             raise UsageError("transformers is not installed; pip install 'megatron-remoe[eval]'")
-        from megatron.remoe import evaluation as ev
+        from megatron.remoe import evaluation as ev  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
         try:
             sm = ev.load_scoring_model(args.model, args.dtype, args.batch_size, args.max_length)

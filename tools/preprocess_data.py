@@ -27,6 +27,10 @@ import sys
 # Runnable from a checkout without installing the package. Keep module-level imports light:
 # worker processes are spawned and re-import this file.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.remoe.data.errors import DataError
+from megatron.remoe.data.preprocess import PreprocessConfig, PreprocessJob, preprocess
+from megatron.remoe.data.readers import read_documents, resolve_inputs
+from megatron.remoe.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path line; stdlib only)
 
 
@@ -63,9 +67,6 @@ def _stem(path: str) -> str:
 
 
 def build_jobs(args: argparse.Namespace):
-    from megatron.remoe.data.errors import DataError
-    from megatron.remoe.data.preprocess import PreprocessJob
-
     domains: dict[str, list[str]] = {}
     for item in args.input:
         domain, sep, path = item.partition("=")
@@ -85,9 +86,6 @@ def build_jobs(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     configure()  # the console: progress lines, known noise filtered
     args = parse_args(argv)
-    from megatron.remoe.data.errors import DataError
-    from megatron.remoe.data.preprocess import PreprocessConfig, preprocess, read_documents, resolve_inputs
-    from megatron.remoe.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     try:
         config = PreprocessConfig(json_key=args.json_key, text_mode=args.text_mode,
@@ -100,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"directory to save the trained tokenizer, or drop --train-tokenizer")
             paths = [p for job in jobs for p in resolve_inputs(job.inputs)]
             # Validate by reading once before training (errors name file and line).
-            texts = (d for p in paths for d in read_documents(p, config))
+            texts = (d for p in paths
+                     for d in read_documents(p, args.json_key, args.text_mode, args.hf_split))
             tokenizer = train_bpe_tokenizer(texts, args.train_tokenizer)
         else:
             tokenizer = load_tokenizer(args.tokenizer)

@@ -87,7 +87,7 @@ def remoe_gpt_builder(args, pre_process, post_process, vp_stage=None, config=Non
 
 def remoe_model_config(args):
     """megatron-core 0.19+: a GPTModelConfig holding the ReMoE config and the spec function."""
-    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.argument_utils import gpt_config_from_args  # noqa: PLC0415 -- megatron-core 0.19+ only (Megatron-LM argument_utils)
 
     model_config = gpt_config_from_args(args, config=remoe_config())
     model_config.transformer_layer_spec = remoe_layer_spec  # called with (model_config, vp_stage)
@@ -119,8 +119,8 @@ def main() -> None:
     attach_after_setup()
     defaults = {"tokenizer_type": "GPT2BPETokenizer"}
     if mcore_at_least(0, 19):  # pretrain(config_container, datasets_provider, model_type, ...)
-        from megatron.training.argument_utils import pretrain_cfg_container_from_args
-        from megatron.training.arguments import parse_and_validate_args
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: PLC0415 -- megatron-core 0.19+ only
+        from megatron.training.arguments import parse_and_validate_args  # noqa: PLC0415 -- megatron-core 0.19+ only
 
         args = parse_and_validate_args(extra_args_provider=add_remoe_args, args_defaults=defaults)
         full_config = pretrain_cfg_container_from_args(args, remoe_model_config(args))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import re
 from typing import Optional
 
@@ -17,7 +18,7 @@ def mcore_version() -> tuple[int, int, int]:
     try:
         raw = importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:  # source checkout of Megatron-LM
-        from megatron.core import package_info
+        from megatron.core import package_info  # noqa: PLC0415 -- compat is stdlib-only at import
 
         raw = package_info.__version__
     return parse_version(raw)
@@ -106,7 +107,7 @@ def patch_router_gemm(on_cpu: bool) -> None:
     Engine imports; without TE the name is missing, and with TE (on a CPU-only machine) it would
     run a CUDA GEMM on CPU tensors. None selects the torch.mm path. Applied by
     `cpu_backend.apply_cpu_backend` (on GPUs without TE too)."""
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils  # noqa: PLC0415 -- compat is stdlib-only at import
 
     if on_cpu or not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
@@ -128,7 +129,7 @@ def spec_module_class(spec):
 def spec_submodules(spec):
     """The `submodules` of a ModuleSpec or a functools.partial spec (megatron-core's own
     `spec_utils.get_submodules` where it exists, 0.17+)."""
-    from megatron.core.transformer import spec_utils
+    from megatron.core.transformer import spec_utils  # noqa: PLC0415 -- compat is stdlib-only at import
 
     getter = getattr(spec_utils, "get_submodules", None)
     if getter is not None:
@@ -140,7 +141,7 @@ def spec_submodules(spec):
 
 def moe_submodules(mlp_spec):
     """The `MoESubmodules` of an MLP spec that builds a megatron-core MoELayer, else None."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: PLC0415 -- compat is stdlib-only at import
 
     cls = spec_module_class(mlp_spec)
     if not (isinstance(cls, type) and issubclass(cls, MoELayer)):
@@ -152,7 +153,7 @@ def build_from_spec(spec, **kwargs):
     """Instantiate a layer-spec entry of either form (ModuleSpec or functools.partial)."""
     if isinstance(spec, functools.partial):
         return spec(**kwargs)
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.spec_utils import build_module  # noqa: PLC0415 -- compat is stdlib-only at import
 
     return build_module(spec, **kwargs)
 
@@ -163,7 +164,7 @@ def build_from_spec(spec, **kwargs):
 def _moe_metrics_tracker():
     """megatron-core >= 0.18's metrics tracker, or None (0.16/0.17: module-level functions)."""
     try:
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker  # noqa: PLC0415 -- 0.18+ only
     except ImportError:
         return None
     return get_moe_metrics_tracker()
@@ -175,7 +176,7 @@ def report_moe_metrics(**kwargs) -> str:
     tracker = _moe_metrics_tracker()
     if tracker is not None:
         return call_with_supported_kwargs(tracker.report, **kwargs)
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics  # noqa: PLC0415 -- 0.16/0.17 only
 
     return call_with_supported_kwargs(track_moe_metrics, **kwargs)
 
@@ -186,7 +187,7 @@ def clear_moe_metrics() -> None:
     if tracker is not None:
         tracker.clear()
         return
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker  # noqa: PLC0415 -- 0.16/0.17 only
 
     clear_aux_losses_tracker()
 
@@ -215,9 +216,9 @@ def transformer_engine_usable() -> bool:
     """TE and megatron-core's TE extension import. A TE wheel on a machine without CUDA libraries
     raises OSError/RuntimeError rather than ImportError: any exception means "not usable"."""
     try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _mcore_te  # noqa: F401
+        import transformer_engine  # noqa: F401, PLC0415 -- optional extra
+        import transformer_engine.pytorch  # noqa: F401, PLC0415 -- optional extra
+        from megatron.core.extensions import transformer_engine as _mcore_te  # noqa: F401, PLC0415 -- optional extra
     except Exception:  # noqa: BLE001 - see docstring
         return False
     return True
@@ -228,7 +229,7 @@ def fused_permute_available() -> bool:
     if not transformer_engine_usable():
         return False
     try:
-        from megatron.core.transformer.moe import moe_utils
+        from megatron.core.transformer.moe import moe_utils  # noqa: PLC0415 -- compat is stdlib-only at import
     except ImportError:
         return False
     return getattr(moe_utils, "fused_permute", None) is not None
@@ -239,7 +240,9 @@ def grouped_gemm_available() -> bool:
     if not transformer_engine_usable():
         return False
     try:
-        from megatron.core.extensions.transformer_engine import TEColumnParallelGroupedLinear
+        from megatron.core.extensions.transformer_engine import (  # noqa: PLC0415 -- optional extra
+            TEColumnParallelGroupedLinear,
+        )
     except ImportError:
         return False
     return TEColumnParallelGroupedLinear is not None
@@ -254,7 +257,7 @@ def gpu_fast_path_fields(num_experts: int | None, bf16: bool = True,
     building the model; the ReLU router's variable-k dispatch settings (capacity factor E/topk for
     fused permutation and megatron-core >= 0.17) are applied by the config itself.
     """
-    import torch
+    import torch  # noqa: PLC0415 -- compat is stdlib-only at import
 
     fields = {"bf16": bf16, "params_dtype": torch.bfloat16 if bf16 else torch.float32,
               "pipeline_dtype": torch.bfloat16 if bf16 else torch.float32}
@@ -270,8 +273,6 @@ def gpu_fast_path_fields(num_experts: int | None, bf16: bool = True,
 def call_with_supported_kwargs(fn, *args, **kwargs):
     """Call `fn` with only the keyword arguments its signature accepts (megatron-core adds and
     renames keyword arguments between releases, e.g. `pp_rank` of the block-spec builders)."""
-    import inspect
-
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return fn(*args, **kwargs)

@@ -17,17 +17,15 @@ from megatron.remoe.compat import (
     mcore_version_string,
     variable_k_dispatch_settings,
 )
+from megatron.remoe.dial import ComputeDial, DialError, dial_from_dict, make_dial
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.lambda_rules import (
+    PAPER_L1_COEFF_INIT,
+    PAPER_L1_COEFF_MULTIPLIER,
+    ControllerOptions,
+)
 
 ROUTERS = ("relu", "topk", "topk-sigmoid-bias", "dense")
-
-# lambda is clamped to this range so that a long stretch on one side of the target can neither
-# underflow it to 0 (the controller could never recover) nor overflow it to inf.
-L1_COEFF_MIN = 1e-30
-L1_COEFF_MAX = 1e4
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the value and the fix."""
 
 
 @dataclass
@@ -37,27 +35,29 @@ class ReMoETransformerConfig(TransformerConfig):
     moe_relu_routing: bool = False
     """Route with R(x) = ReLU(x W) instead of TopK+softmax."""
 
-    moe_relu_l1_reg_coeff_init: float = 1e-8
+    moe_relu_l1_reg_coeff_init: float = PAPER_L1_COEFF_INIT
     """lambda_0, the initial coefficient of the L1 regulariser."""
 
-    moe_relu_l1_reg_coeff_multiplier: float = 1.2
-    """alpha: lambda is multiplied by alpha while sparsity is below target, divided otherwise."""
+    moe_relu_l1_reg_coeff_multiplier: float = PAPER_L1_COEFF_MULTIPLIER
+    """alpha: lambda is multiplied by alpha while sparsity is below target, divided otherwise
+    (equality included)."""
 
-    moe_relu_l1_reg_coeff_controller: str = "paper"
-    """lambda update rule: paper (alpha^sign(target - S)), or ema / deadband / pi, steadier options
-    for small batches that follow the paper's rule until the target is first reached
-    (megatron/remoe/lambda_rules.py)."""
+    # the rule and its options: defaults and meaning from lambda_rules.ControllerOptions
+    moe_relu_l1_reg_coeff_controller: str = ControllerOptions.kind
+    """lambda update rule: paper (alpha^sign(target - S); S == target divides), or ema / deadband /
+    pi, steadier options for small batches that follow the paper's rule until the target is first
+    reached (megatron/remoe/lambda_rules.py)."""
 
-    moe_relu_l1_reg_coeff_ema_beta: float = 0.9
+    moe_relu_l1_reg_coeff_ema_beta: float = ControllerOptions.ema_beta
     """ema: the moving average of the sparsity is m <- beta * m + (1 - beta) * S."""
 
-    moe_relu_l1_reg_coeff_deadband_z: float = 2.0
+    moe_relu_l1_reg_coeff_deadband_z: float = ControllerOptions.deadband_z
     """deadband: lambda is held while |S - target| <= z * sqrt(target (1 - target) / tokens)."""
 
-    moe_relu_l1_reg_coeff_pi_kp: float = 2.0
+    moe_relu_l1_reg_coeff_pi_kp: float = ControllerOptions.pi_kp
     """pi: proportional gain on log lambda per unit of sparsity error."""
 
-    moe_relu_l1_reg_coeff_pi_ki: float = 1.0
+    moe_relu_l1_reg_coeff_pi_ki: float = ControllerOptions.pi_ki
     """pi: integral gain (log lambda per step per unit of sparsity error)."""
 
     moe_relu_target_sparsity: Optional[float] = None
@@ -90,8 +90,6 @@ class ReMoETransformerConfig(TransformerConfig):
         if self.moe_relu_routing:
             validate_relu_routing(self)
         if self.moe_relu_dial is not None:
-            from megatron.remoe.dial import check_config_dial  # dial.py imports this module
-
             check_config_dial(self)
 
     def finalize(self) -> None:
@@ -258,10 +256,8 @@ def check_granularity(granularity: int, width: Optional[int], name: str = "moe_g
         raise ConfigError(f"{name}={granularity} {divides} the expert width {width}{divide_tail}")
 
 
-def controller_options(cfg: ReMoETransformerConfig):
+def controller_options(cfg: ReMoETransformerConfig) -> ControllerOptions:
     """The lambda update rule of this config (megatron/remoe/lambda_rules.py)."""
-    from megatron.remoe.lambda_rules import ControllerOptions  # controller.py imports this module
-
     return ControllerOptions(
         kind=cfg.moe_relu_l1_reg_coeff_controller, ema_beta=cfg.moe_relu_l1_reg_coeff_ema_beta,
         deadband_z=cfg.moe_relu_l1_reg_coeff_deadband_z, pi_kp=cfg.moe_relu_l1_reg_coeff_pi_kp,
@@ -296,3 +292,65 @@ def router_overrides(router: str, aux_loss_coeff: float = 1e-2) -> dict:
     if router == "dense":
         return dict(moe_relu_routing=False, num_moe_experts=None)
     raise ConfigError(f"router={router!r} is not one of {', '.join(ROUTERS)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# What a config says about the model's layers (the one owner of "which layers are MoE")
+# ------------------------------------------------------------------------------------------------
+def is_relu_routed(config) -> bool:
+    """Whether a config (TransformerConfig, TrainConfig or anything with the field) routes with ReLU."""
+    return bool(getattr(config, "moe_relu_routing", False))
+
+
+def default_ffn_hidden_size(hidden_size: int) -> int:
+    """The FFN width when `ffn_hidden_size` is not given: 4 x hidden, as in megatron-core."""
+    return 4 * hidden_size
+
+
+def moe_layer_pattern_of(num_layers: int, num_moe_experts, moe_layer_freq) -> list:
+    """0/1 per layer, 1 where the layer has a routed MoE MLP. megatron-core's `moe_layer_freq`: an int
+    N puts MoE in layers 0, N, 2N, ...; a list is the 0/1 pattern itself."""
+    if not num_moe_experts:
+        return [0] * num_layers
+    if isinstance(moe_layer_freq, (list, tuple)):
+        pattern = [1 if int(x) else 0 for x in moe_layer_freq]
+        if len(pattern) != num_layers:
+            raise ValueError(f"moe_layer_freq has {len(pattern)} entries for {num_layers} layers; "
+                             "give one 0/1 per layer")
+        return pattern
+    freq = int(moe_layer_freq or 1)
+    return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+
+
+def moe_layer_pattern(config) -> list:
+    """`moe_layer_pattern_of` for a config object."""
+    return moe_layer_pattern_of(config.num_layers, config.num_moe_experts, config.moe_layer_freq)
+
+
+def num_moe_layers(config) -> int:
+    return sum(moe_layer_pattern(config))
+
+
+def moe_layer_numbers(config) -> tuple:
+    """Global 1-based layer numbers of a TransformerConfig's MoE layers."""
+    return tuple(i + 1 for i, moe in enumerate(moe_layer_pattern(config)) if moe)
+
+
+def check_config_dial(config) -> None:
+    """ReMoETransformerConfig validation of `moe_relu_dial` (a ComputeDial or its dict form):
+    bound to this config's MoE layers (megatron/remoe/dial.py)."""
+    dial = config.moe_relu_dial
+    if dial is None:
+        return
+    if not config.moe_relu_routing:
+        raise DialError("moe_relu_dial applies to ReLU routing only; for TopK change "
+                        "moe_router_topk instead")
+    if isinstance(dial, dict):
+        dial = dial_from_dict(dial, moe_layer_numbers(config), config.num_moe_experts)
+    elif not isinstance(dial, ComputeDial):
+        raise DialError(f"moe_relu_dial must be a ComputeDial or its dict, not "
+                        f"{type(dial).__name__}")
+    else:
+        dial = make_dial(dial.thresholds, dial.layer_numbers or moe_layer_numbers(config),
+                         dial.form, dial.max_experts, config.num_moe_experts)
+    config.moe_relu_dial = dial

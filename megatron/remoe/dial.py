@@ -13,7 +13,8 @@ token. tau = 0 everywhere and no cap is the trained model, bit for bit.
 
 Inference only: a router in training mode with a dial set raises `DialError` (the regulariser and
 the sparsity controller are defined on the undialled gates). The megatron-core side reads the
-dial from `ReMoETransformerConfig.moe_relu_dial` (set it with `set_dial`); the exported HF model
+dial from `ReMoETransformerConfig.moe_relu_dial` (set it with `megatron.remoe.router.set_dial`;
+`megatron.remoe.config.check_config_dial` binds it to the config's MoE layers); the exported HF model
 from `config.json`'s ``router_dial`` (``ComputeDial.to_dict()``). Calibration to a target number
 of experts per token and the quality/compute sweep live in `megatron.remoe.dial_calibration`.
 """
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 
 FORMS = ("cut", "shift")
 
@@ -116,32 +117,6 @@ def dial_from_dict(d: dict, layer_numbers: Sequence[int], num_experts: Optional[
                      num_experts)
 
 
-def moe_layer_numbers(config) -> tuple:
-    """Global 1-based layer numbers of a TransformerConfig's MoE layers."""
-    from megatron.remoe.spec import moe_layer_pattern  # spec imports the router, which imports this
-
-    return tuple(i + 1 for i, moe in enumerate(moe_layer_pattern(config)) if moe)
-
-
-def check_config_dial(config) -> None:
-    """ReMoETransformerConfig validation of `moe_relu_dial` (a ComputeDial or its dict form)."""
-    dial = config.moe_relu_dial
-    if dial is None:
-        return
-    if not config.moe_relu_routing:
-        raise DialError("moe_relu_dial applies to ReLU routing only; for TopK change "
-                        "moe_router_topk instead")
-    if isinstance(dial, dict):
-        dial = dial_from_dict(dial, moe_layer_numbers(config), config.num_moe_experts)
-    elif not isinstance(dial, ComputeDial):
-        raise DialError(f"moe_relu_dial must be a ComputeDial or its dict, not "
-                        f"{type(dial).__name__}")
-    else:
-        dial = make_dial(dial.thresholds, dial.layer_numbers or moe_layer_numbers(config),
-                         dial.form, dial.max_experts, config.num_moe_experts)
-    config.moe_relu_dial = dial
-
-
 def keep_largest(gates: torch.Tensor, m: int) -> torch.Tensor:
     """`gates` [N, E] with all but each row's m largest entries set to 0."""
     if m >= gates.shape[-1]:
@@ -165,36 +140,3 @@ def dialled_gates(logits: torch.Tensor, gates: torch.Tensor, dial: ComputeDial,
     if dial.max_experts is not None:
         gates = keep_largest(gates, dial.max_experts)
     return gates
-
-
-def relu_routers(model) -> list:
-    """[(layer_number, ReLURouter)] of a (possibly wrapped) megatron model, in layer order."""
-    from megatron.remoe.router import ReLURouter
-
-    return sorted(((int(m.layer_number), m) for m in model.modules()
-                   if isinstance(m, ReLURouter)), key=lambda x: x[0])
-
-
-def set_dial(model, dial) -> Optional[ComputeDial]:
-    """Dial a megatron model (None: undial). `dial`: a ComputeDial, its dict form, one global
-    threshold or a list of per-MoE-layer thresholds. Returns the bound dial."""
-    routers = relu_routers(model)
-    if not routers:
-        raise DialError("the model has no ReLU router: the compute dial applies to ReLU-routed "
-                        "(ReMoE) models; for TopK change moe_router_topk")
-    layer_numbers = [n for n, _ in routers]
-    E = routers[0][1].config.num_moe_experts
-    if dial is not None:
-        if isinstance(dial, ComputeDial):
-            dial = make_dial(dial.thresholds, layer_numbers, dial.form, dial.max_experts, E)
-        elif isinstance(dial, dict):
-            dial = dial_from_dict(dial, layer_numbers, E)
-        else:
-            dial = make_dial(dial, layer_numbers, num_experts=E)
-    configs = {id(r.config): r.config for _, r in routers}
-    model_config = getattr(model, "config", None)
-    if model_config is not None and hasattr(model_config, "moe_relu_dial"):
-        configs[id(model_config)] = model_config
-    for cfg in configs.values():
-        cfg.moe_relu_dial = dial
-    return dial

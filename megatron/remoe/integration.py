@@ -23,17 +23,14 @@ import weakref
 from typing import Optional
 
 import torch
+from megatron.core.utils import unwrap_model
 
-from megatron.remoe.config import ConfigError, ReMoETransformerConfig, validate_relu_routing
+from megatron.remoe.config import ReMoETransformerConfig, is_relu_routed, validate_relu_routing
+from megatron.remoe.controller import SparsityController
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.model import build_controller
-from megatron.remoe.regularizer import SparsityController
 from megatron.remoe.router import ReLURouter
-from megatron.remoe.spec import (
-    check_routers,
-    default_use_transformer_engine,
-    get_block_spec,
-    is_relu_routed,
-)
+from megatron.remoe.spec import check_routers, default_use_transformer_engine, get_block_spec
 
 __all__ = ["attach", "controller_for", "remoe_layer_spec", "transformer_config_of"]
 
@@ -111,8 +108,6 @@ def remoe_layer_spec(config, vp_stage: Optional[int] = None):
 
 
 def _chunks(model) -> list:
-    from megatron.core.utils import unwrap_model
-
     return [unwrap_model(chunk) for chunk in (model if isinstance(model, (list, tuple))
                                               else [model])]
 

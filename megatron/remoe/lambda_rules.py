@@ -1,7 +1,9 @@
 """Update rules for the L1 coefficient lambda: the paper's rule and steadier options for small
 batches.
 
-The paper (Sec. 3.3) updates lambda once per optimizer step by `lambda *= alpha^sign(target - S)`.
+The paper (Sec. 3.3, Eq. 7) updates lambda once per optimizer step by
+`lambda *= alpha^sign(target - S)`; at S == target, where sign(0) = 0 would keep lambda, the code
+divides (as the reference implementation does).
 With its 0.5M-token batches the sign of (target - S) is signal; with ~1k-token batches (CPU,
 fine-tuning, few GPUs) it is mostly noise once the sparsity is at target, and lambda random-walks
 over orders of magnitude in Stage III. The options below are measured against the paper's rule in
@@ -34,14 +36,23 @@ from typing import Optional
 
 import torch
 
-from megatron.remoe.config import L1_COEFF_MAX, L1_COEFF_MIN, ConfigError
+from megatron.remoe.errors import ConfigError
 
-CONTROLLERS = ("paper", "ema", "deadband", "pi")
+# The paper's lambda_0 and alpha (its settings, with 0.5M-token batches); the defaults of
+# ReMoETransformerConfig, TrainConfig and SparsityController.
+PAPER_L1_COEFF_INIT = 1e-8
+PAPER_L1_COEFF_MULTIPLIER = 1.2
+
+# Every rule clamps lambda to this range, so that a long stretch on one side of the target can
+# neither underflow it to 0 (the controller could never recover) nor overflow it to inf.
+L1_COEFF_MIN = 1e-30
+L1_COEFF_MAX = 1e4
 
 
 @dataclass
 class ControllerOptions:
-    """Which lambda update rule and its parameters (fields of ReMoETransformerConfig)."""
+    """Which lambda update rule and its parameters; the one owner of their defaults
+    (ReMoETransformerConfig's and TrainConfig's `moe_relu_l1_reg_coeff_*` fields take them)."""
 
     kind: str = "paper"
     ema_beta: float = 0.9
@@ -167,6 +178,7 @@ class PIRule(LambdaRule):
 
 
 RULES = {rule.kind: rule for rule in (LambdaRule, EMARule, DeadbandRule, PIRule)}
+CONTROLLERS = tuple(RULES)  # the rule names: paper, ema, deadband, pi
 
 
 def build_rule(target: float, multiplier: float,

@@ -20,6 +20,8 @@ import logging
 import warnings
 from typing import Optional
 
+from megatron.remoe.compat import transformer_engine_usable  # stdlib-only at import, like this module
+
 # (message regex at the start of the warning, category): warnings.warn(...) at import time
 KNOWN_WARNINGS = (
     # from megatron.core.optimizer(.optimizer, .clip_grads) and megatron_fsdp (0.16-0.19)
@@ -80,9 +82,7 @@ def install() -> None:
 def fallback_note() -> Optional[str]:
     """One informational line when megatron-core runs its torch fallbacks on a GPU (Transformer
     Engine not usable); None on CPU, where the fallbacks are the only option."""
-    import torch
-
-    from megatron.remoe.compat import transformer_engine_usable
+    import torch  # noqa: PLC0415 -- this module is stdlib-only at import
 
     if not torch.cuda.is_available() or transformer_engine_usable():
         return None

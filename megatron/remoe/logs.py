@@ -61,7 +61,8 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def is_rank0() -> bool:
-    import torch.distributed as dist  # noqa: PLC0415  (torch is heavy; logs.py is imported by the CLI)
+    """True on rank 0 of the default process group, or when there is no process group."""
+    import torch.distributed as dist  # noqa: PLC0415 -- torch is heavy; logs.py is imported by the CLI
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 

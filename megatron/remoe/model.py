@@ -7,22 +7,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
 
 from megatron.remoe.config import (
     ReMoETransformerConfig,
     apply_granularity,
     controller_options,
-    router_overrides,
-)
-from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.spec import (
-    check_routers,
-    get_block_spec,
+    default_ffn_hidden_size,
     is_relu_routed,
     moe_layer_pattern_of,
     num_moe_layers,
+    router_overrides,
 )
-from megatron.remoe.training.config import default_ffn_hidden_size
+from megatron.remoe.controller import SparsityController
+from megatron.remoe.spec import check_routers, get_block_spec
 
 # The paper's models: SwiGLU (ffn = 4h), RoPE base 1e6, RMSNorm, untied embeddings, no biases,
 # no dropout, GQA with 4 groups, init std 0.01.
@@ -86,9 +85,6 @@ def build_gpt_model(config: ReMoETransformerConfig, vocab_size: int, max_sequenc
                     use_transformer_engine: Optional[bool] = None, vp_stage: Optional[int] = None,
                     rotary_base: int = 1_000_000):
     """megatron-core GPTModel for this pipeline stage with the configured MLPs/routers."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None,
                                                              vp_stage=vp_stage)
@@ -151,21 +147,23 @@ class ModelShape:
 
     @classmethod
     def of_train_fields(cls, cfg: dict) -> "ModelShape":
-        """From TrainConfig fields (a run's config.yaml; E experts of width ffn before granularity
-        G; `router` dense: no experts). Defaults as in TrainConfig."""
+        """From a run's TrainConfig fields, all of them (`TrainConfig.to_dict()`, the ablation
+        tool's resolved config.yaml: TrainConfig owns the defaults); E experts of width ffn before
+        granularity G; `router` dense: no experts. Unset sizes (None) are derived as the trainer
+        derives them."""
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        ffn = cfg.get("ffn_hidden_size") or default_ffn_hidden_size(h)
+        ffn = cfg["ffn_hidden_size"] or default_ffn_hidden_size(h)
         experts = topk = expert_ffn = moe_layers = 0
-        if cfg.get("router", "relu") != "dense":
-            G = cfg.get("moe_granularity", 1)
-            experts = cfg.get("num_experts", 8) * G
-            topk = cfg.get("moe_router_topk", 1) * G
+        if cfg["router"] != "dense":
+            G = cfg["moe_granularity"]
+            experts = cfg["num_experts"] * G
+            topk = cfg["moe_router_topk"] * G
             expert_ffn = ffn // G
             moe_layers = sum(moe_layer_pattern_of(cfg["num_layers"], experts,
-                                                  cfg.get("moe_layer_freq", 1)))
+                                                  cfg["moe_layer_freq"]))
         return cls(hidden_size=h, num_layers=cfg["num_layers"], num_attention_heads=heads,
-                   num_query_groups=cfg.get("num_query_groups") or heads,
-                   head_dim=cfg.get("kv_channels") or h // heads, ffn_hidden_size=ffn,
+                   num_query_groups=cfg["num_query_groups"] or heads,
+                   head_dim=cfg["kv_channels"] or h // heads, ffn_hidden_size=ffn,
                    expert_ffn_hidden_size=expert_ffn, num_experts=experts, topk=topk,
                    moe_layers=moe_layers)
 

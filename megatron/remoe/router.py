@@ -10,13 +10,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
 from megatron.core.transformer.moe.router import Router
 
 from megatron.remoe.compat import call_with_supported_kwargs
-from megatron.remoe.config import ConfigError, check_variable_k_dispatch
-from megatron.remoe.dial import dialled_gates
-from megatron.remoe.regularizer import SparsityController, l1_reg_loss
+from megatron.remoe.config import check_variable_k_dispatch
+from megatron.remoe.controller import SparsityController
+from megatron.remoe.dial import ComputeDial, DialError, dial_from_dict, dialled_gates, make_dial
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.regularizer import l1_reg_loss
 
 
 class ReLURouter(Router):
@@ -33,8 +35,6 @@ class ReLURouter(Router):
         # megatron-core passes more with each release (0.17+: is_mtp_layer=; main: layer_number=);
         # the base class gets what its signature takes
         if pg_collection is None:
-            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
             pg_collection = get_default_pg_collection()
         if kwargs.get("is_mtp_layer"):
             raise ConfigError("ReLU routing in multi-token-prediction layers is not supported (the "
@@ -162,3 +162,34 @@ def saved_controller_state(model) -> Optional[dict]:
             if isinstance(module, ReLURouter):
                 return module.get_extra_state()
     return None
+
+
+def relu_routers(model) -> list:
+    """[(layer_number, ReLURouter)] of a (possibly wrapped) megatron model, in layer order."""
+    return sorted(((int(m.layer_number), m) for m in model.modules()
+                   if isinstance(m, ReLURouter)), key=lambda x: x[0])
+
+
+def set_dial(model, dial) -> Optional[ComputeDial]:
+    """Dial a megatron model (None: undial). `dial`: a ComputeDial, its dict form, one global
+    threshold or a list of per-MoE-layer thresholds. Returns the bound dial."""
+    routers = relu_routers(model)
+    if not routers:
+        raise DialError("the model has no ReLU router: the compute dial applies to ReLU-routed "
+                        "(ReMoE) models; for TopK change moe_router_topk")
+    layer_numbers = [n for n, _ in routers]
+    E = routers[0][1].config.num_moe_experts
+    if dial is not None:
+        if isinstance(dial, ComputeDial):
+            dial = make_dial(dial.thresholds, layer_numbers, dial.form, dial.max_experts, E)
+        elif isinstance(dial, dict):
+            dial = dial_from_dict(dial, layer_numbers, E)
+        else:
+            dial = make_dial(dial, layer_numbers, num_experts=E)
+    configs = {id(r.config): r.config for _, r in routers}
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "moe_relu_dial"):
+        configs[id(model_config)] = model_config
+    for cfg in configs.values():
+        cfg.moe_relu_dial = dial
+    return dial

@@ -17,10 +17,16 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron.remoe.compat import call_with_supported_kwargs, mcore_version_string, moe_submodules
-from megatron.remoe.config import ConfigError
+from megatron.remoe.compat import (
+    call_with_supported_kwargs,
+    mcore_version_string,
+    moe_submodules,
+    transformer_engine_usable,
+)
+from megatron.remoe.config import is_relu_routed
+from megatron.remoe.controller import SparsityController
 from megatron.remoe.cpu.experts import cpu_experts_spec
-from megatron.remoe.regularizer import SparsityController
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.router import ReLURouter
 
 
@@ -30,8 +36,6 @@ def have_transformer_engine() -> bool:
     TE wheels fail on machines without CUDA libraries with OSError/RuntimeError rather than
     ImportError, so any exception means "not usable".
     """
-    from megatron.remoe.compat import transformer_engine_usable
-
     return transformer_engine_usable()
 
 
@@ -192,32 +196,3 @@ def check_routers(model, config) -> int:
                     f"use a megatron-core in the tested range (docs/compat.md)")
             checked += 1
     return checked
-
-
-def is_relu_routed(config) -> bool:
-    """Whether a config (TransformerConfig, TrainConfig or anything with the field) routes with ReLU."""
-    return bool(getattr(config, "moe_relu_routing", False))
-
-
-def moe_layer_pattern_of(num_layers: int, num_moe_experts, moe_layer_freq) -> list:
-    """0/1 per layer, 1 where the layer has a routed MoE MLP. megatron-core's `moe_layer_freq`: an int
-    N puts MoE in layers 0, N, 2N, ...; a list is the 0/1 pattern itself."""
-    if not num_moe_experts:
-        return [0] * num_layers
-    if isinstance(moe_layer_freq, (list, tuple)):
-        pattern = [1 if int(x) else 0 for x in moe_layer_freq]
-        if len(pattern) != num_layers:
-            raise ValueError(f"moe_layer_freq has {len(pattern)} entries for {num_layers} layers; "
-                             "give one 0/1 per layer")
-        return pattern
-    freq = int(moe_layer_freq or 1)
-    return [1 if i % freq == 0 else 0 for i in range(num_layers)]
-
-
-def moe_layer_pattern(config) -> list:
-    """`moe_layer_pattern_of` for a config object (the one owner of 'which layers are MoE')."""
-    return moe_layer_pattern_of(config.num_layers, config.num_moe_experts, config.moe_layer_freq)
-
-
-def num_moe_layers(config) -> int:
-    return sum(moe_layer_pattern(config))

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from megatron.remoe import ablation as ab
+from megatron.remoe.training.config import TrainConfig
 from tests.helpers.paths import ROOT
 from tools.parity.tiny_gpt import build_corpus, pretrain_env
 
@@ -130,9 +131,10 @@ def test_stages_and_settling_hand_computed():
     assert ab.sparsity_stages(noisy, target, window=5)["settle"] == 1
 
 
-TINY = dict(router="topk", num_layers=2, hidden_size=64, num_attention_heads=4,
-            num_query_groups=2, ffn_hidden_size=256, seq_length=32, num_experts=4,
-            moe_router_topk=1, moe_granularity=1)
+# a run's fields as config.yaml holds them: all of TrainConfig's
+TINY = TrainConfig(router="topk", num_layers=2, hidden_size=64, num_attention_heads=4,
+                   num_query_groups=2, ffn_hidden_size=256, seq_length=32, num_experts=4,
+                   moe_router_topk=1, moe_granularity=1).to_dict()
 
 
 def test_flops_hand_computed():

@@ -38,7 +38,7 @@ def world(single_rank, tmp_path_factory):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron.remoe.data.tokenizer import train_bpe_tokenizer
-    from megatron.remoe.training.arguments import TrainConfig
+    from megatron.remoe.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("analysis")
     tok = train_bpe_tokenizer([t for ts in TEXTS.values() for t in ts], vocab_size=300)
@@ -67,7 +67,7 @@ def _model(cfg, seed):
     from megatron.core import tensor_parallel
 
     from megatron.remoe.model import build_gpt_model
-    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.config import transformer_config
     from megatron.remoe.training.data import padded_vocab_size
 
     torch.manual_seed(seed)
@@ -263,7 +263,7 @@ def test_bf16_checkpoint_is_analysed_in_fp32(world, tmp_path):
 @needs_mpl
 @pytest.mark.timeout(30)
 def test_figure_check_catches_missing_labels():
-    plt = A._plt()
+    plt = A.pyplot()
     fig, ax = plt.subplots()
     ax.plot([1, 2], [3, 4])
     ax.plot([1, 2], [4, 3])

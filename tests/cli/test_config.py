@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from megatron.remoe.config import ConfigError
-from megatron.remoe.training.arguments import config_to_yaml, parse_blend, parse_config
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.training.arguments import config_to_yaml, parse_config
+from megatron.remoe.training.validation import parse_blend
 from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,13 +74,13 @@ def test_bad_values_fail_with_one_line(extra, needle):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_fails_with_one_line(monkeypatch):
-    from megatron.remoe.cpu import settings as cpu_settings
+    from megatron.remoe.training import validation  # the module that asks, where the name is looked up
 
-    monkeypatch.setattr(cpu_settings, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(validation, "cpu_bf16_supported", lambda: False)
     with pytest.raises(ConfigError) as err:
         parse(TINY + ["--bf16"])
     assert "bf16 on CPU needs native bf16" in str(err.value) and "--no-bf16" in str(err.value)
-    monkeypatch.setattr(cpu_settings, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(validation, "cpu_bf16_supported", lambda: True)
     assert parse(TINY + ["--bf16"]).bf16
 
 
@@ -133,7 +134,7 @@ def test_in_process_main_returns_2(tmp_path, capsys):
     and os.sep + "ablations" + os.sep not in p))  # grids: tests/ablation/test_ablation.py expands them
 def test_example_configs_parse(path):
     from megatron.remoe.model import count_parameters
-    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.config import transformer_config
 
     gpu = "cpu-demo" not in path
     # validated as on 8 GPUs; TE / grouped GEMM / bf16 switched off since this machine has neither

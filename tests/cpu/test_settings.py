@@ -26,7 +26,8 @@ STEPS = 4
 def _train(rank, world, flags, unfused_adam):
     from megatron.remoe.training.arguments import parse_config
     from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader
-    from megatron.remoe.training.loop import setup, train_step
+    from megatron.remoe.training.state import setup
+    from megatron.remoe.training.step import train_step
 
     cfg = parse_config(flags, world_size=1, cuda=False)
     run = setup(cfg)

@@ -112,7 +112,7 @@ def test_local_corpus_build_and_cache(tmp_path):
 @pytest.mark.timeout(120)
 def test_prepare_demo_data_local_domains(tmp_path):
     from megatron.remoe.data.demo import prepare_demo_data
-    from megatron.remoe.data.preprocess import load_indexed_dataset
+    from megatron.remoe.data.indexed import load_indexed_dataset
     from megatron.remoe.data.tokenizer import load_tokenizer
 
     out = str(tmp_path / "demo")

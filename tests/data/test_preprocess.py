@@ -11,13 +11,8 @@ import numpy as np
 import pytest
 
 from megatron.remoe.data.errors import DataError
-from megatron.remoe.data.preprocess import (
-    PreprocessConfig,
-    check_indexed_files,
-    load_indexed_dataset,
-    preprocess_files,
-    read_sidecar,
-)
+from megatron.remoe.data.indexed import check_indexed_files, load_indexed_dataset, read_sidecar
+from megatron.remoe.data.preprocess import PreprocessConfig, preprocess_files
 from megatron.remoe.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from tests.helpers.paths import ROOT
 

@@ -96,7 +96,7 @@ def test_nextline_items_deterministic_and_wellformed():
         gold = it["choices"][it["gold"]]
         ctx = it["context"].rstrip("\n").split("\n")
         doc = next(d for d in DOCS[it["domain"]]
-                   if "\n".join(ctx + [gold]) in "\n".join(ev._nonblank_lines(d)))
+                   if "\n".join(ctx + [gold]) in "\n".join(ev.nonblank_lines(d)))
         # distractors come from the other document of the domain
         others = [ch for i, ch in enumerate(it["choices"]) if i != it["gold"]]
         assert not set(others) & set(doc.split("\n"))

@@ -35,7 +35,8 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron.remoe.cpu.backend import apply_cpu_backend
 from megatron.remoe.integration import attach, remoe_layer_spec
-from megatron.remoe.training.arguments import parse_config, transformer_config
+from megatron.remoe.training.arguments import parse_config
+from megatron.remoe.training.config import transformer_config
 from megatron.remoe.training.data import build_datasets, load_run_tokenizer, make_loader, padded_vocab_size
 
 SAVE_AT = 15

@@ -16,7 +16,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from megatron.remoe.hf import convert  # noqa: E402
+from megatron.remoe.hf.configs import export_kind  # noqa: E402
+from megatron.remoe.hf.errors import ConversionError  # noqa: E402
+from megatron.remoe.hf.folders import load_hf_folder, save_hf_folder  # noqa: E402
+from megatron.remoe.hf.parity import greedy_hf, greedy_hf_generate, verify_parity  # noqa: E402
+from megatron.remoe.hf.to_hf import megatron_to_hf  # noqa: E402
+from megatron.remoe.hf.to_megatron import hf_to_megatron  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,11 +59,11 @@ def test_relu_parity_and_zero_expert_tokens(single_rank):
     model, cfg = build("relu", moe_layer_freq=[1, 0])
     with torch.no_grad():  # a wide gate distribution: some tokens activate no expert at all
         model.decoder.layers[0].mlp.router.weight.mul_(20)
-    hf, kind = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, kind = megatron_to_hf(model, cfg, 256, 64)
     assert kind == "remoe" and type(hf).__name__ == "ReMoEForCausalLM"
     assert hf.config.moe_layers == [1, 0] and hf.config.router_type == "relu"
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
-    rep = convert.verify_parity(model, hf, input_ids=ids)
+    rep = verify_parity(model, hf, input_ids=ids)
     assert_pass(rep)
     assert rep.routing_mismatches == 0 and rep.sparsity_megatron == rep.sparsity_hf
 
@@ -80,9 +85,9 @@ def test_topk_presets_export_to_remoe_class(single_rank, router, extra):
     if router == "topk-sigmoid-bias":  # a non-zero routing bias must be carried over
         for layer in model.decoder.layers:
             layer.mlp.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
-    hf, kind = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, kind = megatron_to_hf(model, cfg, 256, 64)
     assert kind == "remoe" and hf.config.router_type == "topk"
-    rep = convert.verify_parity(model, hf)
+    rep = verify_parity(model, hf)
     assert_pass(rep)
     if router == "topk-sigmoid-bias":
         assert torch.equal(hf.model.layers[0].mlp.router.expert_bias,
@@ -93,11 +98,11 @@ def test_mixtral_semantics_export_to_mixtral(single_rank):
     from transformers import MixtralForCausalLM
 
     model, cfg = build("topk", moe_router_pre_softmax=False)
-    hf, kind = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, kind = megatron_to_hf(model, cfg, 256, 64)
     assert kind == "mixtral" and isinstance(hf, MixtralForCausalLM)
-    assert_pass(convert.verify_parity(model, hf))
+    assert_pass(verify_parity(model, hf))
     # back into megatron: identical weights
-    back, _ = convert.hf_to_megatron(hf, tcfg=cfg)
+    back, _ = hf_to_megatron(hf, tcfg=cfg)
     a, b = state(model), state(back)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -106,36 +111,36 @@ def test_dense_exports_to_llama(single_rank):
     from transformers import LlamaForCausalLM
 
     model, cfg = build("dense")
-    hf, kind = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, kind = megatron_to_hf(model, cfg, 256, 64)
     assert kind == "llama" and isinstance(hf, LlamaForCausalLM)
-    assert_pass(convert.verify_parity(model, hf))
+    assert_pass(verify_parity(model, hf))
 
 
 def test_round_trips_identical(single_rank, tmp_path):
     model, cfg = build("relu", seed=3, moe_layer_freq=[1, 0])
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
     # Megatron -> HF -> Megatron
-    back, cfg2 = convert.hf_to_megatron(hf)
+    back, cfg2 = hf_to_megatron(hf)
     a, b = state(model), state(back)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # HF folder (written, reloaded through trust_remote_code) -> Megatron -> HF
-    out = convert.save_hf_folder(hf, str(tmp_path / "hf"))
+    out = save_hf_folder(hf, str(tmp_path / "hf"))
     assert {"config.json", "model.safetensors", "modeling_remoe.py",
             "configuration_remoe.py"} <= set(os.listdir(out))
-    loaded, kind = convert.load_hf_folder(out)
+    loaded, kind = load_hf_folder(out)
     assert kind == "remoe" and type(loaded).__module__.startswith("transformers_modules")
-    meg, _ = convert.hf_to_megatron(loaded)
-    again, _ = convert.megatron_to_hf(meg, cfg2, 256, 64)
+    meg, _ = hf_to_megatron(loaded)
+    again, _ = megatron_to_hf(meg, cfg2, 256, 64)
     x, y = loaded.state_dict(), again.state_dict()
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    assert_pass(convert.verify_parity(meg, loaded))
+    assert_pass(verify_parity(meg, loaded))
 
 
 def test_hf_class_padding_and_cache(single_rank):
     from megatron.remoe.hf.modeling_remoe import routing_sparsity
 
     model, cfg = build("relu", seed=5)
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
     ids = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(2))
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
@@ -150,11 +155,11 @@ def test_hf_class_padding_and_cache(single_rank):
     padded_maps = hf(input_ids=padded, attention_mask=mask, output_router_logits=True).routing_maps
     assert routing_sparsity(padded_maps, valid=mask.bool()) == pytest.approx(sp, abs=1e-6)
     # KV-cached generation equals recomputing the whole prefix every step
-    assert convert.greedy_hf_generate(hf, ids, 8) == convert.greedy_hf(hf, ids, 8)
+    assert greedy_hf_generate(hf, ids, 8) == greedy_hf(hf, ids, 8)
 
 
 def test_unsupported_architecture_is_refused(single_rank):
     model, cfg = build("relu", qk_layernorm=False)
     cfg.add_bias_linear = True
-    with pytest.raises(convert.ConversionError, match="biases"):
-        convert.export_kind(cfg)
+    with pytest.raises(ConversionError, match="biases"):
+        export_kind(cfg)

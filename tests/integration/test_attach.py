@@ -23,7 +23,7 @@ import types
 import pytest
 import torch
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.integration import attach, controller_for, remoe_layer_spec
 from megatron.remoe.model import build_transformer_config
 from tests.helpers.dist_utils import run_workers
@@ -147,7 +147,7 @@ def test_chained_optimizer_of_two_moves_lambda_once(single_rank):
 
 
 def _two_ranks(rank, world):
-    from megatron.remoe.regularizer import SparsityController
+    from megatron.remoe.controller import SparsityController
     from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(), seed=1)
@@ -184,7 +184,7 @@ ARGS = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
 
 def trainer_parts(cfg):
     """The trainer's model, optimizer and schedule, built through controller_for and attach."""
-    from megatron.remoe.training.arguments import transformer_config
+    from megatron.remoe.training.config import transformer_config
     from megatron.remoe.training.state import build_model, build_optimizer
 
     tcfg = transformer_config(cfg, use_cpu_initialization=True)
@@ -247,8 +247,8 @@ def test_a_checkpoint_of_the_earlier_layout_still_loads(single_rank, tmp_path, m
     it through the same path as a current checkpoint."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
+    from megatron.remoe.controller import SparsityController
     from megatron.remoe.hf.to_hf import load_megatron_checkpoint
-    from megatron.remoe.regularizer import SparsityController
     from megatron.remoe.router import ReLURouter
     from megatron.remoe.training.arguments import parse_config
     from megatron.remoe.training.checkpointing import load_checkpoint, save_checkpoint

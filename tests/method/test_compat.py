@@ -18,7 +18,7 @@ import torch
 from megatron.core import package_info
 
 from megatron.remoe.compat import build_from_spec, mcore_at_least, mcore_version_string
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.model import build_controller, build_gpt_model, build_transformer_config
 from megatron.remoe.router import ReLURouter
 from tests.helpers.moe_reference import FFN, E, H, K, canonical_weights, load_canonical
@@ -85,9 +85,11 @@ def test_guard_refuses_a_relu_router_in_a_topk_config(single_rank):
 
 def test_trainer_and_hf_loader_build_relu_routers(single_rank):
     """The trainer's builder (DDP-wrapped chunks) and the HF converter's loader."""
-    from megatron.remoe.hf import convert
-    from megatron.remoe.training.arguments import parse_config, transformer_config
-    from megatron.remoe.training.loop import build_model
+    from megatron.remoe.hf.to_hf import megatron_to_hf
+    from megatron.remoe.hf.to_megatron import hf_to_megatron
+    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.config import transformer_config
+    from megatron.remoe.training.state import build_model
 
     cfg = parse_config(["--mock-data", "--vocab-size", "128", "--num-layers", "2",
                         "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -99,8 +101,8 @@ def test_trainer_and_hf_loader_build_relu_routers(single_rank):
 
     model = build_gpt_model(small_config("relu"), vocab_size=64, max_sequence_length=16,
                             use_transformer_engine=False)
-    hf, _ = convert.megatron_to_hf(model, small_config("relu"), 64, 16)
-    back, _ = convert.hf_to_megatron(hf)
+    hf, _ = megatron_to_hf(model, small_config("relu"), 64, 16)
+    back, _ = hf_to_megatron(hf)
     assert routers(back) == [ReLURouter] * 2
 
 

@@ -14,7 +14,9 @@ import torch
 pytest.importorskip("transformers")
 
 from megatron.remoe import dial as D  # noqa: E402
-from megatron.remoe.hf import convert  # noqa: E402
+from megatron.remoe.hf.parity import verify_parity  # noqa: E402
+from megatron.remoe.hf.to_hf import megatron_to_hf  # noqa: E402
+from megatron.remoe.router import relu_routers, set_dial  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +37,7 @@ def build(dispatcher="alltoall", seed=0, moe_layer_freq=(1, 0, 1)):
     model = build_gpt_model(cfg, vocab_size=256, max_sequence_length=64, controller=None,
                             use_transformer_engine=False)
     with torch.no_grad():
-        for _, r in D.relu_routers(model):
+        for _, r in relu_routers(model):
             r.weight.mul_(20)
     return model.eval(), cfg
 
@@ -48,7 +50,7 @@ def gates_and_logits(model, x):
     """Per MoE layer: (router logits, dispatched gates, routing map), megatron token order."""
     seen = {}
     handles = []
-    for n, r in D.relu_routers(model):
+    for n, r in relu_routers(model):
         handles.append(r.register_forward_hook(
             lambda m, a, o, n=n: seen.setdefault(n, {}).update(probs=o[0], map=o[1])))
         handles.append(r.register_forward_pre_hook(
@@ -69,11 +71,11 @@ def test_tau_zero_is_bit_identical_megatron_and_hf(single_rank):
     model, cfg = build()
     x = ids()
     ref, ref_seen = gates_and_logits(model, x)
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
     with torch.no_grad():
         hf_ref = hf(input_ids=x).logits
     for form in D.FORMS:
-        dial = D.set_dial(model, {"thresholds": [0.0, 0.0], "form": form})
+        dial = set_dial(model, {"thresholds": [0.0, 0.0], "form": form})
         assert dial.layer_numbers == (1, 3) and dial.is_identity
         out, seen = gates_and_logits(model, x)
         assert torch.equal(out, ref), form
@@ -83,7 +85,7 @@ def test_tau_zero_is_bit_identical_megatron_and_hf(single_rank):
         hf.config.router_dial = {"thresholds": [0.0, 0.0], "form": form, "max_experts": None}
         with torch.no_grad():
             assert torch.equal(hf(input_ids=x).logits, hf_ref), form
-    D.set_dial(model, None)
+    set_dial(model, None)
     hf.config.router_dial = None
     assert torch.equal(gates_and_logits(model, x)[0], ref)
 
@@ -94,7 +96,7 @@ def test_dial_routing_matches_hand_computation_and_is_monotone(single_rank):
     counts = {form: [] for form in D.FORMS}
     for form in D.FORMS:
         for tau in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 100.0):
-            D.set_dial(model, {"thresholds": [tau], "form": form})
+            set_dial(model, {"thresholds": [tau], "form": form})
             _, seen = gates_and_logits(model, x)
             total = 0.0
             for n, s in seen.items():
@@ -111,14 +113,14 @@ def test_dial_routing_matches_hand_computation_and_is_monotone(single_rank):
         assert all(a >= b for a, b in zip(c, c[1:])), (form, c)
         assert c[0] > 1.2 and c[-1] == 0.0, (form, c)  # from several experts down to none
     # with a cap: never more than m experts per token, and the kept ones are the m largest
-    D.set_dial(model, {"thresholds": [0.0], "max_experts": 1})
+    set_dial(model, {"thresholds": [0.0], "max_experts": 1})
     _, seen = gates_and_logits(model, x)
     for s in seen.values():
         assert s["map"].sum(-1).max() == 1
         g = torch.relu(s["logits"])
         kept = s["probs"].max(-1).values
         assert torch.equal(kept, g.max(-1).values)
-    D.set_dial(model, None)
+    set_dial(model, None)
 
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
@@ -127,10 +129,10 @@ def test_megatron_hf_parity_with_thresholds(single_rank, dispatcher, form, cap):
     model, cfg = build(dispatcher, seed=4)
     x = ids(3)
     _, undialled = gates_and_logits(model, x)
-    dial = D.set_dial(model, {"thresholds": [0.15, 0.3], "form": form, "max_experts": cap})
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
+    dial = set_dial(model, {"thresholds": [0.15, 0.3], "form": form, "max_experts": cap})
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
     assert hf.config.router_dial == dial.to_dict()
-    rep = convert.verify_parity(model, hf, input_ids=x)
+    rep = verify_parity(model, hf, input_ids=x)
     print(rep.summary())
     assert rep.ok, rep.failures
     assert rep.routing_mismatches == 0 and rep.dial == dial.to_dict()
@@ -139,21 +141,21 @@ def test_megatron_hf_parity_with_thresholds(single_rank, dispatcher, form, cap):
     assert fewer > 0  # the dial really removed experts
     # an undialled HF model is caught by the parity check
     hf.config.router_dial = None
-    rep = convert.verify_parity(model, hf, input_ids=x, new_tokens=0)
+    rep = verify_parity(model, hf, input_ids=x, new_tokens=0)
     assert not rep.ok and any("dial differs" in f for f in rep.failures)
-    D.set_dial(model, None)
+    set_dial(model, None)
 
 
 def test_dial_in_training_is_refused(single_rank):
     model, cfg = build()
-    hf, _ = convert.megatron_to_hf(model, cfg, 256, 64)
-    D.set_dial(model, 0.1)
+    hf, _ = megatron_to_hf(model, cfg, 256, 64)
+    set_dial(model, 0.1)
     model.train()
     with pytest.raises(D.DialError, match="inference-only") as e:
         gates_and_logits(model, ids())
     assert "\n" not in str(e.value)
     model.eval()
-    D.set_dial(model, None)
+    set_dial(model, None)
     hf.config.router_dial = {"thresholds": [0.1, 0.1], "form": "cut", "max_experts": None}
     hf.train()
     with pytest.raises(RuntimeError, match="inference-only"):
@@ -166,12 +168,12 @@ def test_dial_in_training_is_refused(single_rank):
 def test_bad_dials_are_one_line_errors(single_rank, thresholds, needle):
     model, _ = build()
     with pytest.raises(D.DialError, match=needle) as e:
-        D.set_dial(model, {"thresholds": thresholds})
+        set_dial(model, {"thresholds": thresholds})
     assert "\n" not in str(e.value)
     with pytest.raises(D.DialError, match="form"):
-        D.set_dial(model, {"thresholds": [0.1], "form": "clip"})
+        set_dial(model, {"thresholds": [0.1], "form": "clip"})
     with pytest.raises(D.DialError, match="max_experts"):
-        D.set_dial(model, {"thresholds": [0.1], "max_experts": 5})
+        set_dial(model, {"thresholds": [0.1], "max_experts": 5})
     assert model.config.moe_relu_dial is None  # a refused dial leaves the model undialled
 
 

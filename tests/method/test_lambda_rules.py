@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.controller import SparsityController
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.lambda_rules import CONTROLLERS, ControllerOptions, sparsity_noise
-from megatron.remoe.regularizer import SparsityController
 from tests.helpers.dist_utils import run_workers
 from tests.helpers.pretrain_utils import run_pretrain
 from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
@@ -190,7 +190,8 @@ def test_bad_options_are_one_line_errors(bad, needle):
 
 def test_flags_reach_the_controller():
     from megatron.remoe.model import build_controller
-    from megatron.remoe.training.arguments import parse_config, transformer_config
+    from megatron.remoe.training.arguments import parse_config
+    from megatron.remoe.training.config import transformer_config
 
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "32", "--mock-data", "--vocab-size", "128", "--train-iters", "2"]

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from megatron.remoe.compat import mcore_at_least, variable_k_dispatch_settings
-from megatron.remoe.config import ConfigError, ReMoETransformerConfig, validate_relu_routing
+from megatron.remoe.config import ReMoETransformerConfig, validate_relu_routing
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.model import build_transformer_config
 from megatron.remoe.router import ReLURouter
 

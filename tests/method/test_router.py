@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from megatron.remoe.config import ConfigError, apply_granularity
+from megatron.remoe.config import apply_granularity
+from megatron.remoe.controller import SparsityController
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.model import build_controller, build_transformer_config
-from megatron.remoe.regularizer import SparsityController, l1_reg_loss
+from megatron.remoe.regularizer import l1_reg_loss
 from tests.helpers.moe_reference import (
     FFN,
     E,

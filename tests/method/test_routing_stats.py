@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron.remoe.regularizer import SparsityController
+from megatron.remoe.controller import SparsityController
 
 # 6 tokens x 4 experts. Token 3 has no expert; token 5 is padding; expert 3 is never used.
 MAP = torch.tensor([
@@ -52,7 +52,7 @@ def test_lambda_moves_with_global_not_per_layer_sparsity():
 
 
 def test_dead_experts_over_a_window():
-    from megatron.remoe.regularizer import RoutingWindow
+    from megatron.remoe.routing_stats import RoutingWindow
 
     ctrl = SparsityController(num_layers=1, num_experts=4, target_sparsity=0.75)
     window = RoutingWindow()

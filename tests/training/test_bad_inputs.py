@@ -58,20 +58,20 @@ def broken_copies(train):
     .bin, a token id beyond the vocabulary, and an empty dataset (no documents)."""
     import numpy as np
 
-    from megatron.remoe.data.preprocess import _IDX_HEADER
+    from megatron.remoe.data.indexed import IDX_HEADER
 
     out = {}
     ptr = _copy_prefix(train, train + "_bad_ptr")
     with open(ptr + ".idx", "rb") as fh:
-        n_seq = _IDX_HEADER.unpack(fh.read(_IDX_HEADER.size))[3]
-    pointers = np.memmap(ptr + ".idx", np.int64, "r+", _IDX_HEADER.size + 4 * n_seq, (n_seq,))
+        n_seq = IDX_HEADER.unpack(fh.read(IDX_HEADER.size))[3]
+    pointers = np.memmap(ptr + ".idx", np.int64, "r+", IDX_HEADER.size + 4 * n_seq, (n_seq,))
     pointers[n_seq // 2] = os.path.getsize(ptr + ".bin") + 4096
     pointers.flush()
     del pointers
     out["bad_ptr"] = ptr
     big = _copy_prefix(train, train + "_big_id")
     with open(big + ".idx", "rb") as fh:
-        code = _IDX_HEADER.unpack(fh.read(_IDX_HEADER.size))[2]
+        code = IDX_HEADER.unpack(fh.read(IDX_HEADER.size))[2]
     dtype = {4: np.int32, 8: np.uint16}[code]
     tokens = np.memmap(big + ".bin", dtype, "r+")
     tokens[len(tokens) // 3] = 1000  # the tokenizer has 300 tokens
@@ -80,7 +80,7 @@ def broken_copies(train):
     out["big_id"] = big
     empty = train + "_empty"
     with open(empty + ".idx", "wb") as fh:
-        fh.write(_IDX_HEADER.pack(b"MMIDIDX\x00\x00", 1, code, 0, 1))
+        fh.write(IDX_HEADER.pack(b"MMIDIDX\x00\x00", 1, code, 0, 1))
         fh.write(np.zeros(1, np.int64).tobytes())  # document index [0]
     open(empty + ".bin", "wb").close()
     out["empty"] = empty

@@ -343,14 +343,14 @@ FAKE_FILES = (".metadata", "__0_0.distcp")  # torch_dist files of every megatron
 
 def fake_checkpoint(root, iteration, payload=b"x" * 100):
     """A directory with files and a manifest, as save_checkpoint writes them."""
-    from megatron.remoe.training.checkpointing import MANIFEST, _describe_files, iteration_dir
+    from megatron.remoe.training.checkpointing import MANIFEST, describe_files, iteration_dir
 
     path = iteration_dir(str(root), iteration)
     os.makedirs(path)
     for name in FAKE_FILES:
         with open(os.path.join(path, name), "wb") as fh:
             fh.write(payload)
-    files = _describe_files(path, list(FAKE_FILES), checksums=True)
+    files = describe_files(path, list(FAKE_FILES), checksums=True)
     with open(os.path.join(path, MANIFEST), "w") as fh:
         json.dump({"iteration": iteration, "files": files}, fh)
     with open(os.path.join(str(root), "latest_checkpointed_iteration.txt"), "w") as fh:

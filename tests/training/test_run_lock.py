@@ -39,7 +39,7 @@ def write_lock(directory, host, pid, age_s, started=None):
 
 
 def test_live_lock_refuses_with_one_line_naming_the_holder(tmp_path):
-    from megatron.remoe.config import ConfigError
+    from megatron.remoe.errors import ConfigError
     from megatron.remoe.training.run_lock import RunLock, check_not_held
 
     path = write_lock(tmp_path, "node-7", 4242, age_s=3)  # another host, fresh heartbeat
@@ -77,7 +77,7 @@ def test_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
 def test_stale_heartbeat_on_another_host_is_taken_over(tmp_path):
     """Shared filesystem: the holder is on another node (its pid cannot be checked here); only
     the age of the heartbeat decides."""
-    from megatron.remoe.config import ConfigError
+    from megatron.remoe.errors import ConfigError
     from megatron.remoe.training.run_lock import RunLock
 
     write_lock(tmp_path, "node-7", 4242, age_s=30)
@@ -90,7 +90,7 @@ def test_stale_heartbeat_on_another_host_is_taken_over(tmp_path):
 
 
 def test_heartbeat_refreshes_and_a_takeover_is_noticed(tmp_path):
-    from megatron.remoe.config import ConfigError
+    from megatron.remoe.errors import ConfigError
     from megatron.remoe.training.run_lock import RunLock, lock_path
 
     lock = RunLock(str(tmp_path), heartbeat_s=0.05).acquire()

@@ -144,8 +144,7 @@ def _model_keys_and_state(monkeypatch, mode, moe_layer_freq):
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
     from megatron.remoe.model import build_gpt_model
-    from megatron.remoe.training.arguments import transformer_config
-    from megatron.remoe.training.config import TrainConfig
+    from megatron.remoe.training.config import TrainConfig, transformer_config
 
     if mode != "local":
         te_layout.install(mode, lambda obj, name, value: monkeypatch.setattr(obj, name, value,
@@ -187,22 +186,22 @@ def test_te_and_local_moe_models_share_checkpoint_keys(monkeypatch, single_rank,
 
 @pytest.mark.core
 def test_dp_reshardable_optimizer_state_does_not_cross_transformer_impl(tmp_path):
-    from megatron.remoe.config import ConfigError
-    from megatron.remoe.training.checkpointing.load import _check_optimizer_reshardable
+    from megatron.remoe.errors import ConfigError
+    from megatron.remoe.training.checkpointing.load import check_optimizer_reshardable
     from megatron.remoe.training.config import TrainConfig
 
     layout = {"world_size": 1, "tp": 1, "pp": 1, "vp": None, "ep": 1, "cp": 1}
     saved_cfg = {"use_distributed_optimizer": True, "transformer_impl": "transformer_engine"}
     cfg = TrainConfig(use_distributed_optimizer=True, transformer_impl="local")
     with pytest.raises(ConfigError) as error:
-        _check_optimizer_reshardable("ckpt", layout, layout, saved_cfg, cfg,
-                                     {"distrib_optim_sharding_type": "dp_reshardable"})
+        check_optimizer_reshardable("ckpt", layout, layout, saved_cfg, cfg,
+                                    {"distrib_optim_sharding_type": "dp_reshardable"})
     message = str(error.value)
     assert "\n" not in message and "transformer_impl=transformer_engine" in message
     assert "--no-load-optim" in message and "--transformer-impl transformer_engine" in message
     # per-parameter formats map by name: allowed
-    _check_optimizer_reshardable("ckpt", layout, layout, saved_cfg, cfg,
-                                 {"distrib_optim_sharding_type": "fully_reshardable"})
+    check_optimizer_reshardable("ckpt", layout, layout, saved_cfg, cfg,
+                                {"distrib_optim_sharding_type": "fully_reshardable"})
 
 
 RESUMES = [("local", "te"), ("te", "local"), ("te_before_fix", "local"), ("te_before_fix", "te")]

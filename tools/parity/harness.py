@@ -445,7 +445,7 @@ def negative_control(runs, router: str, layout: str, dimension: str) -> dict:
 # The worker (runs inside every trainer process)
 # ------------------------------------------------------------------------------------------------
 def _fp32_bits(value) -> int:
-    import torch
+    import torch  # noqa: PLC0415 -- in the worker only: the launching parent does not load torch
 
     return int(torch.tensor(float(value), dtype=torch.float32).view(torch.int32))
 
@@ -453,8 +453,8 @@ def _fp32_bits(value) -> int:
 def _split_group(dimension: str):
     """A process group per value of this rank's TP / PP / DP rank: all-reducing over it sums every
     rank except the peers of that one parallel dimension (the negative control)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    import torch.distributed as dist  # noqa: PLC0415 -- worker only, keeps torch out of the parent
+    from megatron.core import parallel_state as ps  # noqa: PLC0415 -- worker only
 
     coord = {"tp": ps.get_tensor_model_parallel_rank, "pp": ps.get_pipeline_model_parallel_rank,
              "dp": ps.get_data_parallel_rank}[dimension]()
@@ -486,16 +486,16 @@ def _layout_facts(run) -> dict:
 
 
 def _worker(argv: list) -> int:
-    from megatron.remoe.logs import configure
+    from megatron.remoe.logs import configure  # noqa: PLC0415 -- worker only: configured before the imports below
 
     configure()  # an entry point: the console of `python -m megatron.remoe.pretrain`, first
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: PLC0415 -- worker only, keeps torch out of the parent
 
-    from megatron.remoe.training import loop as training
-    from megatron.remoe.training.arguments import config_to_yaml, parse_config
-    from megatron.remoe.training.checkpointing import save_checkpoint
-    from megatron.remoe.training.data import build_datasets, load_run_tokenizer
-    from megatron.remoe.training.distributed import destroy_distributed
+    from megatron.remoe.training.arguments import config_to_yaml, parse_config  # noqa: PLC0415 -- worker only
+    from megatron.remoe.training.checkpointing import save_checkpoint  # noqa: PLC0415 -- worker only
+    from megatron.remoe.training.data import build_datasets, load_run_tokenizer  # noqa: PLC0415 -- worker only
+    from megatron.remoe.training.distributed import destroy_distributed  # noqa: PLC0415 -- worker only
+    from megatron.remoe.training.loop import LoopParts, pretrain  # noqa: PLC0415 -- worker only
 
     rank = int(os.environ.get("RANK", "0"))
     path = os.path.join(os.environ["PARITY_RECORD_DIR"], f"rank{rank}.jsonl")
@@ -505,7 +505,8 @@ def _worker(argv: list) -> int:
         sink.write(json.dumps(row) + "\n")
         sink.flush()
 
-    orig_setup, orig_step, orig_eval = training.setup, training.train_step, training.evaluate
+    real = LoopParts()
+    orig_setup, orig_step, orig_eval = real.setup, real.train_step, real.evaluate
 
     def setup(cfg):
         run = orig_setup(cfg)
@@ -515,7 +516,7 @@ def _worker(argv: list) -> int:
             run.controller.group = _split_group(broken)
         if run.loaded_from:  # the evaluation loss of the loaded checkpoint, before any step
             _, valid_sets, weights = build_datasets(cfg, load_run_tokenizer(cfg))
-            training.evaluate(run, valid_sets, weights)
+            evaluate(run, valid_sets, weights)
         return run
 
     def train_step(run, data_iterator, stop_flags=None):
@@ -540,7 +541,6 @@ def _worker(argv: list) -> int:
         record({"kind": "eval", "iteration": run.iteration, "valid_loss": out.get("valid/loss")})
         return out
 
-    training.setup, training.train_step, training.evaluate = setup, train_step, evaluate
     cfg = parse_config(argv, prog="parity worker")
     try:
         init = os.environ.get("PARITY_SAVE_INIT")
@@ -551,7 +551,7 @@ def _worker(argv: list) -> int:
                             extra_common={"padded_vocab_size": run.vocab_size,
                                           "skipped_steps": 0}, log=lambda message: None)
         else:
-            training.pretrain(cfg)
+            pretrain(cfg, LoopParts(setup=setup, train_step=train_step, evaluate=evaluate))
     finally:
         sink.close()
         if dist.is_initialized():

@@ -10,6 +10,9 @@ import os
 import socket
 import sysconfig
 
+from megatron.remoe.data.preprocess import PreprocessConfig, preprocess_files
+from megatron.remoe.data.tokenizer import train_bpe_tokenizer
+
 # the repository root: the trainer's working directory and the first PYTHONPATH entry of its processes
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,9 +33,6 @@ def free_port() -> int:
 def build_corpus(out, num_files: int = 60, vocab: int = 512, chars_per_file: int = 8000) -> dict:
     """Stdlib code -> a `vocab`-token byte-level BPE -> train/valid .bin/.idx under `out`.
     Returns {"tokenizer": dir, "train": prefix, "valid": prefix}."""
-    from megatron.remoe.data.preprocess import PreprocessConfig, preprocess_files
-    from megatron.remoe.data.tokenizer import train_bpe_tokenizer
-
     out = str(out)
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:num_files]
     texts = []

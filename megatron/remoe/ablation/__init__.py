@@ -41,8 +41,8 @@ from megatron.remoe.ablation.stages import (
     stage3_steadiness,
 )
 from megatron.remoe.ablation.stats import paired_comparison, student_t_two_sided_p, time_to_quality
+from megatron.remoe.config import moe_layer_pattern_of
 from megatron.remoe.model import flops_per_token
-from megatron.remoe.spec import moe_layer_pattern_of
 
 
 def moe_layer_count(num_layers: int, freq) -> int:

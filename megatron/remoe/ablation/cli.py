@@ -12,7 +12,7 @@ import yaml
 from megatron.remoe.ablation.grid import CM, Grid, GridError, load_grid, run_dir
 from megatron.remoe.ablation.rundir import read_summary
 from megatron.remoe.ablation.runner import run_grid
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import configure
 
 

@@ -29,20 +29,20 @@ from typing import Optional
 
 from megatron.remoe.config import (
     ROUTERS,
-    ConfigError,
     check_granularity,
     check_l1_coeff_init,
     check_l1_multiplier,
     check_topk_range,
+    default_ffn_hidden_size,
 )
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.training.arguments import (
-    FIELDS,
-    _close_match,
-    _coerce,
+    closest_field_name,
+    coerce_field_value,
     load_yaml_config,
     read_yaml_mapping,
 )
-from megatron.remoe.training.config import default_ffn_hidden_size
+from megatron.remoe.training.config import FIELDS
 
 GRID_KEYS = ("name", "description", "out", "config", "base", "demo_data", "axes",
              "compute_match", "checkpoints", "nproc", "settle_window", "settle_tol")
@@ -99,7 +99,7 @@ def run_dir(grid: Grid, name: str) -> str:
 # Axes
 # ------------------------------------------------------------------------------------------------
 def _did_you_mean(name: str) -> str:
-    hint = _close_match(name)
+    hint = closest_field_name(name)
     return f" (did you mean {hint!r}?)" if hint else ""
 
 
@@ -126,7 +126,7 @@ def _coerce_axis(axis: str, values) -> list:
             out.append(v)
             continue
         try:
-            v = _coerce(axis, v)
+            v = coerce_field_value(axis, v)
         except ConfigError as e:
             raise GridError(f"axes: {e}") from None
         if axis == "router" and v not in ROUTERS:
@@ -221,7 +221,7 @@ def _base_fields(raw: dict, path: str, overrides: Optional[dict]) -> dict:
             raise GridError(f"grid {path}: unknown TrainConfig field {key!r}"
                             + _did_you_mean(name) + "; fix the spelling")
         base[name] = value
-    base = {k: _coerce(k, v) for k, v in base.items()}
+    base = {k: coerce_field_value(k, v) for k, v in base.items()}
     for name in ("save", "load", "metrics_file"):
         base.pop(name, None)  # every run gets its own directory
     return base

@@ -1,23 +1,20 @@
 """Figures of a collected grid under <out>/plots/: validation loss per run, ReLU sparsity and
 lambda with the three stages, final loss vs E and vs G. matplotlib is an optional dependency
-(the `plots` extra), imported when plotting."""
+(the `plots` extra), loaded by `analysis.figures.pyplot` when plotting."""
 
 from __future__ import annotations
 
 import os
 
 from megatron.remoe.ablation.grid import Grid
+from megatron.remoe.analysis.figures import pyplot
 
 STYLES = ["-", "--", ":", "-."]  # one line style per seed
 
 
 def make_plots(grid: Grid, records: list, rows: list, traces: dict) -> list:
     """Write the figures; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = os.path.join(grid.out, "plots")
     os.makedirs(out, exist_ok=True)
     groups = list(dict.fromkeys(r["group"] for r in records))
@@ -36,8 +33,7 @@ def make_plots(grid: Grid, records: list, rows: list, traces: dict) -> list:
 def _plot_valid_loss(grid: Grid, records: list, traces: dict, colors: dict, seeds: list,
                      out: str) -> str:
     """Validation loss curves, one line per run."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in records:
         t = traces[r["name"]]
@@ -56,8 +52,7 @@ def _plot_valid_loss(grid: Grid, records: list, traces: dict, colors: dict, seed
 def _plot_sparsity_lambda(grid: Grid, relu: list, traces: dict, colors: dict, seeds: list,
                           out: str) -> str:
     """Sparsity (smoothed; raw faint) and lambda of the ReLU runs with their stage boundaries."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True)
     for r in relu:
         t = traces[r["name"]]
@@ -106,8 +101,7 @@ def _shade_stages(relu: list, traces: dict, a1, a2) -> None:
 def _plot_loss_vs_axis(grid: Grid, rows: list, axis: str, label: str, out: str) -> str:
     """Final validation loss (mean ± std over seeds) vs E or G, one line per router; a router
     without that axis (dense) is a horizontal line."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     routers = list(dict.fromkeys(r["router"] for r in rows))
     for router in routers:
@@ -130,8 +124,7 @@ def _plot_loss_vs_axis(grid: Grid, rows: list, axis: str, label: str, out: str) 
 
 
 def _save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,9 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.training.arguments import TrainConfig, _coerce, load_yaml_config, resolve_derived
+from megatron.remoe.training.arguments import coerce_field_value, load_yaml_config
+from megatron.remoe.training.config import TrainConfig
+from megatron.remoe.training.validation import resolve_derived
 
 
 def read_summary(path: str) -> Optional[dict]:
@@ -53,6 +55,6 @@ def existing_config(path: str) -> Optional[dict]:
 def resolved_config(path: str, world_size: int) -> dict:
     """A run's config.yaml with the defaults the trainer filled in (FFN width, query groups,
     global batch: validation.resolve_derived)."""
-    values = {k: _coerce(k, v) for k, v in load_yaml_config(os.path.join(path, "config.yaml"))
+    values = {k: coerce_field_value(k, v) for k, v in load_yaml_config(os.path.join(path, "config.yaml"))
               .items()}
     return resolve_derived(TrainConfig(**values), world_size).to_dict()

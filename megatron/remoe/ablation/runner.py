@@ -23,9 +23,12 @@ from megatron.remoe.ablation.report import one_line
 from megatron.remoe.ablation.rundir import existing_config, is_finished
 from megatron.remoe.cli.demo import demo_data_fields
 from megatron.remoe.cli.launch import checkout_pythonpath, run_logged, training_command
+from megatron.remoe.data.demo import prepare_demo_data
 from megatron.remoe.logs import get_logger
-from megatron.remoe.training.arguments import TrainConfig, _coerce, finalize_config
+from megatron.remoe.training.arguments import coerce_field_value
+from megatron.remoe.training.config import TrainConfig
 from megatron.remoe.training.metrics import format_duration
+from megatron.remoe.training.validation import finalize_config
 
 log = get_logger(__name__)
 
@@ -40,7 +43,6 @@ def data_fields(grid: Grid) -> dict:
     """Data fields for every run: the demo corpus (built or reused) or nothing (base has them)."""
     if grid.demo_data is None:
         return {}
-    from megatron.remoe.data.demo import prepare_demo_data  # the data toolchain: only when used
 
     log.info(f"ablate: demo data in {grid.demo_data['dir']} (built on first use, then reused)")
     data = prepare_demo_data(grid.demo_data["dir"], tokenizer="bpe",
@@ -66,7 +68,7 @@ def validate_fields(fields: dict, nproc: int, check_data: bool = True,
     """The trainer's own validation (one-line ConfigError), before anything is launched.
     Without check_data / check_device (printing launch lines for another machine) the data files
     and the GPU-only options (bf16, Transformer Engine, grouped GEMM) are left to that machine."""
-    values = {k: _coerce(k, v) for k, v in fields.items()}
+    values = {k: coerce_field_value(k, v) for k, v in fields.items()}
     if not check_data:
         values.update(data_path=[], valid_data_path=[], tokenizer=None, mock_data=True,
                       vocab_size=values.get("vocab_size") or 1024, split=None)

@@ -27,9 +27,6 @@ from megatron.remoe.analysis.capture import RoutingCapture, capture_routing, moe
 from megatron.remoe.analysis.checkpoint import load_analysis_tokenizer, load_checkpoint_model
 from megatron.remoe.analysis.errors import AnalysisError
 from megatron.remoe.analysis.figures import (
-    _plt as _plt,  # private, used by tools and dial_calibration
-)
-from megatron.remoe.analysis.figures import (
     fig_active_experts,
     fig_domain_share,
     fig_expert_load,
@@ -37,6 +34,7 @@ from megatron.remoe.analysis.figures import (
     fig_flip_rate,
     figure_problems,
     have_matplotlib,
+    pyplot,
 )
 from megatron.remoe.analysis.frequency import (
     experts_by_frequency,
@@ -70,7 +68,7 @@ __all__ = [
     "load_checkpoint_model", "moe_routers",
     "domain_expert_share", "experts_by_frequency", "fig_active_experts", "fig_domain_share",
     "fig_expert_load", "fig_experts_vs_frequency", "fig_flip_rate", "figure_problems",
-    "flip_rates", "frequency_ranks", "have_matplotlib", "layer_summary", "log_rank_buckets",
+    "flip_rates", "frequency_ranks", "have_matplotlib", "pyplot", "layer_summary", "log_rank_buckets",
     "make_eval_tokens", "prepare_out_dir", "read_domain_tokens", "routing_stats",
     "token_frequencies", "token_text", "top_tokens_per_expert", "write_report",
 ]

@@ -13,8 +13,8 @@ from megatron.core.transformer.moe.router import Router
 
 from megatron.remoe.analysis.errors import AnalysisError
 from megatron.remoe.analysis.tokens import EvalTokens
+from megatron.remoe.config import is_relu_routed
 from megatron.remoe.logs import get_logger
-from megatron.remoe.spec import is_relu_routed
 
 logger = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """The analysis figures (matplotlib, Agg backend): each `fig_*` returns a Figure with titles, axis
 labels and legends or colorbars; `figure_problems` checks that. matplotlib is an optional dependency
-(the `plots` extra), imported by `_plt` on first use."""
+(the `plots` extra), imported by `pyplot` on first use."""
 
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ from megatron.remoe.analysis.errors import AnalysisError
 
 def have_matplotlib() -> bool:
     try:
-        import matplotlib  # noqa: F401  (optional dependency)
+        import matplotlib  # noqa: F401, PLC0415 -- optional extra (plots)
     except ImportError:
         return False
     return True
 
 
-def _plt():
+def pyplot():
     try:
-        import matplotlib  # optional dependency (the plots extra)
+        import matplotlib  # noqa: PLC0415 -- optional extra (plots)
     except ImportError:
         raise AnalysisError("figures need matplotlib: pip install 'megatron-remoe[plots]' "
                             "(or run with --no-figures)") from None
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 -- optional extra (plots), after matplotlib.use('Agg')
 
     return plt
 
@@ -67,7 +67,7 @@ def fig_experts_vs_frequency(results: list, k_ref: Optional[float] = None):
     """Fig. 7: mean experts per token by frequency-rank bucket; one panel per model, a thin line
     per layer and a bold line for the mean over layers. results: [(label, experts_by_frequency
     dict, layer_numbers)]."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False,
                              sharey=True)
     for ax, (label, r, layers) in zip(axes[0], results):
@@ -93,7 +93,7 @@ def fig_domain_share(label: str, share: np.ndarray, layer_numbers: Sequence[int]
                      domain_names: Sequence[str], vmax: Optional[float] = None):
     """Fig. 9: per layer, heatmap of the share of each domain's assignments going to each expert
     (one colour scale for all layers; pass `vmax` to share it between models)."""
-    plt = _plt()
+    plt = pyplot()
     L, D, E = share.shape
     rows, cols = _grid(L, 2)
     fig, axes = plt.subplots(rows, cols, figsize=(max(3.2, 0.45 * E + 1.8) * cols,
@@ -120,7 +120,7 @@ def fig_domain_share(label: str, share: np.ndarray, layer_numbers: Sequence[int]
 def fig_active_experts(results: list, domain_names: Sequence[str], k_ref: Optional[float] = None):
     """Fig. 12: mean experts per token per layer, one line per domain, one panel per model.
     results: [(label, mean [L, D], layer_numbers)]."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False,
                              sharey=True)
     for ax, (label, mean, layers) in zip(axes[0], results):
@@ -141,7 +141,7 @@ def fig_active_experts(results: list, domain_names: Sequence[str], k_ref: Option
 def fig_flip_rate(rows_by_pair: list):
     """Routing flips per layer between two checkpoints; one bar group per compared pair.
     rows_by_pair: [(pair label, flip_rates rows)]."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     n = len(rows_by_pair)
     width = 0.8 / max(n, 1)
@@ -166,7 +166,7 @@ def fig_flip_rate(rows_by_pair: list):
 def fig_expert_load(results: list):
     """Expert load per layer (share of the layer's assignments per expert), one panel per model.
     results: [(label, counts [L, E], layer_numbers)]."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.0), squeeze=False)
     for ax, (label, counts, layers) in zip(axes[0], results):
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)

@@ -16,13 +16,13 @@ import numpy as np
 
 from megatron.remoe.analysis.errors import AnalysisError
 from megatron.remoe.analysis.figures import (
-    _plt,
     fig_active_experts,
     fig_domain_share,
     fig_expert_load,
     fig_experts_vs_frequency,
     fig_flip_rate,
     figure_problems,
+    pyplot,
 )
 from megatron.remoe.analysis.frequency import experts_by_frequency
 from megatron.remoe.analysis.specialisation import (
@@ -128,7 +128,7 @@ class _Report:
         fig.savefig(path, dpi=110)
         self.figs[name] = fig
         self.files.append(path)
-        _plt().close(fig)
+        pyplot().close(fig)
         return name
 
     def csv(self, name: str, header: Sequence[str], rows: Sequence[Sequence]) -> str:

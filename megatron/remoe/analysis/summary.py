@@ -10,7 +10,7 @@ import torch
 
 from megatron.remoe.analysis.capture import RoutingCapture
 from megatron.remoe.analysis.errors import AnalysisError
-from megatron.remoe.regularizer import RoutingStats
+from megatron.remoe.routing_stats import RoutingStats
 
 
 def routing_stats(routing: np.ndarray, layer_numbers: Sequence[int]):

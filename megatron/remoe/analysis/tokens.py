@@ -11,10 +11,10 @@ import numpy as np
 
 from megatron.remoe.analysis.errors import AnalysisError
 from megatron.remoe.data.errors import DataError
-from megatron.remoe.data.preprocess import load_indexed_dataset
+from megatron.remoe.data.indexed import load_indexed_dataset
 from megatron.remoe.logs import get_logger
-from megatron.remoe.training.arguments import parse_blend
-from megatron.remoe.training.data import _domain_names
+from megatron.remoe.training.data import domain_names_of
+from megatron.remoe.training.validation import parse_blend
 
 logger = get_logger(__name__)
 
@@ -110,4 +110,4 @@ def default_data(cfg, split: str = "valid") -> tuple:
                                     "--data DOMAIN=PREFIX ...")
             out.append(t)
         prefixes = out
-    return dict(zip(_domain_names(prefixes), prefixes)), train
+    return dict(zip(domain_names_of(prefixes), prefixes)), train

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Optional
@@ -23,6 +24,8 @@ import yaml
 
 from megatron.remoe.cli.launch import run_logged, training_command
 from megatron.remoe.cpu.settings import demo_settings, describe_settings
+from megatron.remoe.data.demo import prepare_demo_data
+from megatron.remoe.data.errors import DataError
 from megatron.remoe.logs import configure, get_logger
 from megatron.remoe.training.metrics import format_duration
 
@@ -81,7 +84,6 @@ def train(router: str, data, out_dir: str, iters: int, nproc: int,
     cmd = training_command(config_path, nproc)
     ckpt = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpt):  # from an earlier demo: start over rather than resume
-        import shutil
 
         shutil.rmtree(ckpt)
     log.info(f"\n=== training {ROUTER_NAMES[router]} ({iters} steps, {nproc} process"
@@ -179,8 +181,6 @@ def main(argv: Optional[list] = None, prog: str = "remoe demo") -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megatron.remoe.data.demo import prepare_demo_data
-    from megatron.remoe.data.errors import DataError
 
     start = time.time()
     log.info(f"demo: preparing data in {os.path.join(args.out, 'data')} "

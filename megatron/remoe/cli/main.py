@@ -29,19 +29,19 @@ def main(argv: Optional[list] = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from megatron.remoe.pretrain import main as train_main
+        from megatron.remoe.pretrain import main as train_main  # noqa: PLC0415 -- dispatch: `remoe --help` and the other subcommands do not load torch/megatron-core
 
         return train_main(rest, prog="remoe train")
     if command == "demo":
-        from megatron.remoe.cli.demo import main as demo_main
+        from megatron.remoe.cli.demo import main as demo_main  # noqa: PLC0415 -- dispatch: `remoe --help` and the other subcommands do not load torch/megatron-core
 
         return demo_main(rest, prog="remoe demo")
     if command == "ablate":
-        from megatron.remoe.ablation import main as ablate_main
+        from megatron.remoe.ablation import main as ablate_main  # noqa: PLC0415 -- dispatch: `remoe --help` and the other subcommands do not load torch/megatron-core
 
         return ablate_main(rest, prog="remoe ablate")
     if command == "dial":
-        from megatron.remoe.dial_calibration import main as dial_main
+        from megatron.remoe.dial_calibration import main as dial_main  # noqa: PLC0415 -- dispatch: `remoe --help` and the other subcommands do not load torch/megatron-core
 
         return dial_main(rest, prog="remoe dial")
     print(f"error: unknown command {command!r}; use `remoe train`, `remoe demo`, `remoe ablate` or "

@@ -322,7 +322,7 @@ def _patch_rng(random_mod) -> None:
 
 
 def _patch_type_name_checks() -> None:
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer  # noqa: PLC0415 -- megatron-core is loaded when the backend is applied, not on import
 
     targets = [
         (clip_grads, "clip_grad_by_total_norm_fp32"),
@@ -353,8 +353,8 @@ def _scale_tensors(chunk_size, noop_flag, tensor_lists, scale):
 
 
 def _patch_grad_clip_scale() -> None:
-    from megatron.core import utils
-    from megatron.core.optimizer import clip_grads
+    from megatron.core import utils  # noqa: PLC0415 -- megatron-core is loaded when the backend is applied, not on import
+    from megatron.core.optimizer import clip_grads  # noqa: PLC0415 -- megatron-core is loaded when the backend is applied, not on import
 
     if getattr(clip_grads, "multi_tensor_scale_impl", None) is \
             getattr(utils, "local_multi_tensor_scale", None):
@@ -381,7 +381,7 @@ def apply_cpu_backend(force: bool = False) -> bool:
     _patch_loaded_modules()
     if _IMPORT_HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _IMPORT_HOOK)  # and every one imported from now on
-    from megatron.core.tensor_parallel import random as random_mod
+    from megatron.core.tensor_parallel import random as random_mod  # noqa: PLC0415 -- megatron-core is loaded when the backend is applied, not on import
 
     _patch_rng(random_mod)
     _patch_type_name_checks()

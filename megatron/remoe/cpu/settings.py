@@ -4,6 +4,8 @@ in docs/performance.md)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from typing import Optional
 
@@ -102,9 +104,6 @@ def keep_cpu_allocations() -> bool:
     GPUs; values are unaffected.
     A no-op (False) where CUDA is available, the C library is not glibc, or the environment sets
     REMOE_KEEP_CPU_ALLOCATIONS=0 (glibc's defaults: the heap shrinks after peaks)."""
-    import ctypes
-    import ctypes.util
-
     if torch.cuda.is_available() or os.environ.get("REMOE_KEEP_CPU_ALLOCATIONS", "1") == "0":
         return False
     try:

@@ -22,19 +22,16 @@ from megatron.remoe.data.corpus import (
     SPLITS,
     CorpusConfig,
     CorpusManifest,
-    _log,
     build_demo_corpus,
     iter_texts,
 )
 from megatron.remoe.data.errors import DataError
-from megatron.remoe.data.preprocess import (
-    PreprocessConfig,
-    PreprocessJob,
-    check_indexed_files,
-    preprocess,
-    read_sidecar,
-)
+from megatron.remoe.data.indexed import check_indexed_files, read_sidecar
+from megatron.remoe.data.preprocess import PreprocessConfig, PreprocessJob, preprocess
 from megatron.remoe.data.tokenizer import META_FILE, Tokenizer, load_tokenizer, train_bpe_tokenizer
+from megatron.remoe.logs import get_logger
+
+_log = get_logger(__name__).info  # megatron.remoe.data.*: stderr (megatron/remoe/logs.py)
 
 
 @dataclass

@@ -25,7 +25,7 @@ SIDECAR_VERSION = 1
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 
 
-_IDX_HEADER = struct.Struct("<9sQBQQ")
+IDX_HEADER = struct.Struct("<9sQBQQ")
 
 
 _NP_DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
@@ -60,14 +60,14 @@ def check_indexed_files(prefix: str) -> tuple[int, int]:
             raise DataError(f"{path} not found; {fix}")
     idx_size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
-        header = f.read(_IDX_HEADER.size)
-    if len(header) < _IDX_HEADER.size:
+        header = f.read(IDX_HEADER.size)
+    if len(header) < IDX_HEADER.size:
         raise DataError(f"{idx_path} is truncated ({idx_size} bytes, header alone is "
-                        f"{_IDX_HEADER.size}); {fix}")
-    magic, version, code, n_seq, n_doc_idx = _IDX_HEADER.unpack(header)
+                        f"{IDX_HEADER.size}); {fix}")
+    magic, version, code, n_seq, n_doc_idx = IDX_HEADER.unpack(header)
     if magic != _IDX_MAGIC or version != 1 or code not in _NP_DTYPE_CODES:
         raise DataError(f"{idx_path} is not a Megatron index file (bad header); {fix}")
-    expected_idx = _IDX_HEADER.size + n_seq * (4 + 8) + n_doc_idx * 8
+    expected_idx = IDX_HEADER.size + n_seq * (4 + 8) + n_doc_idx * 8
     # Multimodal indices append one mode byte per sequence.
     if idx_size not in (expected_idx, expected_idx + n_seq):
         what = "truncated" if idx_size < expected_idx else "longer than its header says"
@@ -75,10 +75,10 @@ def check_indexed_files(prefix: str) -> tuple[int, int]:
     itemsize = np.dtype(_NP_DTYPE_CODES[code]).itemsize
     bin_size = os.path.getsize(bin_path)
     if n_seq:
-        lengths = np.memmap(idx_path, np.int32, "r", _IDX_HEADER.size, (n_seq,))
-        pointers = np.memmap(idx_path, np.int64, "r", _IDX_HEADER.size + 4 * n_seq, (n_seq,))
+        lengths = np.memmap(idx_path, np.int32, "r", IDX_HEADER.size, (n_seq,))
+        pointers = np.memmap(idx_path, np.int64, "r", IDX_HEADER.size + 4 * n_seq, (n_seq,))
         _check_index_entries(idx_path, bin_path, bin_size, lengths, pointers, itemsize, fix)
-        doc_idx = np.memmap(idx_path, np.int64, "r", _IDX_HEADER.size + 12 * n_seq, (n_doc_idx,))
+        doc_idx = np.memmap(idx_path, np.int64, "r", IDX_HEADER.size + 12 * n_seq, (n_doc_idx,))
         if n_doc_idx < 1 or doc_idx[0] != 0 or doc_idx[-1] != n_seq or \
                 (n_doc_idx > 1 and bool((np.diff(doc_idx) < 0).any())):
             raise DataError(f"{idx_path} has a corrupt document index (it must rise from 0 to "
@@ -124,7 +124,7 @@ def check_token_ids(prefix: str, vocab_size: int, full: bool = False,
     larger vocabulary; a lone bad id in a big file needs ``full``)."""
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     with open(idx_path, "rb") as f:
-        code = _IDX_HEADER.unpack(f.read(_IDX_HEADER.size))[2]
+        code = IDX_HEADER.unpack(f.read(IDX_HEADER.size))[2]
     dtype = np.dtype(_NP_DTYPE_CODES[code])
     count = os.path.getsize(bin_path) // dtype.itemsize
     if not count:
@@ -171,6 +171,6 @@ def load_indexed_dataset(prefix: str, tokenizer: Tokenizer | None = None):
     check_indexed_files(prefix)
     if tokenizer is not None:
         check_tokenizer_match(prefix, tokenizer)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: PLC0415 -- keeps megatron-core out of tokenizer workers and CLI error paths
 
     return IndexedDataset(prefix)

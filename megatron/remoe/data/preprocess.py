@@ -15,9 +15,9 @@ Guarantees:
   * ``<prefix>.meta.json`` records the tokenizer fingerprint, document and token counts and the
     domain, so :func:`load_indexed_dataset` can refuse data tokenized with another vocabulary.
 
-Reading the inputs lives in readers.py, checking and opening the written datasets in indexed.py;
-their names stay importable from here. ``megatron.core`` is imported lazily: it takes seconds to
-import, and spawned tokenizer workers (and CLI error paths) do not need it.
+Reading the inputs lives in readers.py, checking and opening the written datasets in indexed.py.
+``megatron.core`` is imported lazily: it takes seconds to import, and spawned tokenizer workers
+(and CLI error paths) do not need it.
 """
 
 from __future__ import annotations
@@ -35,28 +35,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from megatron.remoe.data.errors import DataError
-from megatron.remoe.data.indexed import (  # noqa: F401 (re-exported: this module's old contents)
-    _IDX_HEADER,
-    _IDX_MAGIC,
-    _NP_DTYPE_CODES,
-    SIDECAR_SUFFIX,
-    SIDECAR_VERSION,
-    check_indexed_files,
-    check_token_ids,
-    check_tokenizer_match,
-    load_indexed_dataset,
-    read_sidecar,
-    sidecar_path,
-)
-from megatron.remoe.data.readers import (  # noqa: F401 (re-exported)
-    JSONL_EXTS,
-    PARQUET_EXTS,
-    SUPPORTED_EXTS,
-    TEXT_EXTS,
-    TEXT_MODES,
-    read_documents,
-    resolve_inputs,
-)
+from megatron.remoe.data.indexed import SIDECAR_SUFFIX, SIDECAR_VERSION
+from megatron.remoe.data.readers import TEXT_MODES, read_documents, resolve_inputs
 from megatron.remoe.data.tokenizer import Tokenizer
 
 
@@ -241,7 +221,7 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------
 def token_dtype(vocab_size: int) -> type:
     """uint16 when every id fits (as Megatron's own preprocess_data.py picks), else int32."""
-    from megatron.core.datasets.indexed_dataset import DType
+    from megatron.core.datasets.indexed_dataset import DType  # noqa: PLC0415 -- not in tokenizer workers
 
     return DType.optimal_dtype(vocab_size)
 
@@ -253,12 +233,13 @@ def _tmp_prefix(prefix: str) -> str:
 
 def _write_one(job: PreprocessJob, tokenizer: Tokenizer, config: PreprocessConfig,
                encoder: _ChunkEncoder, tmp: str, dtype: type) -> DatasetInfo:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: PLC0415 -- not in workers
 
     inputs = resolve_inputs(job.inputs)
     total = sum(os.path.getsize(p) for p in inputs if os.path.isfile(p)) or None
     progress = _Progress(job.label or job.domain, total, config.progress)
-    docs = (d for path in inputs for d in read_documents(path, config))
+    docs = (d for path in inputs
+            for d in read_documents(path, config.json_key, config.text_mode, config.hf_split))
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     try:
         for texts, flat, lengths in encoder.encode(_chunks(docs, config.chunk_docs, config.chunk_chars)):

@@ -8,15 +8,11 @@ import gzip
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from megatron.remoe.data.errors import DataError
 
 JSONL_EXTS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-
-if TYPE_CHECKING:  # the config class lives with the writer, which imports this module
-    from megatron.remoe.data.preprocess import PreprocessConfig
-
 
 TEXT_EXTS = (".txt", ".md", ".text", ".txt.gz")
 
@@ -126,7 +122,7 @@ def _iter_text(path: str, mode: str) -> Iterator[str]:
 
 def _iter_parquet(path: str, key: str) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # noqa: PLC0415 -- optional extra
     except ImportError:
         raise DataError(f"reading {path!r} needs pyarrow; fix: pip install pyarrow") from None
     pf = pq.ParquetFile(path)
@@ -140,7 +136,7 @@ def _iter_parquet(path: str, key: str) -> Iterator[str]:
 
 def _iter_hf(spec: str, key: str, split: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 -- optional extra
     except ImportError:
         raise DataError(f"reading {spec!r} needs the 'datasets' package; fix: pip install datasets") from None
     if spec.startswith("hf:"):
@@ -163,14 +159,19 @@ def _iter_hf(spec: str, key: str, split: str) -> Iterator[str]:
         yield from (t for t in batch[key] if t is not None)
 
 
-def read_documents(path: str, config: PreprocessConfig) -> Iterator[str]:
-    """Yield the documents of one resolved input, in file order (empty documents skipped)."""
+def read_documents(path: str, json_key: str = "text", text_mode: str = "file",
+                   hf_split: str = "train") -> Iterator[str]:
+    """Yield the documents of one resolved input, in file order (empty documents skipped).
+
+    `json_key`: the text field of JSONL records, parquet files and HF datasets; `text_mode`: file
+    (a text file is one document) or paragraph (each blank-line separated paragraph is one);
+    `hf_split`: the split of an HF dataset."""
     if path.startswith("hf:") or _is_hf_disk_dataset(path):
-        docs = _iter_hf(path, config.json_key, config.hf_split)
+        docs = _iter_hf(path, json_key, hf_split)
     elif _has_ext(path, JSONL_EXTS):
-        docs = _iter_jsonl(path, config.json_key)
+        docs = _iter_jsonl(path, json_key)
     elif _has_ext(path, PARQUET_EXTS):
-        docs = _iter_parquet(path, config.json_key)
+        docs = _iter_parquet(path, json_key)
     else:
-        docs = _iter_text(path, config.text_mode)
+        docs = _iter_text(path, text_mode)
     return (d for d in docs if d)

@@ -7,8 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron.remoe.dial import DialError, make_dial, relu_routers, set_dial
+from megatron.remoe.dial import DialError, make_dial
 from megatron.remoe.dial_calibration.measure import Evaluator
+from megatron.remoe.router import relu_routers, set_dial
 
 
 def count_at(gates: torch.Tensor, tau: float, cap: Optional[int]) -> float:

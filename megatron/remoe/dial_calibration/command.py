@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
 
-from megatron.remoe.dial import make_dial, relu_routers
+from megatron.remoe.analysis import AnalysisError
+from megatron.remoe.data.errors import DataError
+from megatron.remoe.dial import make_dial
 from megatron.remoe.dial_calibration.calibrate import calibrate
 from megatron.remoe.dial_calibration.inputs import (
     DialUsageError,
@@ -29,7 +33,12 @@ from megatron.remoe.dial_calibration.inputs import (
 )
 from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator
 from megatron.remoe.dial_calibration.sweep import sweep_figure, sweep_relu, sweep_topk, write_csv
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.evaluation import EvaluationError
+from megatron.remoe.hf.errors import ConversionError
 from megatron.remoe.logs import configure, get_logger
+from megatron.remoe.router import relu_routers
+from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
 logger = get_logger(__name__)
 
@@ -205,8 +214,6 @@ class Undialled:
 def undialled(args, log: Callable) -> Undialled:
     """Load the model, check the arguments against it, pick the held-out tokens and measure the
     model as trained (tau = 0)."""
-    from megatron.remoe.hf.convert import ConversionError
-
     try:
         lm = load_model(args.load, args.tokenizer, log=log)
     except ConversionError as e:
@@ -321,9 +328,6 @@ def run_sweep(args, u: Undialled, t_start: float, log: Callable) -> dict:
 
 
 def _quiet() -> None:
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -338,10 +342,6 @@ def main(argv: Optional[list] = None, prog: str = "remoe dial") -> int:
         raise DialUsageError(message)
 
     parser.error = error
-    from megatron.remoe.analysis import AnalysisError
-    from megatron.remoe.config import ConfigError
-    from megatron.remoe.data.errors import DataError
-    from megatron.remoe.evaluation import EvaluationError
 
     try:
         args = parser.parse_args(argv)
@@ -349,7 +349,6 @@ def main(argv: Optional[list] = None, prog: str = "remoe dial") -> int:
         _quiet()
         if args.threads:
             torch.set_num_threads(args.threads)
-        from megatron.remoe.training.distributed import ParallelConfig, destroy_distributed, init_distributed
 
         if "WORLD_SIZE" not in os.environ:
             os.environ.pop("MASTER_PORT", None)

@@ -11,8 +11,16 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from megatron.remoe.dial import set_dial
+from megatron.remoe import analysis as A
+from megatron.remoe import evaluation as ev
+from megatron.remoe.analysis import EvalTokens
+from megatron.remoe.data.tokenizer import load_tokenizer
+from megatron.remoe.hf.configs import transformer_config_from_hf
+from megatron.remoe.hf.folders import load_hf_folder
+from megatron.remoe.hf.to_hf import load_megatron_checkpoint
+from megatron.remoe.hf.to_megatron import hf_to_megatron
 from megatron.remoe.logs import get_logger
+from megatron.remoe.router import set_dial
 
 logger = get_logger(__name__)
 
@@ -41,20 +49,12 @@ def load_model(path: str, tokenizer: Optional[str] = None, overrides: Optional[d
                log: Callable = logger.info) -> LoadedModel:
     """A Megatron checkpoint (converter's loader) or an HF folder (hf_to_megatron), fp32, eval,
     undialled."""
-    from megatron.remoe.hf.convert import (
-        hf_to_megatron,
-        load_hf_folder,
-        load_megatron_checkpoint,
-        transformer_config_from_hf,
-    )
-
     if is_hf_folder(path):
         hf, _ = load_hf_folder(path, torch.float32)
         if overrides and "moe_router_topk" in overrides:
             hf.config.num_experts_per_tok = overrides["moe_router_topk"]
         tcfg = transformer_config_from_hf(hf.config, moe_relu_dial=None)
         model, tcfg = hf_to_megatron(hf, tcfg)
-        from megatron.remoe.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer or path) if (
             tokenizer or os.path.isfile(os.path.join(path, "tokenizer.json"))) else None
@@ -74,8 +74,6 @@ def eval_tokens_from_texts(domain_docs: dict, tokenizer, tokens_per_domain: int,
                            seq_length: int):
     """analysis.EvalTokens from {domain: [documents]}: each document's tokens plus the
     end-of-document token, the first `tokens_per_domain` per domain, cut into windows."""
-    from megatron.remoe.analysis import EvalTokens
-
     names, seqs, seq_dom = [], [], []
     for d, (name, docs) in enumerate(sorted(domain_docs.items())):
         stream: list = []
@@ -98,9 +96,6 @@ def eval_tokens_from_texts(domain_docs: dict, tokenizer, tokens_per_domain: int,
 
 def held_out_tokens(args, lm: LoadedModel, log: Callable = logger.info):
     """The evaluation tokens named on the command line (or the run's own validation prefixes)."""
-    from megatron.remoe import analysis as A
-    from megatron.remoe import evaluation as ev
-
     seq = args.seq_length or lm.seq_length
     texts = _pairs(args.text, "--text")
     prefixes = _pairs(args.data, "--data")

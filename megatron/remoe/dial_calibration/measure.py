@@ -10,9 +10,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron.remoe.dial import relu_routers, set_dial
+from megatron.remoe.analysis import capture_routing
 from megatron.remoe.dial_calibration.inputs import LoadedModel
 from megatron.remoe.logs import get_logger
+from megatron.remoe.model import ModelShape, train_flops_per_token
+from megatron.remoe.router import relu_routers, set_dial
 
 logger = get_logger(__name__)
 
@@ -41,8 +43,6 @@ class DialPoint:
 
 def forward_flops(lm: LoadedModel, experts_per_token: float) -> tuple:
     """(forward FLOPs per token, of which the routed experts') at `experts_per_token`."""
-    from megatron.remoe.model import ModelShape, train_flops_per_token
-
     shape = ModelShape.of_transformer_config(lm.tcfg)
     total = train_flops_per_token(shape, lm.seq_length, lm.vocab_size, experts_per_token)["train"] / 3
     no_experts = train_flops_per_token(shape, lm.seq_length, lm.vocab_size, 0.0)["train"] / 3
@@ -58,8 +58,6 @@ class Evaluator:
 
     def run(self, capture_layers: Sequence[int] = ()):
         """-> (analysis.RoutingCapture, {layer number: its gates [N, E]} of `capture_layers`)."""
-        from megatron.remoe.analysis import capture_routing
-
         gates: dict = {n: [] for n in capture_layers}
         routers = dict(relu_routers(self.lm.model))
 

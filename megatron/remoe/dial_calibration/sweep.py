@@ -8,11 +8,12 @@ import os
 import time
 from typing import Callable, Optional, Sequence
 
-from megatron.remoe.dial import set_dial
+from megatron.remoe.analysis import pyplot
 from megatron.remoe.dial_calibration.calibrate import calibrate_global, check_reached, greedy_per_layer
 from megatron.remoe.dial_calibration.inputs import DialUsageError, load_model
 from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator
 from megatron.remoe.logs import get_logger
+from megatron.remoe.router import set_dial
 
 logger = get_logger(__name__)
 
@@ -104,9 +105,7 @@ def write_csv(path: str, points: Sequence[DialPoint]) -> None:
 
 def sweep_figure(points: Sequence[DialPoint], title: str):
     """Validation loss vs active experts per token and vs forward FLOPs per token."""
-    from megatron.remoe.analysis import _plt
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict = {}
     for p in points:

@@ -43,18 +43,18 @@ from megatron.remoe.evaluation.tasks import (
     PAPER_TASKS,
     PPL_PREFIX,
     EvaluationError,
-    _nonblank_lines,
     build_nextline_items,
     cap_documents,
     demo_corpus_texts,
     indexed_prefix_texts,
+    nonblank_lines,
     ppl_task_name,
     read_text_file,
 )
 
 __all__ = [
     "MC_TASK", "PAPER_TASKS", "PPL_PREFIX", "EvaluationError", "RoutingTally", "ScoringModel",
-    "_nonblank_lines", "build_nextline_items", "cap_documents", "count_words", "demo_corpus_texts",
+    "nonblank_lines", "build_nextline_items", "cap_documents", "count_words", "demo_corpus_texts",
     "evaluate", "have_lm_eval", "hub_reachable", "indexed_prefix_texts", "load_scoring_model",
     "make_lm_class", "native_multiple_choice", "native_perplexity", "ppl_task_name",
     "read_text_file", "results_markdown", "run_lm_eval", "write_local_tasks", "write_results",

@@ -15,7 +15,7 @@ from megatron.remoe.evaluation.tasks import MC_TASK, ppl_task_name
 
 def have_lm_eval() -> bool:
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401, PLC0415 -- optional extra (eval)
     except ImportError:
         return False
     return True
@@ -23,7 +23,7 @@ def have_lm_eval() -> bool:
 
 def make_lm_class():
     """`RemoeLM(lm_eval.api.model.LM)` wrapping a ScoringModel (built lazily: lm-eval optional)."""
-    from lm_eval.api.model import LM
+    from lm_eval.api.model import LM  # noqa: PLC0415 -- optional extra (eval)
 
     class RemoeLM(LM):
         def __init__(self, scoring_model: ScoringModel):
@@ -143,7 +143,7 @@ def _lm_eval_quiet():
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 -- optional extra (data)
 
         datasets.disable_progress_bars()
     except Exception:  # noqa: BLE001
@@ -154,8 +154,8 @@ def run_lm_eval(sm: ScoringModel, tasks: Sequence[str], task_dir: Optional[str] 
                 limit: Optional[int] = None) -> dict:
     """simple_evaluate on `tasks` (local ones found in task_dir) with RemoeLM; returns lm-eval's
     'results' dict {task: {"metric,filter": value}}."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # noqa: PLC0415 -- optional extra (eval)
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415 -- optional extra (eval)
 
     _lm_eval_quiet()
     tm = TaskManager(include_path=task_dir) if task_dir else TaskManager()
@@ -166,7 +166,7 @@ def run_lm_eval(sm: ScoringModel, tasks: Sequence[str], task_dir: Optional[str] 
     return res["results"]
 
 
-def _metric(res: dict, name: str):
+def metric_value(res: dict, name: str):
     for key, v in res.items():
         if key == name or key.startswith(name + ","):
             return v

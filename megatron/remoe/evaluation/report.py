@@ -11,9 +11,9 @@ import time
 from typing import Callable, Optional, Sequence
 
 from megatron.remoe.evaluation.harness import (
-    _metric,
     have_lm_eval,
     hub_reachable,
+    metric_value,
     run_lm_eval,
     write_local_tasks,
 )
@@ -80,8 +80,8 @@ def _local_tasks_lm_eval(sm: ScoringModel, domain_docs: dict, items: Sequence[di
     for name in names:
         r = res.get(name, {})
         if name == MC_TASK:
-            tasks[name] = {"type": "multiple_choice", "acc": _metric(r, "acc"),
-                           "acc_norm": _metric(r, "acc_norm"), "items": len(items),
+            tasks[name] = {"type": "multiple_choice", "acc": metric_value(r, "acc"),
+                           "acc_norm": metric_value(r, "acc_norm"), "items": len(items),
                            "chance": sum(1 / len(it["choices"]) for it in items) /
                            max(len(items), 1)}
             log(f"eval: {name}: acc {tasks[name]['acc']:.4f}")
@@ -89,10 +89,10 @@ def _local_tasks_lm_eval(sm: ScoringModel, domain_docs: dict, items: Sequence[di
             domain = ppl_names[name]
             docs = domain_docs[domain]
             nbytes = sum(len(d.encode("utf-8")) for d in docs)
-            bpb = _metric(r, "bits_per_byte")
+            bpb = metric_value(r, "bits_per_byte")
             tasks[name] = {"type": "perplexity", "domain": domain,
-                           "word_perplexity": _metric(r, "word_perplexity"),
-                           "byte_perplexity": _metric(r, "byte_perplexity"),
+                           "word_perplexity": metric_value(r, "word_perplexity"),
+                           "byte_perplexity": metric_value(r, "byte_perplexity"),
                            "bits_per_byte": bpb, "bytes": nbytes,
                            "tokens": sum(len(sm.encode(d)) for d in docs),
                            "words": sum(count_words(d) for d in docs)}
@@ -120,9 +120,9 @@ def _paper_tasks(sm: ScoringModel, paper_tasks: Sequence[str], paper_limit: Opti
         for t in paper_tasks:
             try:
                 r = run_lm_eval(sm, [t], limit=paper_limit).get(t, {})
-                tasks[t] = {"type": "zero_shot", "acc": _metric(r, "acc"),
-                            "acc_norm": _metric(r, "acc_norm"),
-                            "perplexity": _metric(r, "perplexity")}
+                tasks[t] = {"type": "zero_shot", "acc": metric_value(r, "acc"),
+                            "acc_norm": metric_value(r, "acc_norm"),
+                            "perplexity": metric_value(r, "perplexity")}
             except Exception as e:  # noqa: BLE001 - dataset download etc.
                 skipped[t] = " ".join(str(e).split())[:200] or type(e).__name__
                 log(f"eval: {t} skipped: {skipped[t]}")

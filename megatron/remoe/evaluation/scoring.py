@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import tokenizers
 import torch
 import torch.nn.functional as F
 
@@ -183,8 +184,7 @@ class ScoringModel:
 def load_scoring_model(model_dir: str, dtype: str = "fp32", batch_size: int = 8,
                        max_length: Optional[int] = None, device: str = "cpu") -> ScoringModel:
     """The exported folder (ReMoE through trust_remote_code) and its tokenizer.json."""
-    import tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 -- optional extra (eval)
 
     tok_file = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):

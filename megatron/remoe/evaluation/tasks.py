@@ -10,6 +10,8 @@ import re
 import zlib
 from typing import Callable, Optional, Sequence
 
+from megatron.remoe.data.corpus import build_demo_corpus
+
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "piqa",
                "race")
 
@@ -57,7 +59,6 @@ def demo_corpus_texts(corpus_dir: str, split: str = "test") -> dict:
     if not os.path.isfile(os.path.join(corpus_dir, "manifest.json")):
         if os.path.exists(corpus_dir) and os.listdir(corpus_dir):
             raise EvaluationError(f"{corpus_dir} is not a demo corpus (no manifest.json)")
-        from megatron.remoe.data.corpus import build_demo_corpus  # only to build it
 
         build_demo_corpus(corpus_dir)
     out = {}
@@ -74,7 +75,7 @@ def indexed_prefix_texts(prefix: str, decode: Callable, max_docs: int = 1000,
                          eod: Optional[int] = None) -> list:
     """Documents of a tokenized Megatron prefix (.bin/.idx), decoded back to text (end-of-document
     tokens `eod` dropped)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset  # HF-only runs skip megatron-core
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: PLC0415 -- HF-only evaluation runs do not load megatron-core
 
     if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
         raise EvaluationError(f"{prefix}.bin/.idx not found")
@@ -106,7 +107,7 @@ def cap_documents(docs: Sequence[str], max_chars: int, min_doc_chars: int = 1000
     return out
 
 
-def _nonblank_lines(doc: str) -> list:
+def nonblank_lines(doc: str) -> list:
     return [ln.rstrip() for ln in doc.split("\n") if ln.strip()]
 
 
@@ -126,7 +127,7 @@ def build_nextline_items(domain_docs: dict, items_per_domain: int = 50, num_choi
     def ok(line: str) -> bool:
         return min_line_chars <= len(line.strip()) and len(line) <= max_line_chars
 
-    lines = {d: [_nonblank_lines(doc) for doc in docs] for d, docs in domain_docs.items()}
+    lines = {d: [nonblank_lines(doc) for doc in docs] for d, docs in domain_docs.items()}
     pools = {d: [sorted(set(ln for ln in doc if ok(ln))) for doc in docs]
              for d, docs in lines.items()}
     items = []

@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch.nn.functional as F
 
+from megatron.remoe.config import is_relu_routed
 from megatron.remoe.hf.errors import ConversionError
-from megatron.remoe.hf.key_map import dims, layer_pattern
+from megatron.remoe.hf.key_map import conversion_moe_layer_pattern, dims
 from megatron.remoe.model import build_transformer_config
-from megatron.remoe.spec import is_relu_routed
 
 
 def _check_supported(tcfg) -> None:
@@ -60,7 +60,7 @@ def export_kind(tcfg) -> str:
     mixtral_like = (
         tcfg.moe_router_score_function == "softmax" and not tcfg.moe_router_pre_softmax
         and not tcfg.moe_router_enable_expert_bias and not tcfg.moe_router_topk_scaling_factor
-        and all(layer_pattern(tcfg)))
+        and all(conversion_moe_layer_pattern(tcfg)))
     return "mixtral" if mixtral_like else "remoe"
 
 
@@ -80,12 +80,12 @@ def hf_config_from_megatron(tcfg, vocab_size: int, max_position_embeddings: int,
         initializer_range=tcfg.init_method_std, tie_word_embeddings=False,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     if kind == "llama":
-        from transformers import LlamaConfig  # optional dependency
+        from transformers import LlamaConfig  # noqa: PLC0415 -- optional extra (eval)
 
         cfg = LlamaConfig(intermediate_size=tcfg.ffn_hidden_size, attention_bias=False,
                           mlp_bias=False, **common)
     elif kind == "mixtral":
-        from transformers import MixtralConfig  # optional dependency
+        from transformers import MixtralConfig  # noqa: PLC0415 -- optional extra (eval)
 
         cfg = MixtralConfig(intermediate_size=tcfg.moe_ffn_hidden_size,
                             num_local_experts=tcfg.num_moe_experts,
@@ -93,14 +93,14 @@ def hf_config_from_megatron(tcfg, vocab_size: int, max_position_embeddings: int,
                             router_aux_loss_coef=tcfg.moe_aux_loss_coeff or 0.0,
                             sliding_window=None, **common)
     elif kind == "remoe":
-        from megatron.remoe.hf.configuration_remoe import ReMoEConfig  # needs transformers
+        from megatron.remoe.hf.configuration_remoe import ReMoEConfig  # noqa: PLC0415 -- needs transformers, an optional extra (eval)
 
         relu = is_relu_routed(tcfg)
         if target_sparsity is None and relu:
             target_sparsity = tcfg.target_sparsity
         cfg = ReMoEConfig(
             intermediate_size=tcfg.ffn_hidden_size, moe_intermediate_size=tcfg.moe_ffn_hidden_size,
-            num_experts=tcfg.num_moe_experts, moe_layers=layer_pattern(tcfg),
+            num_experts=tcfg.num_moe_experts, moe_layers=conversion_moe_layer_pattern(tcfg),
             router_type="relu" if relu else "topk", num_experts_per_tok=tcfg.moe_router_topk,
             router_score_function=getattr(tcfg, "moe_router_score_function", "softmax"),
             router_pre_softmax=bool(tcfg.moe_router_pre_softmax),

@@ -108,7 +108,7 @@ def save_hf_folder(hf_model, out_dir: str, tokenizer=None, meta: Optional[dict] 
 
 def load_hf_folder(hf_dir: str, dtype: torch.dtype = torch.float32):
     """(model, kind) from an exported folder (ReMoE folders through trust_remote_code)."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # optional dependency
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 -- optional extra (eval)
 
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConversionError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from megatron.core.utils import unwrap_model
 
+from megatron.remoe.config import moe_layer_pattern
 from megatron.remoe.hf.errors import ConversionError
-from megatron.remoe.spec import moe_layer_pattern
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ def dims(tcfg) -> dict:
     return dict(heads=heads, groups=groups, head_dim=head_dim)
 
 
-def layer_pattern(tcfg) -> list:
-    """spec.moe_layer_pattern with the converter's error type and wording."""
+def conversion_moe_layer_pattern(tcfg) -> list:
+    """config.moe_layer_pattern with the converter's error type (ConversionError) and wording."""
     try:
         return moe_layer_pattern(tcfg)
     except ValueError as e:
@@ -96,7 +96,7 @@ def key_map(tcfg, kind: str, layout: Optional[str] = None) -> list:
     rules = [KeyRule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",)),
              KeyRule(("decoder.final_layernorm.weight",), ("model.norm.weight",)),
              KeyRule(("output_layer.weight",), ("lm_head.weight",))]
-    for i, moe in enumerate(layer_pattern(tcfg)):
+    for i, moe in enumerate(conversion_moe_layer_pattern(tcfg)):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         rules += [
             KeyRule((m + "self_attention.linear_qkv.weight",),

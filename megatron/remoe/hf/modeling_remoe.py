@@ -47,14 +47,14 @@ try:
 except ImportError:  # pragma: no cover
     Cache, DynamicCache = None, None
 
+import inspect
+
 from .configuration_remoe import ReMoEConfig
 
 
 def _cache_field() -> str:
     """transformers >= 5.2x passes the KV cache as `cache` (and rejects `past_key_values` next to
     it); older releases as `past_key_values`."""
-    import inspect
-
     prepare = getattr(GenerationMixin, "prepare_inputs_for_generation", None)
     try:
         params = inspect.signature(prepare).parameters if prepare else {}

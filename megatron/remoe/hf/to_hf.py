@@ -13,29 +13,28 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron.remoe.dial import set_dial
+from megatron.remoe.controller import SparsityController
 from megatron.remoe.hf.configs import export_kind, hf_config_from_megatron
 from megatron.remoe.hf.errors import ConversionError
 from megatron.remoe.hf.folders import check_output_dir, load_hf_folder, save_hf_folder
 from megatron.remoe.hf.key_map import bare_megatron, load_into, megatron_to_hf_state_dict
 from megatron.remoe.hf.parity import verify_parity
 from megatron.remoe.logs import get_logger
-from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.router import saved_controller_state
+from megatron.remoe.router import saved_controller_state, set_dial
 from megatron.remoe.training.checkpointing.offline import CheckpointLoadError, load_offline_model
 
-logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
+logger = get_logger("megatron.remoe.hf")  # the converter's progress lines
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def hf_class(kind: str):
     if kind == "llama":
-        from transformers import LlamaForCausalLM  # optional dependency
+        from transformers import LlamaForCausalLM  # noqa: PLC0415 -- optional extra (eval)
         return LlamaForCausalLM
     if kind == "mixtral":
-        from transformers import MixtralForCausalLM  # optional dependency
+        from transformers import MixtralForCausalLM  # noqa: PLC0415 -- optional extra (eval)
         return MixtralForCausalLM
-    from megatron.remoe.hf.modeling_remoe import ReMoEForCausalLM  # needs transformers
+    from megatron.remoe.hf.modeling_remoe import ReMoEForCausalLM  # noqa: PLC0415 -- needs transformers, an optional extra (eval)
     return ReMoEForCausalLM
 
 
@@ -82,7 +81,7 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
     in this single process (TP=PP=EP=1, fp32, eval), any saved layout. Needs init_distributed() first.
     `overrides`: TrainConfig fields that do not change the weights' shapes (e.g. the TopK
     `moe_router_topk` or the token dispatcher, for inference); `dial`: a compute dial (see
-    megatron.remoe.dial.set_dial) applied to the loaded model.
+    megatron.remoe.router.set_dial) applied to the loaded model.
     Returns (model, tcfg, TrainConfig, info) where info has the iteration, lambda, tokenizer,
     padded vocabulary size."""
     try:

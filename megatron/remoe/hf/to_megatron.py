@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron.remoe.controller import SparsityController
 from megatron.remoe.hf.configs import (
     hf_kind,
     rope_theta,
@@ -27,21 +28,14 @@ from megatron.remoe.hf.folders import (
 from megatron.remoe.hf.key_map import bare_megatron, hf_to_megatron_state_dict, load_into
 from megatron.remoe.logs import get_logger
 from megatron.remoe.model import build_controller
-from megatron.remoe.regularizer import SparsityController
-from megatron.remoe.training.arguments import (
-    FIELDS,
-    TrainConfig,
-    _coerce,
-    config_to_yaml,
-    finalize_config,
-    load_yaml_config,
-    transformer_config,
-)
+from megatron.remoe.training.arguments import coerce_field_value, config_to_yaml, load_yaml_config
 from megatron.remoe.training.checkpointing import save_checkpoint
 from megatron.remoe.training.checkpointing.offline import build_single_process_model
+from megatron.remoe.training.config import FIELDS, TrainConfig, transformer_config
 from megatron.remoe.training.state import build_model, build_optimizer
+from megatron.remoe.training.validation import finalize_config
 
-logger = get_logger("megatron.remoe.hf.convert")  # the converter's progress lines
+logger = get_logger("megatron.remoe.hf")  # the converter's progress lines
 
 
 def hf_to_megatron(hf_model, tcfg=None, rotary_base: Optional[float] = None):
@@ -118,11 +112,11 @@ def train_config_from_hf(hf_dir: str, hf_config, config_yaml: Optional[str] = No
         raise ConversionError(
             "this model routes post-softmax (Mixtral semantics); the trainer's topk preset is "
             "pre-softmax, so continued training would change the routing. Use "
-            "megatron.remoe.hf.convert.hf_to_megatron() with your own TransformerConfig instead")
+            "megatron.remoe.hf.to_megatron.hf_to_megatron() with your own TransformerConfig instead")
     values = _recorded_values(hf_dir, config_yaml)
     model_values = _model_values(fields, hf_config)
     for key, value in model_values.items():
-        if config_yaml and key in values and _coerce(key, values[key]) != value and \
+        if config_yaml and key in values and coerce_field_value(key, values[key]) != value and \
                 key not in ("rotary_base",):
             raise ConversionError(f"--config {config_yaml}: {key}={values[key]!r} but the HF model "
                                   f"has {key}={value!r}; fix the config")
@@ -131,7 +125,7 @@ def train_config_from_hf(hf_dir: str, hf_config, config_yaml: Optional[str] = No
     values.setdefault("train_iters", 1)
     if not values.get("tokenizer") and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         values["tokenizer"] = os.path.abspath(hf_dir)
-    values = {k: _coerce(k, v) for k, v in values.items() if k in FIELDS}
+    values = {k: coerce_field_value(k, v) for k, v in values.items() if k in FIELDS}
     # parallel layout of the saved checkpoint: one process (re-sharded on load)
     values.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                   virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,

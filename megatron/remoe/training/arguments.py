@@ -1,14 +1,13 @@
 """Training configuration from the command line: Megatron-style flags and YAML files with the same keys.
 
-Every feature of the trainer sits behind a field of `TrainConfig` (train_config.py, torchtitan style).
+Every feature of the trainer sits behind a field of `TrainConfig` (training/config.py, torchtitan style).
 The flag of a field is its name with dashes (`micro_batch_size` -> `--micro-batch-size`); a YAML file
 may spell keys either way. Precedence: dataclass defaults < `--config FILE.yaml` (and its `base:`
 chain) < flags.
 
 `parse_config(argv)` returns a validated config (validation.py holds the rules) or raises
 `ConfigError` with one line naming the value and the fix; `pretrain.main` turns that into exit code 2
-before anything is written to disk. The names of train_config.py and validation.py stay importable
-from here.
+before anything is written to disk. `TrainConfig` and its helpers live in config.py.
 """
 
 from __future__ import annotations
@@ -23,22 +22,9 @@ from typing import Optional
 
 import yaml
 
-from megatron.remoe.config import ConfigError
-from megatron.remoe.training.config import (  # noqa: F401 (re-exported: the config's old home)
-    FIELDS,
-    GROUPS,
-    TrainConfig,
-    data_parallel_size,
-    num_micro_batches,
-    transformer_config,
-)
-from megatron.remoe.training.validation import (  # noqa: F401 (re-exported)
-    check_output_dir,
-    finalize_config,
-    parse_blend,
-    resolve_derived,
-    validate,
-)
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.training.config import FIELDS, GROUPS, TrainConfig
+from megatron.remoe.training.validation import finalize_config
 
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -144,7 +130,7 @@ def load_yaml_config(path: str, _seen: Optional[set] = None) -> dict:
         merged.update(load_yaml_config(base_path, _seen))
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        hint = _close_match(unknown[0])
+        hint = closest_field_name(unknown[0])
         raise ConfigError(f"config {path}: unknown key {unknown[0]!r}"
                           + (f" (did you mean {hint!r}?)" if hint else "")
                           + "; remove it or fix the spelling")
@@ -152,12 +138,12 @@ def load_yaml_config(path: str, _seen: Optional[set] = None) -> dict:
     return merged
 
 
-def _close_match(name: str) -> Optional[str]:
+def closest_field_name(name: str) -> Optional[str]:
     match = difflib.get_close_matches(name, list(FIELDS), n=1)
     return match[0] if match else None
 
 
-def _coerce(name: str, value):
+def coerce_field_value(name: str, value):
     """YAML values to the field's type (PyYAML reads `5e-4` as a string, for instance)."""
     if value is None:
         return None
@@ -217,7 +203,7 @@ def parse_config(argv: Optional[list] = None, world_size: Optional[int] = None,
     if config_path:
         values.update(load_yaml_config(config_path))
     values.update(args)
-    values = {k: _coerce(k, v) for k, v in values.items()}
+    values = {k: coerce_field_value(k, v) for k, v in values.items()}
     cfg = TrainConfig(**values)
     return finalize_config(cfg, world_size, cuda)
 

@@ -15,6 +15,12 @@ from typing import Any, Optional
 import torch
 
 from megatron.remoe.config import ROUTERS
+from megatron.remoe.lambda_rules import (
+    CONTROLLERS,
+    PAPER_L1_COEFF_INIT,
+    PAPER_L1_COEFF_MULTIPLIER,
+    ControllerOptions,
+)
 
 GROUPS = ("model", "moe", "parallel", "batch", "optimizer", "training", "data", "checkpoint",
           "logging")
@@ -78,20 +84,24 @@ class TrainConfig:
                               "(megatron-core's SequentialMLP); GPUs ignore it", "moe",
                               choices=["grouped", "sequential"])
     moe_aux_loss_coeff: float = _f(1e-2, "TopK aux (load-balancing) loss coefficient", "moe")
-    moe_relu_l1_reg_coeff_init: float = _f(1e-8, "lambda_0 of the adaptive L1", "moe")
-    moe_relu_l1_reg_coeff_multiplier: float = _f(1.2, "alpha: lambda update factor per step",
-                                                 "moe")
+    # the lambda controller: defaults and rule names from megatron/remoe/lambda_rules.py
+    moe_relu_l1_reg_coeff_init: float = _f(PAPER_L1_COEFF_INIT, "lambda_0 of the adaptive L1",
+                                           "moe")
+    moe_relu_l1_reg_coeff_multiplier: float = _f(PAPER_L1_COEFF_MULTIPLIER,
+                                                 "alpha: lambda update factor per step", "moe")
     moe_relu_l1_reg_coeff_controller: str = _f(
-        "paper", "lambda update rule: paper (alpha^sign(target - S)); ema, deadband or pi are "
-        "steadier in Stage III on small batches (docs/training.md)", "moe",
-        choices=["paper", "ema", "deadband", "pi"])
-    moe_relu_l1_reg_coeff_ema_beta: float = _f(0.9, "ema rule: moving-average factor of the "
-                                               "sparsity", "moe")
-    moe_relu_l1_reg_coeff_deadband_z: float = _f(2.0, "deadband rule: hold lambda while |S - "
-                                                 "target| <= z * sampling noise of S", "moe")
-    moe_relu_l1_reg_coeff_pi_kp: float = _f(2.0, "pi rule: proportional gain on log lambda",
-                                            "moe")
-    moe_relu_l1_reg_coeff_pi_ki: float = _f(1.0, "pi rule: integral gain on log lambda", "moe")
+        ControllerOptions.kind, "lambda update rule: paper (alpha^sign(target - S)); ema, "
+        "deadband or pi are steadier in Stage III on small batches (docs/training.md)", "moe",
+        choices=list(CONTROLLERS))
+    moe_relu_l1_reg_coeff_ema_beta: float = _f(ControllerOptions.ema_beta, "ema rule: "
+                                               "moving-average factor of the sparsity", "moe")
+    moe_relu_l1_reg_coeff_deadband_z: float = _f(ControllerOptions.deadband_z, "deadband rule: "
+                                                 "hold lambda while |S - target| <= z * sampling "
+                                                 "noise of S", "moe")
+    moe_relu_l1_reg_coeff_pi_kp: float = _f(ControllerOptions.pi_kp, "pi rule: proportional gain "
+                                            "on log lambda", "moe")
+    moe_relu_l1_reg_coeff_pi_ki: float = _f(ControllerOptions.pi_ki, "pi rule: integral gain on "
+                                            "log lambda", "moe")
     moe_relu_target_sparsity: Optional[float] = _f(None, "target sparsity (default 1 - k/E)",
                                                    "moe")
     moe_relu_no_load_balancing: bool = _f(False, "plain L1 (paper Eq. 9) instead of the "
@@ -216,11 +226,6 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def default_ffn_hidden_size(hidden_size: int) -> int:
-    """The FFN width when `ffn_hidden_size` is not given: 4 x hidden, as in megatron-core."""
-    return 4 * hidden_size
-
-
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
     """Data-parallel ranks: the world divided by the model-parallel sizes TP * PP * CP."""
     return world_size // (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
@@ -236,7 +241,7 @@ def num_micro_batches(cfg: TrainConfig, world_size: int) -> int:
 # ------------------------------------------------------------------------------------------------
 def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool):
     """The ReMoETransformerConfig of this run (LLaMA defaults + router preset from model.py)."""
-    from megatron.remoe.model import build_transformer_config  # the layer stack: only when built
+    from megatron.remoe.model import build_transformer_config  # noqa: PLC0415 -- model loads the layer specs; flag parsing does not need them
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     fields = dict(

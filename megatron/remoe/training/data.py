@@ -17,9 +17,18 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron.remoe.config import ConfigError
-from megatron.remoe.training.arguments import TrainConfig, parse_blend
+from megatron.remoe.data.indexed import check_indexed_files, check_token_ids, check_tokenizer_match
+from megatron.remoe.data.tokenizer import load_tokenizer
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.training.config import TrainConfig
+from megatron.remoe.training.validation import parse_blend
 
 
 @dataclass
@@ -38,7 +47,6 @@ def load_run_tokenizer(cfg: TrainConfig):
     """The tokenizer of the data (megatron.remoe.data), or a stub for mock data."""
     if cfg.mock_data and not cfg.tokenizer:
         return MockTokenizer(cfg.vocab_size)
-    from megatron.remoe.data.tokenizer import load_tokenizer
 
     return load_tokenizer(cfg.tokenizer)
 
@@ -57,7 +65,6 @@ def check_data_matches_tokenizer(cfg: TrainConfig, tokenizer) -> None:
     or with --full-data-check, sampled blocks of larger ones)."""
     if cfg.mock_data:
         return
-    from megatron.remoe.data.preprocess import check_indexed_files, check_token_ids, check_tokenizer_match
 
     for name in ("data_path", "valid_data_path"):
         items = getattr(cfg, name)
@@ -81,11 +88,6 @@ def check_data_matches_tokenizer(cfg: TrainConfig, tokenizer) -> None:
 def _check_split_not_empty(cfg: TrainConfig, prefix: str, documents: int) -> None:
     """The train part of --split (and the valid part, when evaluating) must get documents of
     `prefix`; megatron-core's builder assigns round(share * documents) of them to each part."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
     parts = [("training", 0, "give the train part a non-zero share")]
     if cfg.eval_iters > 0 and not cfg.valid_data_path:
@@ -101,8 +103,6 @@ def _check_split_not_empty(cfg: TrainConfig, prefix: str, documents: int) -> Non
 
 
 def _gpt_config(cfg: TrainConfig, tokenizer, **blend_kwargs):
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
     return GPTDatasetConfig(
         random_seed=cfg.seed, sequence_length=cfg.seq_length, tokenizer=tokenizer,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
@@ -112,16 +112,13 @@ def _gpt_config(cfg: TrainConfig, tokenizer, **blend_kwargs):
 
 
 def _build(cfg: TrainConfig, tokenizer, sizes: list, **blend_kwargs):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
-
     cls = MockGPTDataset if cfg.mock_data else GPTDataset
     config = _gpt_config(cfg, tokenizer, **blend_kwargs)
     # Every rank builds (and reads) its own copy: no broadcast of batches across TP ranks needed.
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
 
 
-def _domain_names(prefixes: list) -> list:
+def domain_names_of(prefixes: list) -> list:
     names = [os.path.basename(p.rstrip("/")) or p for p in prefixes]
     if len(set(names)) != len(names):  # e.g. .../a/text_document and .../b/text_document
         names = [f"{i}_{n}" for i, n in enumerate(names)]
@@ -147,7 +144,7 @@ def build_datasets(cfg: TrainConfig, tokenizer):
         train = _build(cfg, tokenizer, [train_samples, 0, 0],
                        blend_per_split=[train_blend, None, None])[0]
         prefixes, weights = parse_blend(cfg.valid_data_path, "valid_data_path")
-        names = _domain_names(prefixes)
+        names = domain_names_of(prefixes)
         weights = weights or [1.0] * len(prefixes)
         valid = {}
         if evaluate:

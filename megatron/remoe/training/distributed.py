@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import random
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron.remoe.cpu.backend import apply_cpu_backend, cpu_backend_needed, default_backend
 
@@ -32,7 +35,6 @@ def set_parent_death_signal(signum: int) -> bool:
     on as an orphan after its launcher or trainer was killed."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
 
     try:
         return ctypes.CDLL(None, use_errno=True).prctl(1, int(signum), 0, 0, 0) == 0
@@ -67,7 +69,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, backend: str | 
         raise ValueError(
             f"world size {world} is not divisible by TP*PP*CP = {model_parallel}; "
             "change the parallel sizes or the number of processes")
-    from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -90,9 +91,6 @@ def seed_everything(seed: int) -> None:
     """Megatron-LM's seeding (python, numpy, torch, megatron-core's model-parallel RNG tracker): a
     different stream per pipeline stage (so stages do not initialise identical layers), the same
     across TP/DP ranks (CPU init then splits identical weights). Called by `init_distributed`."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
@@ -101,8 +99,6 @@ def seed_everything(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -114,8 +110,6 @@ class CollectiveFailure(RuntimeError):
     another rank most likely died (killed, out of memory, node lost) or hangs. This rank stops
     instead of waiting until the job's wall-clock limit; the message names the last checkpoint."""
 
-
-EXIT_COLLECTIVE_FAILED = 5  # process exit code for CollectiveFailure
 
 # What gloo / NCCL / the TCP store say when a peer is gone or a collective timed out.
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe",
@@ -146,7 +140,3 @@ def collective_failure(error: BaseException, where: str, last_checkpoint, load_h
         f"probably died (killed, out of memory, node failure) or hangs (--distributed-timeout-"
         f"minutes {timeout_minutes:g}); {saved}; fix: check the other ranks' logs, then resume "
         f"with {load_hint}")
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0

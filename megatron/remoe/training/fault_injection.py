@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model  # megatron-core after cpu_backend (lazy)
 
-from megatron.remoe.training.distributed import is_rank0
+from megatron.remoe.logs import is_rank0
 
 
 @dataclass
@@ -73,7 +74,6 @@ class TestHooks:
             return
         if self.nan_rank is not None and self.nan_rank != dist.get_rank():
             return
-        from megatron.core.utils import unwrap_model  # megatron-core after cpu_backend (lazy)
 
         params = list(unwrap_model(run.model)[0].named_parameters())
         name, param = next(((n, p) for n, p in params if "router" in n), params[0])

@@ -7,9 +7,9 @@ Read `TrainLoop.train` first; it is the whole loop:
                    -> evaluation (every --eval-interval) -> checkpoint (every --save-interval)
 
 The run state (model, optimizer, controller, tokenizer, counters) is built once by `setup`
-(run_state.py); the loop's own state (what the summary reads of the steps, last evaluation, last
+(state.py); the loop's own state (what the summary reads of the steps, last evaluation, last
 checkpoint) is `TrainLoop`'s; it stays the same size however long the run.
-Fault-injection hooks for the reliability tests are read once, in testing_hooks.py.
+Fault-injection hooks for the reliability tests are read once, in fault_injection.py.
 """
 
 from __future__ import annotations
@@ -20,33 +20,30 @@ import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron.remoe.compat import clear_moe_metrics
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.log_filters import fallback_note
-from megatron.remoe.logs import get_logger, info0
-from megatron.remoe.regularizer import RoutingWindow
-from megatron.remoe.training.arguments import TrainConfig, config_to_yaml
+from megatron.remoe.logs import get_logger, info0, is_rank0
+from megatron.remoe.routing_stats import RoutingWindow
+from megatron.remoe.training.arguments import config_to_yaml
 from megatron.remoe.training.checkpointing import CheckpointSaveError, save_checkpoint
+from megatron.remoe.training.config import TrainConfig
 from megatron.remoe.training.data import build_datasets, make_loader
-from megatron.remoe.training.distributed import collective_failure, is_collective_failure, is_rank0
+from megatron.remoe.training.distributed import collective_failure, is_collective_failure
 from megatron.remoe.training.metrics import MetricsLogger, format_train_line, memory_gb
-from megatron.remoe.training.nonfinite import EXIT_NONFINITE, NonFiniteError, apply_nan_policy
+from megatron.remoe.training.nonfinite import NonFiniteError, apply_nan_policy
 from megatron.remoe.training.run_lock import RunLock
 from megatron.remoe.training.signals import ExitSignalHandler
-from megatron.remoe.training.state import Run, build_model, build_optimizer, setup
+from megatron.remoe.training.state import Run, setup
 from megatron.remoe.training.step import StepResult, StopVote, forward_backward, reduce_lm_loss, train_step
-
-# the names other modules and tests import from here (tests replace setup / train_step / evaluate
-# in this module to record every step, so the loop calls them through this module's namespace)
-__all__ = ["EXIT_NONFINITE", "NonFiniteError", "Run", "build_model", "build_optimizer", "evaluate",
-           "pretrain", "setup", "train_step"]
 
 log = get_logger(__name__)
 
@@ -88,10 +85,21 @@ def evaluate(run: Run, valid_sets: dict, weights: dict) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class LoopParts:
+    """What the loop calls to build the run, take a step and evaluate: the trainer's own functions
+    by default. A caller that observes a run (the parity harness records every step) passes
+    wrappers of them here."""
+
+    setup: Callable[[TrainConfig], Run] = setup
+    train_step: Callable[..., StepResult] = train_step
+    evaluate: Callable[[Run, dict, dict], dict] = evaluate
+
+
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
-def pretrain(cfg: TrainConfig) -> dict:
+def pretrain(cfg: TrainConfig, parts: LoopParts = LoopParts()) -> dict:
     """Train for cfg.train_iters steps (resuming from --load); returns the run summary (rank 0
     also writes it as summary.json next to the metrics file).
 
@@ -106,14 +114,14 @@ def pretrain(cfg: TrainConfig) -> dict:
         handler = ExitSignalHandler()
         handler.install()  # before set-up: a signal during loading is acted on at step 1
     try:
-        return _pretrain(cfg, wall_start, handler)
+        return _pretrain(cfg, wall_start, handler, parts)
     finally:
         if handler is not None:
             handler.restore()
 
 
-def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
-    run = setup(cfg)
+def _pretrain(cfg: TrainConfig, wall_start: float, handler, parts: LoopParts) -> dict:
+    run = parts.setup(cfg)
     if is_rank0():
         _print_run(run)
     train_ds, valid_sets, weights = build_datasets(cfg, run.tokenizer)
@@ -121,7 +129,7 @@ def _pretrain(cfg: TrainConfig, wall_start: float, handler) -> dict:
         info0(log, "evaluation: off (no --valid-data-path and no --split)")
     lock = _take_run_lock(cfg)  # the first write into --save happens after this
     try:
-        loop = TrainLoop(run, wall_start, handler, lock, valid_sets, weights)
+        loop = TrainLoop(run, wall_start, handler, lock, valid_sets, weights, parts)
         return loop.run_guarded(train_ds)
     finally:
         if lock is not None:
@@ -168,9 +176,10 @@ def _take_run_lock(cfg: TrainConfig) -> Optional[RunLock]:
 class TrainLoop:
     """The outer loop and the state it carries between steps; `train` reads top to bottom."""
 
-    def __init__(self, run: Run, wall_start: float, handler, lock, valid_sets: dict, weights):
+    def __init__(self, run: Run, wall_start: float, handler, lock, valid_sets: dict, weights,
+                 parts: LoopParts = LoopParts()):
         cfg = run.cfg
-        self.run, self.cfg, self.hooks = run, cfg, run.hooks
+        self.run, self.cfg, self.hooks, self.parts = run, cfg, run.hooks, parts
         self.wall_start, self.handler, self.lock = wall_start, handler, lock
         self.valid_sets, self.weights = valid_sets, weights
         self.logger = MetricsLogger(is_rank0(), cfg.metrics_file, cfg.tensorboard_dir,
@@ -259,7 +268,7 @@ class TrainLoop:
     def timed_step(self, data_iterator) -> tuple:
         self.hooks.phase("step", self.run.iteration + 1)
         t0 = time.perf_counter()
-        result = train_step(self.run, data_iterator, self.local_stop_flags)
+        result = self.parts.train_step(self.run, data_iterator, self.local_stop_flags)
         if self.run.device.type == "cuda":
             torch.cuda.synchronize()
         self.hooks.after_step()
@@ -310,7 +319,7 @@ class TrainLoop:
         iteration = self.run.iteration
         if phase:
             self.hooks.phase("eval", iteration)
-        self.last_eval = evaluate(self.run, self.valid_sets, self.weights)
+        self.last_eval = self.parts.evaluate(self.run, self.valid_sets, self.weights)
         self.last_eval["eval_iteration"] = iteration
         self.logger.log(iteration, self.last_eval, split="valid")
         self.logger.console(_format_eval(iteration, self.last_eval))

@@ -17,6 +17,7 @@ is appended to as before (it may be shared by several runs on purpose).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -24,7 +25,10 @@ import sys
 import time
 from typing import Optional
 
-from megatron.remoe.config import ConfigError
+import psutil
+import torch
+
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 
 log = get_logger(__name__)
@@ -32,8 +36,6 @@ log = get_logger(__name__)
 
 def check_logging_backends(tensorboard_dir: Optional[str], wandb_project: Optional[str]) -> None:
     """Fail at start (not after an hour of training) when a requested backend is missing."""
-    import importlib.util
-
     if tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard-dir needs the tensorboard package; pip install "
                           "tensorboard (or the [logging] extra), or drop the flag")
@@ -67,11 +69,11 @@ class MetricsLogger:
             # append: a resumed run continues the same file
             self.jsonl = open(metrics_file, "a", encoding="utf-8")
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 -- optional extra (logging)
 
             self.tb = SummaryWriter(log_dir=tensorboard_dir)
         if wandb_project:
-            import wandb
+            import wandb  # noqa: PLC0415 -- optional extra (logging)
 
             self.wandb = wandb.init(project=wandb_project, name=wandb_exp_name,
                                     dir=wandb_save_dir, config=config, resume="allow")
@@ -171,11 +173,8 @@ def format_duration(seconds: float) -> str:
 
 def memory_gb(device) -> float:
     """Peak CUDA memory on GPU; resident set size of this process on CPU."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import psutil
 
     return psutil.Process().memory_info().rss / 2**30
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model
 
 from megatron.remoe.logs import get_logger, info0
 
@@ -20,8 +21,6 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under --nan-policy stop (or too many skipped steps): the run
     stops without saving; the message names the iteration and the per-layer statistics."""
 
-
-EXIT_NONFINITE = 3  # process exit code for NonFiniteError (2 is configuration errors)
 
 
 def _grad_buffers(model: list):
@@ -77,8 +76,6 @@ def apply_nan_policy(run, metrics: dict, last_saved) -> None:
 def _nonfinite_params(model: list) -> tuple:
     """({parameter name: layer number or None} with non-finite gradients on this rank, the layer
     numbers of this rank's model chunks)."""
-    from megatron.core.utils import unwrap_model
-
     local, numbers = {}, set()
     for chunk in unwrap_model(model):
         layer_of = {id(p): layer.layer_number

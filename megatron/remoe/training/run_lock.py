@@ -30,7 +30,9 @@ import time
 import uuid
 from typing import Optional
 
-from megatron.remoe.config import ConfigError
+import psutil
+
+from megatron.remoe.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 10.0  # how often the holder refreshes the lock's mtime
@@ -64,8 +66,6 @@ def read_lock(save_dir: str) -> Optional[dict]:
 def _pid_matches(pid: int, started: Optional[float]) -> bool:
     """Is process `pid` on this host alive and the one that took the lock (pid not reused)?"""
     try:
-        import psutil
-
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False

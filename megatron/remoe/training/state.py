@@ -14,12 +14,23 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.cpu.settings import keep_cpu_allocations, use_fused_cpu_adam
+from megatron.remoe.data.errors import DataError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.integration import attach, controller_for
 from megatron.remoe.logs import get_logger, info0
 from megatron.remoe.model import build_gpt_model, count_parameters
-from megatron.remoe.training.arguments import TrainConfig, num_micro_batches, transformer_config
 from megatron.remoe.training.checkpointing import (
     check_checkpoint_matches,
     check_writer_version,
@@ -27,7 +38,13 @@ from megatron.remoe.training.checkpointing import (
     find_loadable_checkpoint,
     load_checkpoint,
 )
-from megatron.remoe.training.data import check_data_matches_tokenizer, load_run_tokenizer, padded_vocab_size
+from megatron.remoe.training.config import TrainConfig, num_micro_batches, transformer_config
+from megatron.remoe.training.data import (
+    MockTokenizer,
+    check_data_matches_tokenizer,
+    load_run_tokenizer,
+    padded_vocab_size,
+)
 from megatron.remoe.training.distributed import ParallelConfig, init_distributed
 from megatron.remoe.training.fault_injection import TestHooks
 from megatron.remoe.training.metrics import check_logging_backends
@@ -66,10 +83,6 @@ class Run:
 
 def build_model(cfg: TrainConfig, tcfg, vocab_size: int, controller, device) -> list:
     """GPT model chunk(s) of this pipeline rank, in bf16 if asked, wrapped in megatron DDP."""
-    from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
-
     vp = cfg.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp or 1):
@@ -96,11 +109,6 @@ def build_model(cfg: TrainConfig, tcfg, vocab_size: int, controller, device) -> 
 
 def build_optimizer(cfg: TrainConfig, model: list):
     """Adam (decoupled weight decay, none on norms/biases) + warm-up/decay schedule."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megatron.remoe.cpu.settings import use_fused_cpu_adam
-
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
@@ -124,11 +132,6 @@ def build_optimizer(cfg: TrainConfig, model: list):
 
 def setup(cfg: TrainConfig) -> Run:
     """Process groups, model, optimizer, schedule, controller; resume from --load if possible."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron.remoe.cpu.settings import keep_cpu_allocations
-
     check_logging_backends(cfg.tensorboard_dir, cfg.wandb_project)
     tokenizer = _load_tokenizer(cfg)
     check_data_matches_tokenizer(cfg, tokenizer)
@@ -168,8 +171,6 @@ def setup(cfg: TrainConfig) -> Run:
 
 def _install_schedule_hooks(cfg: TrainConfig, tcfg, model: list, optimizer) -> None:
     """The hooks megatron-core's pipeline schedules call (loss scaling, gradient reduction)."""
-    from megatron.core.distributed import finalize_model_grads
-
     tcfg.grad_scale_func = optimizer.scale_loss
     tcfg.finalize_model_grads_func = finalize_model_grads
     if cfg.overlap_grad_reduce:
@@ -180,9 +181,6 @@ def _install_schedule_hooks(cfg: TrainConfig, tcfg, model: list, optimizer) -> N
 
 
 def _load_tokenizer(cfg: TrainConfig):
-    from megatron.remoe.data.errors import DataError
-    from megatron.remoe.training.data import MockTokenizer
-
     try:
         tokenizer = load_run_tokenizer(cfg)
     except DataError as e:  # missing / unreadable tokenizer directory
@@ -199,8 +197,6 @@ def _load_tokenizer(cfg: TrainConfig):
 def _check_resume_target(cfg: TrainConfig, vocab_size: int) -> None:
     """Model shape and vocabulary of the newest checkpoint in --load against this run (from its
     small common state; an unreadable one is left to the verified load, which falls back)."""
-    from megatron.core import dist_checkpointing
-
     candidates = checkpoint_candidates(cfg.load, log=lambda message: None)
     if not candidates:
         return
@@ -216,7 +212,7 @@ def _load_errors() -> tuple:
     # torch.distributed.checkpoint wraps the per-rank errors of a load in CheckpointException,
     # which derives from BaseException
     try:
-        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415 -- guarded: not in every torch version
     except ImportError:  # pragma: no cover
         return (Exception,)
     return (Exception, CheckpointException)

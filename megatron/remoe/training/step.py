@@ -19,10 +19,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron.remoe.compat import report_moe_metrics
-from megatron.remoe.regularizer import RoutingStats
-from megatron.remoe.spec import is_relu_routed
+from megatron.remoe.config import is_relu_routed
+from megatron.remoe.routing_stats import RoutingStats
 from megatron.remoe.training.nonfinite import grads_nonfinite
 from megatron.remoe.training.signals import agree
 
@@ -72,8 +74,6 @@ def make_forward_step(device: torch.device, cp_size: int):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()
                  if torch.is_tensor(v)}
         if cp_size > 1:
-            from megatron.core.utils import get_batch_on_this_cp_rank
-
             batch = get_batch_on_this_cp_rank(batch)
         # causal attention without an explicit mask; non-first pipeline stages ignore the tokens
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -84,8 +84,6 @@ def make_forward_step(device: torch.device, cp_size: int):
 
 def reduce_lm_loss(losses_reduced: list, device) -> float:
     """Mean token loss of the global batch, on every rank (computed on the last stage)."""
-    from megatron.core import parallel_state
-
     total = torch.zeros(2, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in losses_reduced:

@@ -14,13 +14,10 @@ from typing import Optional
 
 import torch
 
-from megatron.remoe.config import ConfigError, check_topk_range
-from megatron.remoe.training.config import (
-    TrainConfig,
-    data_parallel_size,
-    default_ffn_hidden_size,
-    transformer_config,
-)
+from megatron.remoe.config import check_topk_range, default_ffn_hidden_size
+from megatron.remoe.cpu.settings import cpu_bf16_supported
+from megatron.remoe.errors import ConfigError
+from megatron.remoe.training.config import TrainConfig, data_parallel_size, transformer_config
 
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters")
 POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -195,13 +192,11 @@ def check_moe(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
 def check_implementation(cfg: TrainConfig, cuda: bool) -> None:
     """This machine can run the chosen precision and layer implementation; recompute is coherent."""
     if cfg.bf16 and not cuda:
-        from megatron.remoe.cpu.settings import cpu_bf16_supported  # only for bf16 on CPU
-
         if not cpu_bf16_supported():
             raise ConfigError("bf16 on CPU needs native bf16 arithmetic (AVX512-BF16 or AMX), "
                               "which this CPU lacks; pass --no-bf16 on this machine")
     if cfg.transformer_impl == "transformer_engine":
-        from megatron.remoe.spec import have_transformer_engine  # spec imports the layer stack
+        from megatron.remoe.spec import have_transformer_engine  # noqa: PLC0415 -- spec loads the layer specs; flag parsing does not need them
 
         if not have_transformer_engine():
             raise ConfigError("transformer_impl=transformer_engine but Transformer Engine is not "

@@ -35,6 +35,7 @@ imported inside the functions that use them, so offline tools that only find and
 checkpoints do not load the training stack.
 """
 
+from megatron.remoe.errors import EXIT_SAVE_FAILED
 from megatron.remoe.training.checkpointing.directory import (
     checkpoint_candidates,
     find_latest_checkpoint,
@@ -47,8 +48,8 @@ from megatron.remoe.training.checkpointing.files import (
     COMMON_PT,
     MANIFEST,
     TRACKER,
-    _describe_files,
     check_writer_version,
+    describe_files,
     iteration_dir,
     verify_checkpoint,
     verify_checkpoint_distributed,
@@ -63,12 +64,12 @@ from megatron.remoe.training.checkpointing.load import (
     read_checkpoint_config,
     single_process_config,
 )
-from megatron.remoe.training.checkpointing.save import EXIT_SAVE_FAILED, CheckpointSaveError, save_checkpoint
+from megatron.remoe.training.checkpointing.save import CheckpointSaveError, save_checkpoint
 from megatron.remoe.training.checkpointing.state import load_sharded, sharded_metadata
 
 __all__ = [
     "CHECKPOINT_VERSION", "COMMON_PT", "EXIT_SAVE_FAILED", "MANIFEST", "MODEL_SHAPE_FIELDS", "TRACKER",
-    "CheckpointSaveError", "_describe_files", "check_checkpoint_matches", "check_model_shape",
+    "CheckpointSaveError", "describe_files", "check_checkpoint_matches", "check_model_shape",
     "check_writer_version", "checkpoint_candidates", "find_latest_checkpoint",
     "find_loadable_checkpoint", "iteration_dir", "load_checkpoint", "load_common_state",
     "load_sharded",

@@ -7,15 +7,15 @@ import os
 import shutil
 from typing import Optional
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 from megatron.remoe.training.checkpointing.files import (
-    _ITER_DIR,
-    _TMP_DIR,
     COMMON_PT,
+    ITER_DIR_RE,
+    TMP_DIR_RE,
     TRACKER,
-    _rank,
     iteration_dir,
+    this_rank,
     verify_checkpoint,
     verify_checkpoint_distributed,
 )
@@ -23,16 +23,16 @@ from megatron.remoe.training.checkpointing.files import (
 logger = get_logger(__name__)
 
 
-def _complete_iterations(root: str) -> list:
+def complete_iterations(root: str) -> list:
     return sorted(int(m.group(1)) for name in os.listdir(root)
-                  if (m := _ITER_DIR.match(name)) and os.path.isdir(os.path.join(root, name)))
+                  if (m := ITER_DIR_RE.match(name)) and os.path.isdir(os.path.join(root, name)))
 
 
 def checkpoint_candidates(root: str, log=logger.info) -> list:
     """Complete checkpoint directories in `root`, newest first (tracker inconsistencies noted)."""
     if not root or not os.path.isdir(root):
         return []
-    complete = _complete_iterations(root)
+    complete = complete_iterations(root)
     tracker = os.path.join(root, TRACKER)
     if os.path.isfile(tracker):
         with open(tracker, encoding="utf-8") as fh:
@@ -71,13 +71,13 @@ def find_loadable_checkpoint(root: str, log=logger.info, checksums: bool = True,
                              skip: tuple = ()) -> Optional[str]:
     """find_latest_checkpoint for a running job: the files are verified in parallel by all ranks
     and every rank returns the same directory. `skip`: directories known not to load."""
-    for path in checkpoint_candidates(root, log if _rank() == 0 else (lambda m: None)):
+    for path in checkpoint_candidates(root, log if this_rank() == 0 else (lambda m: None)):
         if path in skip:
             continue
         reason = verify_checkpoint_distributed(path, checksums)
         if reason is None:
             return path
-        if _rank() == 0:
+        if this_rank() == 0:
             _warn_corrupt(log, path, reason)
     return None
 
@@ -96,7 +96,7 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None, log=logger.in
     if iteration is not None:
         path = iteration_dir(load, iteration)
         if not os.path.isdir(path):
-            have = [os.path.basename(iteration_dir(load, it)) for it in _complete_iterations(load)]
+            have = [os.path.basename(iteration_dir(load, it)) for it in complete_iterations(load)]
             raise ConfigError(f"no checkpoint for iteration {iteration} in {load} "
                               f"(have: {', '.join(have) or 'none'})")
         return path
@@ -113,7 +113,7 @@ def prune_checkpoints(root: str, keep: int, log=logger.info) -> list:
     Never deletes anything when fewer than `keep` checkpoints verify. Returns the deleted paths."""
     if keep < 1 or not os.path.isdir(root):
         return []
-    complete = _complete_iterations(root)
+    complete = complete_iterations(root)
     kept = []
     for it in reversed(complete):
         if verify_checkpoint(iteration_dir(root, it), checksums=False) is None:
@@ -133,7 +133,7 @@ def prune_checkpoints(root: str, keep: int, log=logger.info) -> list:
                 deleted.append(path)
     newest = complete[-1] if complete else None
     for name in os.listdir(root):
-        m = _TMP_DIR.match(name)
+        m = TMP_DIR_RE.match(name)
         if m and newest is not None and (int(m.group(1)) < newest or m.group(2) == "deleting"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if deleted:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron.remoe import __version__
 from megatron.remoe.compat import mcore_version_string, reads_checkpoint_of, writes_common_pt
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -28,26 +28,26 @@ COMMON_PT = "common.pt"  # megatron-core < 0.19's file of the common state (comp
 CHECKPOINT_VERSION = 1
 
 
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+ITER_DIR_RE = re.compile(r"^iter_(\d{7})$")
 
 
-_TMP_DIR = re.compile(r"^iter_(\d{7})\.(tmp|deleting)$")
+TMP_DIR_RE = re.compile(r"^iter_(\d{7})\.(tmp|deleting)$")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _rank() -> int:
+def this_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def _list_files(directory: str) -> list:
+def list_files(directory: str) -> list:
     """Relative paths of the regular files under `directory`, sorted."""
     out = []
     for base, _, files in os.walk(directory):
@@ -67,13 +67,13 @@ def _crc32(path: str, chunk: int = 1 << 24) -> str:
     return f"{crc & 0xFFFFFFFF:08x}"
 
 
-def _my_share(names: list) -> list:
+def my_share(names: list) -> list:
     """This rank's part of a file list (round robin): ranks hash/verify in parallel."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return names[_rank()::world]
+    return names[this_rank()::world]
 
 
-def _describe_files(directory: str, names: list, checksums: bool) -> dict:
+def describe_files(directory: str, names: list, checksums: bool) -> dict:
     out = {}
     for name in names:
         path = os.path.join(directory, name)
@@ -83,7 +83,7 @@ def _describe_files(directory: str, names: list, checksums: bool) -> dict:
     return out
 
 
-def _all_gather_dicts(mine: dict) -> dict:
+def all_gather_dicts(mine: dict) -> dict:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     parts = [None] * dist.get_world_size()
@@ -135,7 +135,7 @@ def _manifest_names(path: str) -> list:
 def verify_checkpoint_distributed(path: str, checksums: bool = True) -> Optional[str]:
     """verify_checkpoint with the files split over all ranks; every rank gets the same answer."""
     names = _manifest_names(path)
-    reason = verify_checkpoint(path, checksums, _my_share(names)) if names else \
+    reason = verify_checkpoint(path, checksums, my_share(names)) if names else \
         verify_checkpoint(path, checksums)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return reason
@@ -144,7 +144,7 @@ def verify_checkpoint_distributed(path: str, checksums: bool = True) -> Optional
     return next((r for r in reasons if r), None)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -8,16 +8,18 @@ import os
 from typing import Optional
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.utils import unwrap_model
 
-from megatron.remoe.config import ConfigError
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 from megatron.remoe.training.checkpointing.files import check_writer_version
 from megatron.remoe.training.checkpointing.state import (
-    _layout,
-    _restore_torch_adam_steps,
-    _set_rng_state,
-    _state_dict,
+    build_state_dict,
     load_sharded,
+    parallel_layout,
+    restore_rng_state,
+    restore_torch_adam_steps,
     sharded_metadata,
 )
 from megatron.remoe.training.config import FIELDS, TrainConfig
@@ -35,8 +37,6 @@ _MOE_ONLY_FIELDS = ("num_experts", "moe_granularity", "moe_layer_freq")
 
 def load_common_state(path: str) -> dict:
     """The common (non-sharded) state of checkpoint `path`, after the writer-version check."""
-    from megatron.core import dist_checkpointing
-
     check_writer_version(path)
     return dist_checkpointing.load_common_state_dict(path)
 
@@ -110,8 +110,8 @@ def check_model_shape(path: str, saved: dict, cfg) -> None:
                 f"--config {os.path.join(path, 'config.yaml')}), or use another --load directory")
 
 
-def _check_optimizer_reshardable(path, saved: dict, now: dict, saved_cfg: dict, cfg,
-                                 metadata: dict) -> None:
+def check_optimizer_reshardable(path, saved: dict, now: dict, saved_cfg: dict, cfg,
+                                metadata: dict) -> None:
     """Refuse (with the fix) the layout changes whose optimizer state megatron-core cannot map."""
     fix = (f"resume with --no-load-optim (weights, lambda, scheduler position and data position "
            f"are still restored; Adam moments restart), or use the saved layout {saved}")
@@ -151,23 +151,20 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
     (or padded vocabulary, `vocab_size`) raises ConfigError before any tensor is read. The
     sparsity controller's state comes with the model (its routers' `_extra_state`) and is then
     synced to every rank."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.utils import unwrap_model
-
     common = load_common_state(path)
     check_checkpoint_matches(path, common, cfg, vocab_size)
     metadata = dist_checkpointing.load_content_metadata(path) or sharded_metadata()
-    saved, now = common.get("layout") or {}, _layout(cfg)
+    saved, now = common.get("layout") or {}, parallel_layout(cfg)
     same_layout = saved == now
     if not cfg.no_load_optim:
-        _check_optimizer_reshardable(path, saved, now, common.get("config") or {}, cfg, metadata)
+        check_optimizer_reshardable(path, saved, now, common.get("config") or {}, cfg, metadata)
     with_rng = same_layout and not cfg.no_load_rng
     if not same_layout and not cfg.no_load_rng:
-        log(f"checkpoint: parallel layout changed ({common.get('layout')} -> {_layout(cfg)}): "
+        log(f"checkpoint: parallel layout changed ({common.get('layout')} -> {parallel_layout(cfg)}): "
             "the state is re-sharded, RNG states are not restored")
     with_optimizer = not cfg.no_load_optim
-    sd = _state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer,
-                     with_rng=with_rng, metadata=metadata)
+    sd = build_state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer,
+                          with_rng=with_rng, metadata=metadata)
     state = load_sharded(sd, path, common)
     model = unwrap_model(model)
     if len(model) == 1:
@@ -181,12 +178,12 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
         # of the (grad-requiring) model params; autograd refuses that in-place copy otherwise
         with torch.no_grad():
             optimizer.load_state_dict(state["optimizer"])
-        _restore_torch_adam_steps(optimizer, state["optimizer"])
+        restore_torch_adam_steps(optimizer, state["optimizer"])
     else:
         # fresh optimizer: the fp32 master weights must follow the loaded model weights
         optimizer.reload_model_params()
     if with_rng:
-        _set_rng_state(state["rng_state"])
+        restore_rng_state(state["rng_state"])
     if controller is not None:  # the routers loaded its state; ranks without routers get it too
         controller.sync_state()
     return common

@@ -20,11 +20,10 @@ from typing import Any, Callable, Optional
 
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from megatron.remoe.config import ConfigError
 from megatron.remoe.data.tokenizer import load_tokenizer
+from megatron.remoe.errors import ConfigError
 from megatron.remoe.logs import get_logger
 from megatron.remoe.model import build_gpt_model
-from megatron.remoe.training.arguments import TrainConfig, transformer_config
 from megatron.remoe.training.checkpointing import (
     load_sharded,
     read_checkpoint_config,
@@ -32,6 +31,7 @@ from megatron.remoe.training.checkpointing import (
     sharded_metadata,
     single_process_config,
 )
+from megatron.remoe.training.config import TrainConfig, transformer_config
 from megatron.remoe.training.data import padded_vocab_size
 
 logger = get_logger(__name__)

@@ -16,24 +16,28 @@ import time
 from typing import Optional
 
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron.remoe.logs import get_logger
-from megatron.remoe.training.checkpointing.directory import _complete_iterations, prune_checkpoints
+from megatron.remoe.training.checkpointing.directory import complete_iterations, prune_checkpoints
 from megatron.remoe.training.checkpointing.files import (
     CHECKPOINT_VERSION,
     MANIFEST,
     TRACKER,
-    _all_gather_dicts,
-    _barrier,
-    _describe_files,
-    _fsync_dir,
-    _list_files,
-    _my_share,
-    _rank,
+    all_gather_dicts,
+    barrier,
+    describe_files,
+    fsync_dir,
     iteration_dir,
+    list_files,
+    my_share,
+    this_rank,
     writer_versions,
 )
-from megatron.remoe.training.checkpointing.state import _layout, _state_dict, sharded_metadata
+from megatron.remoe.training.checkpointing.state import build_state_dict, parallel_layout, sharded_metadata
+from megatron.remoe.training.distributed import set_parent_death_signal
 
 logger = get_logger(__name__)
 
@@ -43,8 +47,6 @@ class CheckpointSaveError(RuntimeError):
     every rank together; the partial directory was removed (never renamed to iter_XXXXXXX) and
     the previous checkpoint and the tracker are untouched."""
 
-
-EXIT_SAVE_FAILED = 4  # process exit code for CheckpointSaveError
 
 
 def _error_text(error: BaseException) -> str:
@@ -87,13 +89,13 @@ def _first_error(mine: Optional[str]) -> Optional[str]:
 
 
 def _save_failed(root: str, iteration: int, tmp: str, error: str) -> CheckpointSaveError:
-    if _rank() == 0:
+    if this_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             os.remove(os.path.join(root, TRACKER + ".tmp"))
         except OSError:
             pass
-    done = _complete_iterations(root) if os.path.isdir(root) else []
+    done = complete_iterations(root) if os.path.isdir(root) else []
     if iteration in done:  # renamed before the tracker update failed: complete and verifiable
         state = (f"{iteration_dir(root, iteration)} is complete but the tracker was not "
                  "updated (--load finds it)")
@@ -131,7 +133,7 @@ def _in_process_write_results() -> None:
     that outlives a killed trainer as an orphan (~275 MB each). Writer and reader are this
     process in a synchronous save, so a plain in-process queue does the same job."""
     try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: PLC0415 -- guarded: not in every megatron-core version
     except ImportError:  # pragma: no cover
         return
     if getattr(filesystem_async, "_results_queue", 0) is None:
@@ -148,7 +150,6 @@ def _children_die_with_parent() -> None:
     global _DIE_WITH_PARENT_REGISTERED
     if _DIE_WITH_PARENT_REGISTERED or not sys.platform.startswith("linux"):
         return
-    from megatron.remoe.training.distributed import set_parent_death_signal
 
     forking = [os.getpid()]
 
@@ -169,7 +170,7 @@ def _test_hook_pause(iteration: int, stage: str) -> None:
     that iteration (stage 'shards': shards written into .tmp, no manifest yet; 'rename': directory
     renamed, tracker not yet updated) so that a test can kill -9 it there."""
     want = os.environ.get("REMOE_TEST_HOOK_SAVE_PAUSE")
-    if not want or want != f"{iteration}:{stage}" or _rank() != 0:
+    if not want or want != f"{iteration}:{stage}" or this_rank() != 0:
         return
     logger.info(f"test-hook: save of iteration {iteration} paused at stage {stage}")
     time.sleep(600)
@@ -183,7 +184,7 @@ def _test_hook_fail(iteration: int, stage: str):
     and 'tracker' where rank 0 writes those files."""
     want = (os.environ.get("REMOE_TEST_HOOK_SAVE_FAIL") or "").split(":")
     if len(want) < 3 or want[:2] != [str(iteration), stage] or \
-            _rank() != int(want[3] if len(want) > 3 else 0):
+            this_rank() != int(want[3] if len(want) > 3 else 0):
         yield
         return
     code = getattr(errno, want[2])
@@ -193,7 +194,6 @@ def _test_hook_fail(iteration: int, stage: str):
 
     if stage != "shards":
         fail()
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     real = filesystem_async._write_item
     filesystem_async._write_item = fail
@@ -216,12 +216,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
     rank after the ranks agreed on it (no rank is left waiting in a collective); the partial
     checkpoint is removed and the previous one stays the newest.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
     final, tmp = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
     error = None
-    if _rank() == 0:
+    if this_rank() == 0:
         try:
             os.makedirs(root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
@@ -230,13 +227,13 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
             error = _error_text(e)
     _fail_together(error, root, iteration, tmp)
     metadata = sharded_metadata()
-    sd = _state_dict(model, optimizer, is_loading=False, with_optimizer=True,
-                     with_rng=True, metadata=metadata)
+    sd = build_state_dict(model, optimizer, is_loading=False, with_optimizer=True,
+                          with_rng=True, metadata=metadata)
     # common (non-sharded) state: written once by rank 0, identical on every rank
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
               opt_param_scheduler=scheduler.state_dict(),
               checkpoint_version=CHECKPOINT_VERSION, writer=writer_versions(),
-              layout=_layout(cfg), config=cfg.to_dict())
+              layout=parallel_layout(cfg), config=cfg.to_dict())
     sd.update(extra_common or {})
     _in_process_write_results()
     _children_die_with_parent()
@@ -250,31 +247,31 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
     _test_hook_pause(iteration, "shards")
     # every rank describes (size, CRC32) its share of the files; rank 0 writes the manifest
     try:
-        if _rank() == 0:
+        if this_rank() == 0:
             with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as fh:
                 fh.write(config_yaml)
-        _barrier()
-        names = [n for n in _list_files(tmp) if n != MANIFEST]
+        barrier()
+        names = [n for n in list_files(tmp) if n != MANIFEST]
         checksums = getattr(cfg, "checkpoint_checksums", True)
-        files = _describe_files(tmp, _my_share(names), checksums)
+        files = describe_files(tmp, my_share(names), checksums)
     except OSError as e:
         files, error = {}, _error_text(e)
     _fail_together(error, root, iteration, tmp)
-    files = _all_gather_dicts(files)
-    if _rank() == 0:
+    files = all_gather_dicts(files)
+    if this_rank() == 0:
         try:
             _publish(root, iteration, tmp, final, files)
         except OSError as e:
             error = _error_text(e)
     _fail_together(error, root, iteration, tmp)
     keep = getattr(cfg, "keep_last_n_checkpoints", None)
-    if keep and _rank() == 0:
+    if keep and this_rank() == 0:
         try:
             prune_checkpoints(root, keep, log=log or (lambda m: None))
         except OSError as e:  # the new checkpoint is complete: retention can wait for the next save
             (log or logger.info)(f"checkpoint: WARNING: removing old checkpoints failed "
                            f"({_error_text(e)}); they are kept")
-    _barrier()
+    barrier()
     return final
 
 
@@ -287,14 +284,14 @@ def _publish(root: str, iteration: int, tmp: str, final: str, files: dict) -> No
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if os.path.exists(final):  # re-saving the same iteration: move the old one out first
         old = final + ".deleting"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _test_hook_pause(iteration, "rename")
     tracker_tmp = os.path.join(root, TRACKER + ".tmp")
     with _test_hook_fail(iteration, "tracker"):
@@ -303,6 +300,6 @@ def _publish(root: str, iteration: int, tmp: str, final: str, files: dict) -> No
             fh.flush()
             os.fsync(fh.fileno())
     os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    _fsync_dir(root)
+    fsync_dir(root)
     if old:
         shutil.rmtree(old, ignore_errors=True)

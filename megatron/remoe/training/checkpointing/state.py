@@ -9,8 +9,15 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
+from megatron.core.optimizer import distrib_optimizer
+from megatron.core.utils import unwrap_model
 
-from megatron.remoe.training.checkpointing.files import _rank
+from megatron.remoe.controller import SparsityController
+from megatron.remoe.spec import MOE_NORM_KEY_MAP
+from megatron.remoe.training.checkpointing.files import this_rank
 
 
 def sharded_metadata() -> dict:
@@ -23,14 +30,12 @@ def sharded_metadata() -> dict:
     torch Adam's per-parameter 'step') and its 'fully_sharded_model_space' is unsupported, so we use
     'dp_reshardable' there: re-shardable across DP only (model weights always re-shard).
     """
-    from megatron.core.optimizer import distrib_optimizer
-
     kind = "fully_reshardable" if distrib_optimizer.HAVE_APEX_OR_TE else "dp_reshardable"
     return {"distrib_optim_sharding_type": kind, "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True}
 
 
-def _layout(cfg) -> dict:
+def parallel_layout(cfg) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {"world_size": world, "tp": cfg.tensor_model_parallel_size,
             "pp": cfg.pipeline_model_parallel_size, "vp": cfg.virtual_pipeline_model_parallel_size,
@@ -38,8 +43,6 @@ def _layout(cfg) -> dict:
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state(),
              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -50,9 +53,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
+def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -63,10 +64,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _rng_sharded(rng: Optional[dict]):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return ShardedObject("rng_state", rng, (world,), (_rank(),), replica_id=0)
+    return ShardedObject("rng_state", rng, (world,), (this_rank(),), replica_id=0)
 
 
 def _prime_empty_optimizer_state(optimizer) -> None:
@@ -74,8 +73,6 @@ def _prime_empty_optimizer_state(optimizer) -> None:
     whose state is empty until the first step, and `state_dict()` (called while building the
     loading state dict) asserts on a missing 'step'. Allocate zero state with step 0 first; the
     load then overwrites all of it (step included) from the checkpoint."""
-    from megatron.core.optimizer import distrib_optimizer
-
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -88,14 +85,12 @@ def _prime_empty_optimizer_state(optimizer) -> None:
                                           "step": torch.tensor(0.0)}
 
 
-def _restore_torch_adam_steps(optimizer, loaded) -> None:
+def restore_torch_adam_steps(optimizer, loaded) -> None:
     """Without Transformer Engine / Apex, megatron-core 0.16's DistributedOptimizer loads torch
     Adam's 'step' as ONE tensor shared by every parameter and leaves it at a stale value (0 after
     loading a step-3 checkpoint), so the updates after a resume used the wrong Adam bias
     correction (found by tests/training/test_parity.py, exact resume). Give every parameter its own step
     tensor holding the saved count."""
-    from megatron.core.optimizer import distrib_optimizer
-
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
@@ -111,11 +106,9 @@ def _restore_torch_adam_steps(optimizer, loaded) -> None:
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def _state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
-                with_rng: bool, metadata: dict) -> dict:
+def build_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool,
+                     with_rng: bool, metadata: dict) -> dict:
     """The sharded state dict of this rank (model chunk(s), optimizer, RNG)."""
-    from megatron.core.utils import unwrap_model
-
     model = unwrap_model(model)  # keys of the bare GPTModel, without DDP/Float16Module prefixes
     sd = {}
     if len(model) == 1:
@@ -146,10 +139,6 @@ def load_sharded(sd: dict, path: str, common: dict) -> dict:
     those entries are not read from the files but filled with that common state, so the
     routers (and their controller) load it as from a current checkpoint. MoE-layer norms that
     `path` holds in megatron-core's TE layout are read from there (`_request_te_moe_norm_keys`)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron.remoe.regularizer import SparsityController
-
     _request_te_moe_norm_keys(sd, path)
     legacy = common.get(SparsityController.CHECKPOINT_KEY)
     moved = {}
@@ -170,12 +159,6 @@ def _request_te_moe_norm_keys(sharded_sd: dict, path: str) -> int:
     TE MoE layers the local keys (spec.MOE_NORM_KEY_MAP) hold each MoE layer's norm as
     `pre_mlp_layernorm.*`; ask for those keys where the checkpoint lacks the local ones (model and
     optimizer entries alike). Returns the number of entries redirected."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
-    from megatron.remoe.spec import MOE_NORM_KEY_MAP  # spec imports the layer stack
-
     ((te_prefix, local_prefix),) = MOE_NORM_KEY_MAP.items()
     wanted = [v for v in nested_values(sharded_sd)
               if isinstance(v, ShardedBase) and local_prefix in v.key]
