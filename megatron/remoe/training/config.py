@@ -280,7 +280,7 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool):
         # separates the two directions. Each exchange is waited for: Megatron-LM's overlap_p2p_comm
         # gave run-to-run different results on gloo (the schedule deallocates an output while its
         # asynchronous send is pending, megatron-core 0.16 schedules.py:1522). Checked by
-        # tests/test_parity.py (pp2_vp2 against 1 process, and its exact resume)
+        # tests/training/test_parity.py (pp2_vp2 against 1 process, and its exact resume)
         fields.update(overlap_p2p_comm=False, batch_p2p_comm=False)
     if cfg.recompute_modules:
         fields["recompute_modules"] = list(cfg.recompute_modules)
