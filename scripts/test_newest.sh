@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI's newest lane: Python 3.12 + the newest tested megatron-core (constraints-newest.txt) in
-# .venv312, running the core subset (`pytest -m core`, listed in tests/conftest.py CORE_TESTS).
+# .venv312, running the core subset (`pytest -m core`: the tests marked `core`).
 # Extra arguments go to pytest. Fails loudly when no Python 3.12 is found (scripts/find_python.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."

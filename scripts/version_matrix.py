@@ -13,7 +13,7 @@ Environments (made on first use, git-ignored):
   another release X is installed without dependencies into .venv-matrix/mcore-X and put first on
   PYTHONPATH (its dependencies are the same: torch, numpy, packaging).
 
-The core subset is `pytest -m core` (tests/conftest.py CORE_TESTS), run one test file per pytest
+The core subset is `pytest -m core` (the tests marked `core`), run one test file per pytest
 process; `--lock FILE` holds flock(FILE) for each version's run (one wait, then ~5 minutes
 of CPU) on a machine shared with other work. Results of each
 version go to .venv-matrix/results/<version>.json; the table in docs/compat.md is rebuilt from all

@@ -7,7 +7,7 @@ across the ranks of each run, re-sharded checkpoints and exact resume.
     OMP_NUM_THREADS=1 python tools/parity_table.py --full       # everything (long: see --help)
 
 Every job is the real trainer in real processes (torchrun + gloo on CPU); the harness and the
-tolerances are in tests/helpers/parity_utils.py, the method in docs/parity.md. Progress goes to stderr,
+tolerances are in tools/parity/harness.py, the method in docs/parity.md. Progress goes to stderr,
 the table (Markdown) to stdout and, with --out, to a file. Exit code 1 if any check fails (the
 negative-control rows are expected to fail their parity checks and count as passing if they do).
 """
@@ -25,10 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron.remoe.logs import configure  # noqa: E402
-from tests.helpers import parity_utils as P  # noqa: E402
-from tests.helpers.pretrain_utils import build_corpus  # noqa: E402
+from tools.parity import harness as P  # noqa: E402
+from tools.parity.tiny_gpt import build_corpus  # noqa: E402
 
-# the reduced matrix = the CI set of tests/test_parity.py
+# the reduced matrix = the CI set of tests/training/test_parity.py
 REDUCED = {
     "parity": {"relu": [n for n in P.LAYOUTS if n not in P.REFERENCES + P.FULL_ONLY],
                "topk": ["tp2_sp", "pp2_ep2"]},

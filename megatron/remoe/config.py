@@ -83,6 +83,11 @@ class ReMoETransformerConfig(TransformerConfig):
     layer gate thresholds and an optional per-token cap. None = the trained model. Inference only:
     a router in training mode refuses it."""
 
+    moe_relu_elastic_budget: Optional[object] = None
+    """Elastic training (megatron/remoe/elastic.py): the cut of the current training step, set by
+    the trainer before each step: a fraction in (0, 1) of each MoE layer's positive gates to keep,
+    or {layer_number: fraction}. None = undialled (the paper). Evaluation forwards ignore it."""
+
     def __post_init__(self):
         if self.moe_relu_routing:
             self._prepare_relu_routing()

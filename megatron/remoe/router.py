@@ -17,6 +17,7 @@ from megatron.remoe.compat import call_with_supported_kwargs
 from megatron.remoe.config import check_variable_k_dispatch
 from megatron.remoe.controller import SparsityController
 from megatron.remoe.dial import ComputeDial, DialError, dial_from_dict, dialled_gates, make_dial
+from megatron.remoe.elastic import elastic_cut, fraction_of
 from megatron.remoe.errors import ConfigError
 from megatron.remoe.regularizer import l1_reg_loss
 
@@ -131,6 +132,14 @@ class ReLURouter(Router):
                 controller.record(self.layer_number, routing_map, valid, reg,
                                   reg_group_size=tp_cp.size() if tp_cp is not None else 1,
                                   tokens_per_expert=local_counts)
+        # Elastic training: after the L1 term and the statistics (both on the undialled gates),
+        # the step's cut decides what is dispatched; deterministic, so a recomputed forward
+        # dispatches the same experts.
+        elastic = getattr(self.config, "moe_relu_elastic_budget", None)
+        if elastic is not None and self.training:
+            fraction = fraction_of(elastic, self.layer_number)
+            if fraction is not None:
+                probs, routing_map = elastic_cut(probs, routing_map, fraction)
         # The bound, unlike the count, applies in both passes of a recomputed forward: the no-grad
         # first pass produces the output the loss sees, the recomputation the one the backward
         # differentiates; they must dispatch the same experts. `reached_target` moves only in the
@@ -193,3 +202,12 @@ def set_dial(model, dial) -> Optional[ComputeDial]:
     for cfg in configs.values():
         cfg.moe_relu_dial = dial
     return dial
+
+
+def set_elastic_budget(model, budget) -> None:
+    """The elastic cut the ReLU routers of `model` (chunks or one module) apply in training
+    forwards: a fraction, {layer_number: fraction} or None (undialled); see elastic.py."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    configs = {id(r.config): r.config for chunk in chunks for _, r in relu_routers(chunk)}
+    for cfg in configs.values():
+        cfg.moe_relu_elastic_budget = budget

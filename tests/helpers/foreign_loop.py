@@ -5,7 +5,7 @@ finalize_model_grads, dist_checkpointing with the model's and the optimizer's sh
 
 From this project it uses only `remoe_layer_spec` and `attach` (megatron.remoe.integration), the
 CPU bridge (megatron-core on CPU), and the run's config and mock-data batches (so that it sees the
-batches `remoe train` sees). Used by tests/test_integration.py:
+batches `remoe train` sees). Used by tests/integration/test_foreign_loop.py:
 
     torchrun --nproc-per-node N -m tests.helpers.foreign_loop CKPT STOP OUT -- <remoe train flags>
 

@@ -86,8 +86,9 @@ class GroupedLinear(torch.autograd.Function):
         ctx.counts = counts
         ctx.save_for_backward(x, *weights)
         out = x.new_empty(x.shape[0], weights[0].shape[0])
-        for rows, w in zip(_group_slices(counts), weights):
-            torch.mm(x[rows], w.t(), out=out[rows])
+        for n, rows, w in zip(counts, _group_slices(counts), weights):
+            if n:  # an expert without tokens has no rows to write (a dialled model has many)
+                torch.mm(x[rows], w.t(), out=out[rows])
         return out
 
     @staticmethod
@@ -97,8 +98,9 @@ class GroupedLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.new_empty(x.shape)
-            for rows, w in zip(_group_slices(ctx.counts), weights):
-                torch.mm(grad_out[rows], w, out=grad_x[rows])
+            for n, rows, w in zip(ctx.counts, _group_slices(ctx.counts), weights):
+                if n:
+                    torch.mm(grad_out[rows], w, out=grad_x[rows])
         grad_ws = []
         for i, (rows, w) in enumerate(zip(_group_slices(ctx.counts), weights)):
             g, xe = grad_out[rows], x[rows]

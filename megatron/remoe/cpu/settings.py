@@ -70,7 +70,7 @@ def use_fused_cpu_adam(optimizer) -> int:
     the fused kernel (one pass) on the demo's 30M-parameter MoE, where it was a large share of
     the step. The fused kernel computes the same update (bit-identical to the loop on plain
     tensors; in the trainer the same losses, parameters equal up to float rounding:
-    tests/test_cpu_settings.py). A no-op on GPUs and for other optimizers. Returns the number of
+    tests/cpu/test_settings.py). A no-op on GPUs and for other optimizers. Returns the number of
     parameter groups switched."""
     if torch.cuda.is_available():
         return 0

@@ -4,8 +4,10 @@ table and one figure (`tools/dial_frontier.py`, docs/compute-dial.md).
 
 Inputs are `remoe dial` output folders named `GROUP-sSEED`: a sweep folder (sweep.json: every point
 of the sweep, the TopK points included) or a single-dial folder (dial.json: one point; with
-`--thresholds 0` it is the model as trained). Points of one group and one setting (model, method,
-form, target) are averaged over seeds; a sweep's loss change is paired with its own undialled point.
+`--thresholds 0` it is the model as trained). TopK points form the group `topk` whichever folder
+they come from; a folder named `topk-sSEED` contributes only its TopK points (a sweep run for them).
+Points of one group and one setting (model, method, form, target) are averaged over seeds; a sweep's
+loss change is paired with its own undialled point.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 from megatron.remoe.errors import ConfigError
 
+TOPK_GROUP = "topk"
 RUN_NAME = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
 
@@ -73,11 +76,17 @@ def load_run(name: str, folder: str) -> list:
     sweep, single = os.path.join(folder, "sweep.json"), os.path.join(folder, "dial.json")
     if os.path.exists(sweep):
         with open(sweep, encoding="utf-8") as fh:
-            raw = json.load(fh)["points"]
+            data = json.load(fh)
+        raw = data["points"]
+        for p in raw:  # targets as asked (multiple x trained k): the same across seeds, where the
+            mult = p.get("extra", {}).get("multiple")  # clipped target is each model's own maximum
+            if mult not in (None, ""):
+                p["target"] = float(mult) * data.get("trained_topk", 1)
         base = [p for p in raw if p["method"] == "undialled"]
         if len(base) != 1:
             raise FrontierError(f"{sweep}: expected one undialled point, found {len(base)}")
-        return [_point(group, seed, p, base[0]["valid_loss"]) for p in raw]
+        return [_point(TOPK_GROUP if p.get("model") == "TopK" else group, seed, p, base[0]["valid_loss"])
+                for p in raw if group != TOPK_GROUP or p.get("model") == "TopK"]
     if os.path.exists(single):
         with open(single, encoding="utf-8") as fh:
             d = json.load(fh)

@@ -271,14 +271,22 @@ class ReMoESparseMoE(nn.Module):
         logits = self.router.logits(flat)
         gates, routing_map = self.router.route(logits)
         out = torch.zeros_like(flat)
-        counts = routing_map.sum(dim=0).tolist()  # one host sync per layer
+        # The routed (expert, token) pairs, expert-major and tokens ascending within an expert:
+        # one nonzero and one gather of the gates for all experts; an expert without tokens costs
+        # nothing, one with tokens a gather of its rows (into fresh memory: GEMM results can
+        # depend on the rows' alignment, so no slices of one shared gather) and its MLP.
+        expert_idx, token_idx = routing_map.t().nonzero(as_tuple=True)
+        if token_idx.numel() == 0:
+            return out.view(shape), logits, routing_map
+        counts = torch.bincount(expert_idx, minlength=self.num_experts).tolist()  # 1 host sync
+        ys, start = [], 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = routing_map[:, e].nonzero().squeeze(1)
-            y = self.experts[e](flat.index_select(0, idx))
-            y = (y.float() * gates.index_select(0, idx)[:, e:e + 1]).to(out.dtype)
-            out.index_add_(0, idx, y)
+            if n:
+                ys.append(self.experts[e](flat.index_select(0, token_idx[start:start + n])))
+                start += n
+        y = torch.cat(ys) if len(ys) > 1 else ys[0]
+        y = (y.float() * gates[token_idx, expert_idx].unsqueeze(1)).to(out.dtype)
+        out.index_add_(0, token_idx, y)
         return out.view(shape), logits, routing_map
 
 

@@ -167,9 +167,10 @@ def coerce_field_value(name: str, value):
             return float(value)
         if kind is str:
             return str(value)
-        if kind is list:
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else \
-                str(value).split()
+        if kind is list:  # items of the flag's type (float budgets), else strings
+            item = FIELDS[name].metadata["argparse"].get("type", str)
+            return [item(v) for v in (value if isinstance(value, (list, tuple))
+                                      else str(value).split())]
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r} is not a valid {getattr(kind, '__name__', kind)}; "
                           f"fix the value of {name}") from None

@@ -109,6 +109,16 @@ class TrainConfig:
     moe_relu_warmup_max_experts: Optional[int] = _f(None, "Stage I memory bound: dispatch at "
                                                     "most this many experts per token until the "
                                                     "target is first reached", "moe")
+    moe_relu_elastic_budgets: list = _f([], "elastic training: budgets, fractions in (0, 1) of "
+                                        "the undialled experts per token (e.g. 0.5 0.25), that "
+                                        "a share of steps trains with the compute dial's cut "
+                                        "(docs/compute-dial.md); empty = the paper", "moe",
+                                        nargs="+", type=float)
+    moe_relu_elastic_prob: float = _f(0.5, "elastic training: share of steps (mode step) or of "
+                                      "MoE layers per step (mode layer) trained dialled", "moe")
+    moe_relu_elastic_mode: str = _f("step", "elastic training: step (every MoE layer of a drawn "
+                                    "step keeps the same fraction) or layer (each layer draws "
+                                    "its own)", "moe", choices=["step", "layer"])
 
     # ---- parallelism ----
     tensor_model_parallel_size: int = _f(1, "TP size", "parallel")
@@ -270,7 +280,7 @@ def transformer_config(cfg: TrainConfig, use_cpu_initialization: bool):
         # separates the two directions. Each exchange is waited for: Megatron-LM's overlap_p2p_comm
         # gave run-to-run different results on gloo (the schedule deallocates an output while its
         # asynchronous send is pending, megatron-core 0.16 schedules.py:1522). Checked by
-        # tests/test_parity.py (pp2_vp2 against 1 process, and its exact resume)
+        # tests/training/test_parity.py (pp2_vp2 against 1 process, and its exact resume)
         fields.update(overlap_p2p_comm=False, batch_p2p_comm=False)
     if cfg.recompute_modules:
         fields["recompute_modules"] = list(cfg.recompute_modules)

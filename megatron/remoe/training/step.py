@@ -23,7 +23,9 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron.remoe.compat import report_moe_metrics
-from megatron.remoe.config import is_relu_routed
+from megatron.remoe.config import is_relu_routed, moe_layer_numbers
+from megatron.remoe.elastic import elastic_options, fraction_of
+from megatron.remoe.router import set_elastic_budget
 from megatron.remoe.routing_stats import RoutingStats
 from megatron.remoe.training.nonfinite import grads_nonfinite
 from megatron.remoe.training.signals import agree
@@ -106,6 +108,19 @@ def forward_backward(run, data_iterator, forward_only: bool = False) -> list:
         forward_only=forward_only)
 
 
+def begin_elastic_step(run) -> dict:
+    """Elastic training (elastic.py): draw this step's cut from (seed, iteration) and hand it to
+    the routers; the metrics to log ({} when --moe-relu-elastic-budgets is not set)."""
+    options = elastic_options(run.cfg)
+    if options is None:
+        return {}
+    layers = moe_layer_numbers(run.tcfg)
+    budget = options.draw(run.iteration + 1, layers)
+    set_elastic_budget(run.model, budget)
+    fractions = [fraction_of(budget, n) or 1.0 for n in layers]
+    return {"elastic_budget": sum(fractions) / len(fractions)}
+
+
 def train_step(run, data_iterator, stop_flags: Optional[Callable[[], list]] = None) -> StepResult:
     """One optimizer step over `num_micro_batches` micro-batches.
 
@@ -118,6 +133,7 @@ def train_step(run, data_iterator, stop_flags: Optional[Callable[[], list]] = No
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
+    elastic = begin_elastic_step(run)  # {} unless --moe-relu-elastic-budgets
     losses = forward_backward(run, data_iterator)
     # finalize_model_grads (DP all-reduce / reduce-scatter, TP/PP shared grads) ran in the schedule
     run.hooks.inject_nan(run)
@@ -141,6 +157,7 @@ def train_step(run, data_iterator, stop_flags: Optional[Callable[[], list]] = No
     if routing is not None:
         metrics.update(routing.as_dict())
     metrics.update(topk_aux_losses(run))
+    metrics.update(elastic)
     # finite gradients can still overflow the norm (fp32 sum of squares): that is reported too
     if update_ok and grad_norm is not None and not math.isfinite(float(grad_norm)):
         metrics["nonfinite"] = True

@@ -16,6 +16,7 @@ import torch
 
 from megatron.remoe.config import check_topk_range, default_ffn_hidden_size
 from megatron.remoe.cpu.settings import cpu_bf16_supported
+from megatron.remoe.elastic import check_elastic
 from megatron.remoe.errors import ConfigError
 from megatron.remoe.training.config import TrainConfig, data_parallel_size, transformer_config
 
@@ -187,6 +188,7 @@ def check_moe(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
                           "--expert-model-parallel-size or the number of processes")
     if cfg.moe_grouped_gemm and not cuda:
         raise ConfigError("moe_grouped_gemm needs a GPU; drop --moe-grouped-gemm on CPU")
+    check_elastic(cfg)
 
 
 def check_implementation(cfg: TrainConfig, cuda: bool) -> None:

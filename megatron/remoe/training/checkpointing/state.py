@@ -89,7 +89,7 @@ def restore_torch_adam_steps(optimizer, loaded) -> None:
     """Without Transformer Engine / Apex, megatron-core 0.16's DistributedOptimizer loads torch
     Adam's 'step' as ONE tensor shared by every parameter and leaves it at a stale value (0 after
     loading a step-3 checkpoint), so the updates after a resume used the wrong Adam bias
-    correction (found by tests/test_parity.py, exact resume). Give every parameter its own step
+    correction (found by tests/training/test_parity.py, exact resume). Give every parameter its own step
     tensor holding the saved count."""
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return

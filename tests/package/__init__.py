@@ -1,0 +1,1 @@
+"""Tests of the package as a whole: its import graph, and its behaviour on import as a library."""
