@@ -236,7 +236,7 @@ def _series(rows: Sequence[Row], methods: Sequence[tuple]) -> dict:
 
 
 def frontier_figure(rows: Sequence[Row], pyplot, title: str,
-                    methods: Sequence[tuple] = (("per-layer", "cut"),)):
+                    methods: Sequence[tuple] = (("per-layer", "cut"),), ymax: Optional[float] = None):
     """Loss vs experts per token and vs forward MFLOPs per token, mean ± std over seeds."""
     fig, axes = pyplot.subplots(1, 2, figsize=(11, 4.4))
     series = _series(rows, methods)
@@ -251,6 +251,8 @@ def frontier_figure(rows: Sequence[Row], pyplot, title: str,
             ax.errorbar(xs, ys, yerr=err, fmt=style, markersize=4, capsize=2, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
+        if ymax is not None:  # deep cuts of the weaker forms would squash the curves that matter
+            ax.set_ylim(top=ymax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_title("loss vs active experts")
