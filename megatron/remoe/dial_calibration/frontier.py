@@ -232,7 +232,9 @@ def _series(rows: Sequence[Row], methods: Sequence[tuple]) -> dict:
             for method, form in methods:
                 if r.method == "undialled" or (r.method, r.form) == (method, form):
                     series.setdefault(f"{r.group} dialled ({method} {form})", []).append(r)
-    return series
+    # a group swept without this method has only its as-trained point: no curve to draw
+    return {label: rs for label, rs in series.items()
+            if "dialled" not in label or any(r.method != "undialled" for r in rs)}
 
 
 def frontier_figure(rows: Sequence[Row], pyplot, title: str,
