@@ -21,6 +21,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+from megatron.remoe.dial_calibration.sweep import finish_loss_figure
 from megatron.remoe.errors import ConfigError
 
 TOPK_GROUP = "topk"
@@ -252,13 +253,4 @@ def frontier_figure(rows: Sequence[Row], pyplot, title: str,
             style = "k^-" if label.startswith("TopK") else ("D" if "trained at" in label else "o-")
             ax.errorbar(xs, ys, yerr=err, fmt=style, markersize=4, capsize=2, label=label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/token)")
-        if ymax is not None:  # deep cuts of the weaker forms would squash the curves that matter
-            ax.set_ylim(top=ymax)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_title("loss vs active experts")
-    axes[1].set_title("loss vs forward compute")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return finish_loss_figure(fig, axes, title, ymax)
