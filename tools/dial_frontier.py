@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report at which fraction of TopK k'=1's expert compute the group's dialled "
                         "curve reaches TopK k'=1's loss, per seed (repeatable)")
     p.add_argument("--title", default="compute dial across seeds")
+    p.add_argument("--ymax", type=float, help="upper limit of the loss axis (points above are cut off)")
     p.add_argument("--no-figures", action="store_true")
     return p
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     if not args.no_figures:
         from megatron.remoe.analysis.figures import pyplot  # noqa: PLC0415 matplotlib is an optional extra
 
-        fig = F.frontier_figure(rows, pyplot(), args.title, args.methods)
+        fig = F.frontier_figure(rows, pyplot(), args.title, args.methods, args.ymax)
         fig.savefig(os.path.join(args.out, "frontier.png"), dpi=90)
     print(f"wrote {args.out}/points.csv, summary.md{'' if args.no_figures else ', frontier.png'}")
     return 0

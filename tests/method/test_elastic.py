@@ -26,7 +26,8 @@ from megatron.remoe.router import set_elastic_budget
 from megatron.remoe.training.step import begin_elastic_step
 from tests.helpers.dist_utils import run_workers
 from tests.helpers.paths import ROOT
-from tests.helpers.pretrain_utils import MODEL, build_corpus, data_args, read_metrics, run_pretrain
+from tests.helpers.pretrain_utils import run_pretrain
+from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
 
 pytestmark = pytest.mark.timeout(170)
 

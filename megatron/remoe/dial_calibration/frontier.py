@@ -21,6 +21,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+from megatron.remoe.dial_calibration.sweep import finish_loss_figure
 from megatron.remoe.errors import ConfigError
 
 TOPK_GROUP = "topk"
@@ -232,11 +233,13 @@ def _series(rows: Sequence[Row], methods: Sequence[tuple]) -> dict:
             for method, form in methods:
                 if r.method == "undialled" or (r.method, r.form) == (method, form):
                     series.setdefault(f"{r.group} dialled ({method} {form})", []).append(r)
-    return series
+    # a group swept without this method has only its as-trained point: no curve to draw
+    return {label: rs for label, rs in series.items()
+            if "dialled" not in label or any(r.method != "undialled" for r in rs)}
 
 
 def frontier_figure(rows: Sequence[Row], pyplot, title: str,
-                    methods: Sequence[tuple] = (("per-layer", "cut"),)):
+                    methods: Sequence[tuple] = (("per-layer", "cut"),), ymax: Optional[float] = None):
     """Loss vs experts per token and vs forward MFLOPs per token, mean ± std over seeds."""
     fig, axes = pyplot.subplots(1, 2, figsize=(11, 4.4))
     series = _series(rows, methods)
@@ -250,11 +253,4 @@ def frontier_figure(rows: Sequence[Row], pyplot, title: str,
             style = "k^-" if label.startswith("TopK") else ("D" if "trained at" in label else "o-")
             ax.errorbar(xs, ys, yerr=err, fmt=style, markersize=4, capsize=2, label=label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_title("loss vs active experts")
-    axes[1].set_title("loss vs forward compute")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return finish_loss_figure(fig, axes, title, ymax)

@@ -132,7 +132,16 @@ def sweep_figure(points: Sequence[DialPoint], title: str):
             ax.plot([getattr(p, xkey) / scale], [p.valid_loss], "r*", markersize=12,
                     label="ReMoE as trained (tau = 0)")
         ax.set_xlabel(xlabel)
+    return finish_loss_figure(fig, axes, title)
+
+
+def finish_loss_figure(fig, axes, title: str, ymax: Optional[float] = None):
+    """The two panels' common frame: loss axis, grid, legend, titles (this figure and the
+    frontier's across models)."""
+    for ax in axes:
         ax.set_ylabel("validation loss (nats/token)")
+        if ymax is not None:  # deep cuts of the weaker forms would squash the curves that matter
+            ax.set_ylim(top=ymax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_title("loss vs active experts")
