@@ -48,7 +48,8 @@ def state():
 def load(name):
     if name.endswith(".py"):  # a script, loaded as a module (not run: __name__ is not __main__)
         spec = importlib.util.spec_from_file_location("probe_" + os.path.basename(name)[:-3], name)
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # as import does
+        spec.loader.exec_module(module)
     else:
         importlib.import_module(name)
 
