@@ -15,14 +15,10 @@ import os
 import sys
 import warnings
 
+warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's "Apex/TE not installed"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-if __name__ == "__main__":  # the console and the warning filter are the entry point's, never an import's
-    from megatron.remoe.logs import configure
+from megatron.remoe.ablation import main  # noqa: E402
 
-    configure()
-    # megatron-core's "Apex/TE not installed", warned while the next line imports it
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from megatron.remoe.ablation import main
-
+if __name__ == "__main__":
     sys.exit(main(prog="tools/ablate.py"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_model(path: str, tokenizer: Optional[str] = None,
-               overrides: Optional[dict] = None) -> LoadedModel:
+def load_model(path: str, tokenizer: Optional[str] = None, overrides: Optional[dict] = None,
+               log: Callable = logger.info) -> LoadedModel:
     """A Megatron checkpoint (converter's loader) or an HF folder (hf_to_megatron), fp32, eval,
     undialled."""
     if is_hf_folder(path):
@@ -59,10 +59,11 @@ def load_model(path: str, tokenizer: Optional[str] = None,
         tok = load_tokenizer(tokenizer or path) if (
             tokenizer or os.path.isfile(os.path.join(path, "tokenizer.json"))) else None
         router = "relu" if tcfg.moe_relu_routing else ("topk" if tcfg.num_moe_experts else "dense")
-        logger.info(f"dial: loaded HF folder {path} ({router}, {tcfg.num_layers} layers)")
+        log(f"dial: loaded HF folder {path} ({router}, {tcfg.num_layers} layers)")
         return LoadedModel(model, tcfg, router, hf.config.max_position_embeddings,
                            hf.config.vocab_size, tok, os.path.abspath(path))
-    model, tcfg, cfg, info = load_megatron_checkpoint(path, tokenizer=tokenizer, overrides=overrides)
+    model, tcfg, cfg, info = load_megatron_checkpoint(path, tokenizer=tokenizer, log=log,
+                                                      overrides=overrides)
     if cfg.router == "relu":
         set_dial(model, None)
     return LoadedModel(model, tcfg, cfg.router, cfg.seq_length, info["vocab_size"],
@@ -93,7 +94,7 @@ def eval_tokens_from_texts(domain_docs: dict, tokenizer, tokens_per_domain: int,
     return EvalTokens(names, seqs, seq_dom, seq_length)
 
 
-def held_out_tokens(args, lm: LoadedModel):
+def held_out_tokens(args, lm: LoadedModel, log: Callable = logger.info):
     """The evaluation tokens named on the command line (or the run's own validation prefixes)."""
     seq = args.seq_length or lm.seq_length
     texts = _pairs(args.text, "--text")
@@ -119,7 +120,7 @@ def held_out_tokens(args, lm: LoadedModel):
         prefixes, _ = A.default_data(lm.train_config, args.split)
     else:
         prefixes = {d: p[0] for d, p in prefixes.items()}
-    return A.make_eval_tokens(prefixes, args.tokens_per_domain, seq, lm.tokenizer)
+    return A.make_eval_tokens(prefixes, args.tokens_per_domain, seq, lm.tokenizer, log=log)
 
 
 def _pairs(items, flag) -> dict:
