@@ -65,12 +65,14 @@ from megatron.remoe.dial_calibration.inputs import LoadedModel, load_model
 from megatron.remoe.dial_calibration.measure import Evaluator
 from megatron.remoe.hf.modeling_remoe import ReMoESparseMoE
 from megatron.remoe.hf.to_hf import megatron_to_hf
-from megatron.remoe.logs import configure  # noqa: E402  (after the sys.path lines; stdlib only)
+from megatron.remoe.logs import configure, get_logger, quiet  # noqa: E402  (after the sys.path lines; stdlib only)
 from megatron.remoe.model import ModelShape, train_flops_per_token
 from megatron.remoe.router import relu_routers, set_dial
 from megatron.remoe.training.checkpointing.offline import build_single_process_model
 from megatron.remoe.training.config import TrainConfig, transformer_config
 from megatron.remoe.training.distributed import ParallelConfig, init_distributed
+
+logger = get_logger("megatron.remoe.bench_dial")
 
 WORKLOADS = ("prefill", "decode", "megatron")
 # examples/remoe/ablations/cpu-converge.yaml (its base over examples/remoe/cpu-demo.yaml)
@@ -191,7 +193,7 @@ def spread(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
-def token_sets(args, lm, seq: int, log: Callable = print):
+def token_sets(args, lm, seq: int):
     """(calibration EvalTokens, timed sequences [>= batch of length seq], data description).
     Run data: the validation sequences alternate between the two (disjoint); random ids
     otherwise."""
@@ -200,7 +202,8 @@ def token_sets(args, lm, seq: int, log: Callable = print):
         try:
             prefixes, _ = default_data(lm.train_config, "valid")
             per_domain = -(-need * seq // len(prefixes)) + seq
-            ev = make_eval_tokens(prefixes, per_domain, seq, lm.tokenizer, log=lambda m: None)
+            with quiet("megatron.remoe.analysis"):  # a short domain is no news here
+                ev = make_eval_tokens(prefixes, per_domain, seq, lm.tokenizer)
             full = [s for s in ev.sequences if len(s) == seq]  # in domain order
             if len(full) >= 2 * args.batch:
                 calib = spread(full[0::2], args.calibration_sequences)
@@ -208,9 +211,9 @@ def token_sets(args, lm, seq: int, log: Callable = print):
                 return (EvalTokens(["valid"], calib, [0] * len(calib), seq), timed,
                         f"the run's validation data ({', '.join(prefixes)}): "
                         f"{len(calib)} calibration / {len(timed)} timed sequences, disjoint")
-            log(f"bench_dial: only {len(full)} full validation sequences; using random ids")
+            logger.info(f"bench_dial: only {len(full)} full validation sequences; using random ids")
         except (AnalysisError, OSError, ValueError) as e:
-            log(f"bench_dial: no validation data ({e}); using random token ids")
+            logger.info(f"bench_dial: no validation data ({e}); using random token ids")
     calib = random_tokens(args.calibration_sequences, seq, lm.vocab_size, args.seed + 1)
     timed = random_tokens(args.batch, seq, lm.vocab_size, args.seed + 2)
     return (EvalTokens(["random"], calib, [0] * len(calib), seq), timed,
@@ -221,9 +224,9 @@ def token_sets(args, lm, seq: int, log: Callable = print):
 # ------------------------------------------------------------------------------------------------
 # Calibration (the project's remoe dial code)
 # ------------------------------------------------------------------------------------------------
-def calibrate_budgets(lm, calib_tokens, targets, method: str, form: str, tolerance: float,
-                      log: Callable = print) -> list:
-    ev = Evaluator(lm, calib_tokens, batch_size=8, log=lambda m: None)
+def calibrate_budgets(lm, calib_tokens, targets, method: str, form: str,
+                      tolerance: float) -> list:
+    ev = Evaluator(lm, calib_tokens, batch_size=8)
     layers = [n for n, _ in relu_routers(lm.model)]
     set_dial(lm.model, None)
     base_cap, base_gates = ev.run(capture_layers=layers)
@@ -231,14 +234,15 @@ def calibrate_budgets(lm, calib_tokens, targets, method: str, form: str, toleran
     budgets = [Budget("undialled", None, None, base)]
     for target in targets:
         if target >= base:
-            log(f"bench_dial: target {target:g} experts/token is not below the undialled "
-                f"{base:.3f} on the calibration tokens: skipped (thresholds only remove experts)")
+            logger.info(f"bench_dial: target {target:g} experts/token is not below the undialled "
+                        f"{base:.3f} on the calibration tokens: skipped (thresholds only remove experts)")
             continue
         try:
-            dial, _, got, _ = calibrate(ev, target, method, form, None, tolerance, base_cap,
-                                        base_gates)
+            with quiet("megatron.remoe.dial_calibration"):  # the calibration's steps: not the bench's
+                dial, _, got, _ = calibrate(ev, target, method, form, None, tolerance, base_cap,
+                                            base_gates)
         except DialError as e:
-            log(f"bench_dial: target {target:g}: {e}; skipped")
+            logger.info(f"bench_dial: target {target:g}: {e}; skipped")
             continue
         budgets.append(Budget(f"{target:g}", target, dial, got))
     set_dial(lm.model, None)
@@ -346,7 +350,7 @@ class Workload:
         return float(np.mean(layers)), layers
 
 
-def measure(workloads: list, budgets: list, rounds: int, log: Callable = print) -> dict:
+def measure(workloads: list, budgets: list, rounds: int) -> dict:
     """{workload: {budget label: [seconds per round]}}; per round the budgets run in rotated
     order, one warm-up round first (not kept)."""
     times = {w.name: {b.label: [] for b in budgets} for w in workloads}
@@ -358,7 +362,7 @@ def measure(workloads: list, budgets: list, rounds: int, log: Callable = print) 
                 seconds = w.run()
                 if rnd:
                     times[w.name][b.label].append(seconds)
-        log(f"bench_dial: {w.name}: {rounds} rounds x {len(budgets)} budgets done")
+        logger.info(f"bench_dial: {w.name}: {rounds} rounds x {len(budgets)} budgets done")
     return times
 
 

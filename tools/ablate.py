@@ -15,10 +15,14 @@ import os
 import sys
 import warnings
 
-warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's "Apex/TE not installed"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.remoe.ablation import main  # noqa: E402
+if __name__ == "__main__":  # the console and the warning filter are the entry point's, never an import's
+    from megatron.remoe.logs import configure
 
-if __name__ == "__main__":
+    configure()
+    # megatron-core's "Apex/TE not installed", warned while the next line imports it
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from megatron.remoe.ablation import main
+
     sys.exit(main(prog="tools/ablate.py"))

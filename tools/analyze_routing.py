@@ -33,16 +33,14 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron.remoe.logs import (
-    configure,  # noqa: E402  (after the sys.path line; stdlib only)
-    get_logger,
-)
+from megatron.remoe.logs import configure, get_logger  # noqa: E402  (after the sys.path line; stdlib only)
 
-# megatron-core / torch chatter that says nothing about the analysis
-for _msg in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-             ".*full scope is deprecated.*", ".*deprecating ShardedTensor.*",
-             ".*`load_state_dict` is deprecated.*"):
-    warnings.filterwarnings("ignore", message=_msg)
+logger = get_logger("megatron.remoe.analyze_routing")
+
+# megatron-core / torch chatter that says nothing about the analysis (filtered by main, never at import)
+NOISE = (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+         ".*full scope is deprecated.*", ".*deprecating ShardedTensor.*",
+         ".*`load_state_dict` is deprecated.*")
 
 # megatron-core takes seconds to import: the functions below import megatron.remoe (and with it
 # megatron-core) when they run, so that --help and argument errors are instant.
@@ -137,15 +135,15 @@ def _check_args(args) -> None:
             raise AnalysisError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-def _checkpoints(args, log) -> tuple:
+def _checkpoints(args) -> tuple:
     """(paths, compare paths, their configs, compare configs): cheap, common state only."""
     import torch  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
     from megatron.remoe.training.checkpointing import read_checkpoint_config, resolve_checkpoint  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
-    paths = [resolve_checkpoint(p, log=log) for p in args.load]
-    cpaths = [resolve_checkpoint(p, log=log) for p in args.compare_load]
+    paths = [resolve_checkpoint(p) for p in args.load]
+    cpaths = [resolve_checkpoint(p) for p in args.compare_load]
     if not args.no_figures:
         A.pyplot()  # fail now, not after the forward passes
     A.prepare_out_dir(args.out, args.overwrite)
@@ -159,7 +157,7 @@ def _checkpoints(args, log) -> tuple:
     return paths, cpaths, cfgs, ccfgs
 
 
-def _eval_data(args, cfgs: list, tokenizer, log) -> tuple:
+def _eval_data(args, cfgs: list, tokenizer) -> tuple:
     """({domain: prefix}, [training prefixes], EvalTokens, window length)."""
     from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
@@ -175,15 +173,15 @@ def _eval_data(args, cfgs: list, tokenizer, log) -> tuple:
             raise A.AnalysisError(f"--seq-length {args.seq_length} exceeds the models' training "
                                 f"sequence length {seq}")
         seq = args.seq_length
-    eval_tokens = A.make_eval_tokens(data, args.tokens_per_domain, seq, tokenizer, log=log)
-    log(f"analyze: {len(eval_tokens.token_ids):,} tokens from {len(data)} domains "
-        f"({', '.join(f'{d} {n:,}' for d, n in eval_tokens.tokens_per_domain().items())}), "
-        f"windows of {seq}")
+    eval_tokens = A.make_eval_tokens(data, args.tokens_per_domain, seq, tokenizer)
+    logger.info(f"analyze: {len(eval_tokens.token_ids):,} tokens from {len(data)} domains "
+                f"({', '.join(f'{d} {n:,}' for d, n in eval_tokens.tokens_per_domain().items())}), "
+                f"windows of {seq}")
     return data, train, eval_tokens, seq
 
 
-def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens, tokenizer,
-                 log) -> tuple:
+def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens,
+                 tokenizer) -> tuple:
     """Load each checkpoint in turn (one model in memory at a time) and capture its routing;
     with --compare-load also the flip rates against the compared checkpoint.
     Returns (captures, flips, vocabulary size)."""
@@ -191,26 +189,26 @@ def _capture_all(args, paths: list, cpaths: list, labels: list, eval_tokens, tok
 
     captures, flips, vocab = [], [], None
     for i, (path, label) in enumerate(zip(paths, labels)):
-        model, cfg, info = A.load_checkpoint_model(path, tokenizer, log=log)
+        model, cfg, info = A.load_checkpoint_model(path, tokenizer)
         vocab = model.vocab_size
         if int(eval_tokens.token_ids.max()) >= vocab:
             raise A.AnalysisError(f"the data holds token ids >= the vocabulary ({vocab}) of "
                                 f"{path}; wrong --tokenizer/--data?")
-        cap = A.capture_routing(model, eval_tokens, label, args.batch_size, log=log)
+        cap = A.capture_routing(model, eval_tokens, label, args.batch_size)
         cap.info.update(info)
         captures.append(cap)
         del model
         if cpaths:
-            other, _, oinfo = A.load_checkpoint_model(cpaths[i], tokenizer, log=log)
+            other, _, oinfo = A.load_checkpoint_model(cpaths[i], tokenizer)
             olabel = f"{label}@{oinfo.get('iteration')}"
-            ocap = A.capture_routing(other, eval_tokens, olabel, args.batch_size, log=log)
+            ocap = A.capture_routing(other, eval_tokens, olabel, args.batch_size)
             flips.append((label + (f"@{info.get('iteration')}" if info.get("iteration")
                                    is not None else ""), olabel, A.flip_rates(cap, ocap)))
             del other
     return captures, flips, vocab
 
 
-def _frequencies(args, train: list, vocab: int, eval_tokens, log) -> tuple:
+def _frequencies(args, train: list, vocab: int, eval_tokens) -> tuple:
     """(token counts, where they were counted): the training split, else the analysed tokens."""
     from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
@@ -219,39 +217,40 @@ def _frequencies(args, train: list, vocab: int, eval_tokens, log) -> tuple:
                 "the analysed tokens (no training split given)")
     t0 = time.perf_counter()
     freq = A.token_frequencies(train, vocab, args.freq_max_tokens)
-    log(f"analyze: token frequencies from {int(freq.sum()):,} training tokens in "
-        f"{time.perf_counter() - t0:.1f} s")
+    logger.info(f"analyze: token frequencies from {int(freq.sum()):,} training tokens in "
+                f"{time.perf_counter() - t0:.1f} s")
     return freq, f"the training split ({len(train)} dataset{'s' if len(train) > 1 else ''})"
 
 
-def run(args, log) -> str:
+def run(args) -> str:
     from megatron.remoe import analysis as A  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
     from megatron.remoe.training.distributed import ParallelConfig, init_distributed  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
 
     t_start = time.perf_counter()
     _check_args(args)
-    paths, cpaths, cfgs, ccfgs = _checkpoints(args, log)
+    paths, cpaths, cfgs, ccfgs = _checkpoints(args)
     labels = _labels(args, cfgs)
     tokenizer = A.load_analysis_tokenizer(cfgs[0], args.tokenizer)
     tok_names = {c.tokenizer for c in cfgs + ccfgs}
     if len(tok_names) > 1 and not args.tokenizer:
-        log(f"analyze: warning: the checkpoints were trained with different tokenizers "
-            f"{sorted(map(str, tok_names))}; using {cfgs[0].tokenizer}")
-    data, train, eval_tokens, seq = _eval_data(args, cfgs + ccfgs, tokenizer, log)
+        logger.warning(f"analyze: warning: the checkpoints were trained with different tokenizers "
+                       f"{sorted(map(str, tok_names))}; using {cfgs[0].tokenizer}")
+    data, train, eval_tokens, seq = _eval_data(args, cfgs + ccfgs, tokenizer)
     init_distributed(ParallelConfig(), seed=cfgs[0].seed)
-    captures, flips, vocab = _capture_all(args, paths, cpaths, labels, eval_tokens, tokenizer,
-                                          log)
-    freq, freq_source = _frequencies(args, train, vocab, eval_tokens, log)
+    captures, flips, vocab = _capture_all(args, paths, cpaths, labels, eval_tokens, tokenizer)
+    freq, freq_source = _frequencies(args, train, vocab, eval_tokens)
     meta = {"command": " ".join(sys.argv), "data": data, "train_data": train,
             "tokens_per_domain": args.tokens_per_domain, "seq_length": seq}
     result = A.write_report(args.out, captures, freq, tokenizer, flips, freq_source,
-                            args.buckets, args.top, not args.no_figures, meta, log=log)
-    log(f"analyze: report {result.report} ({time.perf_counter() - t_start:.1f} s in total)")
+                            args.buckets, args.top, not args.no_figures, meta)
+    logger.info(f"analyze: report {result.report} ({time.perf_counter() - t_start:.1f} s in total)")
     return result.report
 
 
 def main(argv=None) -> int:
     configure()  # the console: progress lines, known noise filtered
+    for message in NOISE:
+        warnings.filterwarnings("ignore", message=message)
     args = build_parser().parse_args(argv)
     from megatron.remoe.analysis import AnalysisError  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
     from megatron.remoe.errors import (  # noqa: PLC0415 -- keeps torch/megatron-core out of --help
@@ -259,7 +258,7 @@ def main(argv=None) -> int:
     )
 
     try:
-        run(args, get_logger("megatron.remoe.analyze_routing").info)
+        run(args)
     except (AnalysisError, ConfigError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2

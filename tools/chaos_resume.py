@@ -41,6 +41,10 @@ import numpy as np
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from megatron.remoe.logs import configure, get_logger  # noqa: E402  (after the sys.path line; stdlib only)
+
+logger = get_logger("megatron.remoe.chaos_resume")
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
          "--num-query-groups", "2", "--seq-length", "32", "--num-experts", "4",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
@@ -302,18 +306,17 @@ def compare_runs(reference: str, chaos: str) -> list:
 
 # ------------------------------------------------------------------------------------------------
 def chaos(workdir: str, kills: list, iters: int, save_interval: int = 2, eval_interval: int = 3,
-          seed: int = 0, timeout: float = 240.0, lock=None, log=print) -> dict:
+          seed: int = 0, timeout: float = 240.0, lock=None) -> dict:
     """Run the reference, then the chaos run with `kills` [(target, signal), ...]; return the
     report (kills, steps lost, differences). `lock`: a CpuLock, or None."""
     try:
-        return _chaos(workdir, kills, iters, save_interval, eval_interval, seed, timeout, lock,
-                      log)
+        return _chaos(workdir, kills, iters, save_interval, eval_interval, seed, timeout, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _chaos(workdir, kills, iters, save_interval, eval_interval, seed, timeout, lock, log):
+def _chaos(workdir, kills, iters, save_interval, eval_interval, seed, timeout, lock):
     os.makedirs(workdir, exist_ok=True)
     rng = random.Random(seed)
     t0 = time.time()
@@ -322,7 +325,7 @@ def _chaos(workdir, kills, iters, save_interval, eval_interval, seed, timeout, l
                            "reference", timeout, lock)
     if rc != 0:
         raise RuntimeError(f"the reference run failed (exit {rc}); see {ref_log}")
-    log(f"chaos: reference run done ({time.time() - t0:.0f} s)")
+    logger.info(f"chaos: reference run done ({time.time() - t0:.0f} s)")
     save = os.path.join(workdir, "chaos")
     args = train_args(save, iters, save_interval, eval_interval)
     events, resumed, attempt = [], 0, 0
@@ -332,11 +335,11 @@ def _chaos(workdir, kills, iters, save_interval, eval_interval, seed, timeout, l
                                   resumed, timeout, lock)
         events.append(event)
         if event["at"] is None:  # finished before the target came
-            log(f"chaos: attempt {attempt}: ran to the end (exit {event['rc']}) before "
-                f"{target}")
+            logger.info(f"chaos: attempt {attempt}: ran to the end (exit {event['rc']}) before "
+                        f"{target}")
             break
         # the next attempt's start tells how much was kept
-        log(f"chaos: attempt {attempt}: {how} during {event['at']} (exit {event['rc']})")
+        logger.info(f"chaos: attempt {attempt}: {how} during {event['at']} (exit {event['rc']})")
         resumed = _peek_resume(save)
     attempt += 1
     final_rc, final_log = run_once(args, workdir, f"attempt{attempt:02d}", timeout, lock)
@@ -379,6 +382,7 @@ def plan_kills(count: int, seed: int) -> list:
 
 
 def main(argv=None) -> int:
+    configure()  # the console: the progress lines
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="number of kills (default 20)")
     parser.add_argument("--iters", type=int, default=None,

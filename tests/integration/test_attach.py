@@ -233,7 +233,7 @@ def test_the_routers_carry_lambda_through_a_checkpoint(single_rank, tmp_path):
     assert float(fresh[3].l1_coeff) != float(saved["l1_coeff"])
     load_checkpoint(path, *fresh, no_optimizer_state(cfg))
     assert_same_state(fresh[3].state_dict(), saved)
-    _, _, _, info = load_megatron_checkpoint(str(tmp_path), log=lambda m: None)
+    _, _, _, info = load_megatron_checkpoint(str(tmp_path))
     assert info["l1_reg_coeff"] == float(saved["l1_coeff"])
     # a weights-only state dict (no `_extra_state`) loads strictly and leaves the controller
     bare = fresh[0][0].module
@@ -266,6 +266,6 @@ def test_a_checkpoint_of_the_earlier_layout_still_loads(single_rank, tmp_path, m
     fresh = trainer_parts(cfg)
     load_checkpoint(path, *fresh, no_optimizer_state(cfg))
     assert_same_state(fresh[3].state_dict(), saved)
-    _, _, _, info = load_megatron_checkpoint(str(tmp_path), log=lambda m: None)
+    _, _, _, info = load_megatron_checkpoint(str(tmp_path))
     assert info["l1_reg_coeff"] == float(saved["l1_coeff"])
     assert info[SparsityController.CHECKPOINT_KEY]["steps"] == 7

@@ -1,7 +1,8 @@
 """megatron.remoe behaves as a library on import (issue 25 item 4, issue 26 item 4): importing every
 module of the package installs no warning filter and changes no logger outside `megatron.remoe`
 (handlers, level, filters, propagation), the root logger included; the entry points install their
-console themselves (logs.configure).
+console themselves (logs.configure). The scripts in tools/ and bench/ are held to the same rule: tests
+load them as modules, and their console is set up by their main().
 
 Importing the package also imports torch, numpy, megatron-core, transformers..., and several of them
 add warning filters and configure their own loggers at import. What the package itself changes is
@@ -20,10 +21,11 @@ from tests.helpers.paths import ROOT
 
 PACKAGE_DIR = os.path.join(ROOT, "megatron", "remoe")
 
-# Run in a fresh interpreter: `package MODULE...` imports megatron.remoe's modules, `reference
-# MODULE...` the listed third-party ones; prints the process-wide logging/warnings state as JSON.
+# Run in a fresh interpreter (cwd: the checkout): `package NAME...` imports megatron.remoe's modules
+# and loads the scripts given as paths (tools/x.py), `reference MODULE...` imports the listed
+# third-party modules; prints the process-wide logging/warnings state as JSON.
 PROBE = r'''
-import importlib, json, logging, sys, warnings
+import importlib, importlib.util, json, logging, os, sys, warnings
 
 def pattern(p):
     return getattr(p, "pattern", p)
@@ -43,18 +45,30 @@ def state():
             "root": logger_state(logging.getLogger()),
             "logging.disable": logging.root.manager.disable, "loggers": loggers}
 
+def load(name):
+    if name.endswith(".py"):  # a script, loaded as a module (not run: __name__ is not __main__)
+        spec = importlib.util.spec_from_file_location("probe_" + os.path.basename(name)[:-3], name)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # as import does
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(name)
+
+def third_party(module):  # neither ours nor another module of this checkout (tests.*, bench/machine)
+    path = getattr(module, "__file__", None) or ""
+    return not os.path.abspath(path).startswith(os.getcwd() + os.sep)
+
 mode, names = sys.argv[1], sys.argv[2:]
 failed = []
 for name in names:
     try:
-        importlib.import_module(name)
+        load(name)
     except Exception as e:  # the reference may meet a module that only imports in its context
         failed.append(f"{name}: {type(e).__name__}: {e}")
 out = {"state": state(), "failed": failed}
 if mode == "package":
     out["ours"] = logger_state(logging.getLogger("megatron.remoe"))
-    out["others"] = [n for n in list(sys.modules) if n not in ("__main__", "__mp_main__") and
-                     not (n == "megatron.remoe" or n.startswith("megatron.remoe."))]
+    out["others"] = [n for n, m in list(sys.modules.items())
+                     if n not in ("__main__", "__mp_main__") and third_party(m)]
 print("PROBE " + json.dumps(out))
 '''
 
@@ -69,6 +83,12 @@ def package_modules() -> list:
                 rel = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].replace(os.sep, ".")
                 names.append(rel[:-len(".__init__")] if rel.endswith(".__init__") else rel)
     return names
+
+
+def scripts() -> list:
+    """The entry-point scripts of tools/ and bench/ (paths relative to the checkout)."""
+    return [os.path.join(folder, f) for folder in ("tools", "bench")
+            for f in sorted(os.listdir(os.path.join(ROOT, folder))) if f.endswith(".py")]
 
 
 def probe(mode: str, names: list) -> dict:
@@ -86,8 +106,11 @@ def probe(mode: str, names: list) -> dict:
 @pytest.mark.multiprocess
 def test_importing_every_module_changes_no_warning_filter_and_no_foreign_logger():
     modules = package_modules()
-    assert len(modules) > 50 and "megatron.remoe.training.loop" in modules  # the walk found the tree
-    ours = probe("package", modules)
+    assert len(modules) > 50 and {"megatron.remoe.training.loop", "megatron.remoe.cpu.backend",
+                                  "megatron.remoe.cli.main"} <= set(modules)  # the walk found the tree
+    tools = scripts()
+    assert "tools/analyze_routing.py" in tools and "bench/bench_step.py" in tools
+    ours = probe("package", modules + tools)
     assert ours["failed"] == [], ours["failed"]
     # the package's own logger: a NullHandler, records still propagate to the application's handlers
     assert ours["ours"] == [0, ["NullHandler"], [], True, False], ours["ours"]

@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+from tests.helpers.log_lines import log_lines
 from tests.helpers.pretrain_utils import run_pretrain
 from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
 
@@ -100,8 +101,8 @@ def test_stale_tmp_and_tracker_are_handled(tmp_path):
     (root / "latest_checkpointed_iteration.txt").write_text("4\n")
     assert find_latest_checkpoint(str(root)) == str(root / "iter_0000004")
     (root / "iter_0000006").mkdir()  # renamed, crashed before the tracker update
-    notes = []
-    assert find_latest_checkpoint(str(root), log=notes.append) == str(root / "iter_0000006")
+    with log_lines() as notes:
+        assert find_latest_checkpoint(str(root)) == str(root / "iter_0000006")
     assert notes and "iter_0000006" in notes[0]
     assert find_latest_checkpoint(str(tmp_path / "missing")) is None
 

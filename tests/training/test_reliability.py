@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from tests.helpers.log_lines import log_lines
 from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import run_pretrain, start_pretrain
 from tools.parity.tiny_gpt import MODEL, read_metrics
@@ -370,19 +371,19 @@ def test_find_latest_skips_truncated_and_altered_checkpoints(tmp_path):
     p4 = fake_checkpoint(tmp_path, 4)
     p6 = fake_checkpoint(tmp_path, 6)
     truncate(p6)
-    notes = []
-    assert find_latest_checkpoint(str(tmp_path), log=notes.append) == p4
-    assert len(notes) == 1 and "iter_0000006" in notes[0] and "has 10 bytes" in notes[0]
-    with open(os.path.join(p4, FAKE_FILES[0]), "r+b") as fh:  # same size, other bytes
-        fh.write(b"y")
-    assert find_latest_checkpoint(str(tmp_path), log=notes.append) == p4  # sizes only
-    assert find_latest_checkpoint(str(tmp_path), log=notes.append,
-                                  checksums=True) == os.path.join(str(tmp_path), "iter_0000002")
-    assert "CRC32" in notes[-1]
-    with open(os.path.join(tmp_path, "iter_0000002", MANIFEST), "w") as fh:
-        fh.write("{not json")
-    assert find_latest_checkpoint(str(tmp_path), log=notes.append, checksums=True) is None
-    assert "unreadable" in notes[-1]
+    with log_lines() as notes:
+        assert find_latest_checkpoint(str(tmp_path)) == p4
+        assert len(notes) == 1 and "iter_0000006" in notes[0] and "has 10 bytes" in notes[0]
+        with open(os.path.join(p4, FAKE_FILES[0]), "r+b") as fh:  # same size, other bytes
+            fh.write(b"y")
+        assert find_latest_checkpoint(str(tmp_path)) == p4  # sizes only
+        assert find_latest_checkpoint(str(tmp_path),
+                                      checksums=True) == os.path.join(str(tmp_path), "iter_0000002")
+        assert "CRC32" in notes[-1]
+        with open(os.path.join(tmp_path, "iter_0000002", MANIFEST), "w") as fh:
+            fh.write("{not json")
+        assert find_latest_checkpoint(str(tmp_path), checksums=True) is None
+        assert "unreadable" in notes[-1]
 
 
 def test_checkpoint_without_manifest_is_accepted(tmp_path):
@@ -403,14 +404,14 @@ def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
     truncate(p6)
     (tmp_path / "iter_0000005.tmp").mkdir()  # a crashed save
     # only iter 2 verifies: keeping 1 keeps it, keeping 2 cannot be satisfied -> delete nothing
-    assert prune_checkpoints(str(tmp_path), 1, log=lambda m: None) == []
-    assert prune_checkpoints(str(tmp_path), 2, log=lambda m: None) == []
+    assert prune_checkpoints(str(tmp_path), 1) == []
+    assert prune_checkpoints(str(tmp_path), 2) == []
     assert os.path.isdir(p2) and os.path.isdir(p4) and os.path.isdir(p6)
     assert not (tmp_path / "iter_0000005.tmp").exists()  # leftovers of crashes are removed
     p8 = fake_checkpoint(tmp_path, 8)
-    assert prune_checkpoints(str(tmp_path), 2, log=lambda m: None) == []  # keeps 8 and 2
+    assert prune_checkpoints(str(tmp_path), 2) == []  # keeps 8 and 2
     p10 = fake_checkpoint(tmp_path, 10)
-    deleted = prune_checkpoints(str(tmp_path), 2, log=lambda m: None)
+    deleted = prune_checkpoints(str(tmp_path), 2)
     assert deleted == [p2, p4, p6]  # older than the 2 newest good ones (10, 8)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000008", "iter_0000010",
                                             "latest_checkpointed_iteration.txt"]
@@ -445,9 +446,10 @@ def test_metrics_file_is_truncated_to_the_resumed_iteration(tmp_path):
     lines.insert(3, {"iteration": 3, "split": "valid", "valid/loss": 2.0})
     text = "".join(json.dumps(r) + "\n" for r in lines) + '{"iteration": 6, "spl'
     path.write_text(text)
-    notes = []
-    logger = MetricsLogger(True, str(path), resume_iteration=3)
-    logger.console = notes.append
+    with log_lines() as notes:
+        logger = MetricsLogger(True, str(path), resume_iteration=3)
+    assert notes == [f"metrics: {path}: dropped 2 record(s) after iteration 3 (replayed by this run) "
+                     "and 1 half-written line(s)"]
     logger.log(3, {"valid/loss": 2.0}, split="valid")  # already on file: not repeated
     logger.log(4, {"lm_loss": 0.3})
     logger.close()

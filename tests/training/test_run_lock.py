@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tests.helpers.log_lines import log_lines
 from tests.helpers.pretrain_utils import run_pretrain, start_pretrain
 from tools.parity.tiny_gpt import MODEL
 
@@ -62,8 +63,8 @@ def test_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # a pid that existed and is gone now
     write_lock(tmp_path, socket.gethostname(), child.pid, age_s=1)
-    notes = []
-    lock = RunLock(str(tmp_path), heartbeat_s=0.05, log=notes.append).acquire()
+    with log_lines() as notes:
+        lock = RunLock(str(tmp_path), heartbeat_s=0.05).acquire()
     try:
         assert len(notes) == 1 and "took over the stale lock" in notes[0]
         assert f"process {child.pid} on this host is gone" in notes[0]
@@ -83,8 +84,8 @@ def test_stale_heartbeat_on_another_host_is_taken_over(tmp_path):
     write_lock(tmp_path, "node-7", 4242, age_s=30)
     with pytest.raises(ConfigError):  # 30 s old, limit 60 s: live
         RunLock(str(tmp_path), stale_after_s=60).acquire()
-    notes = []
-    lock = RunLock(str(tmp_path), stale_after_s=20, log=notes.append).acquire()
+    with log_lines() as notes:
+        lock = RunLock(str(tmp_path), stale_after_s=20).acquire()
     lock.release()
     assert "no heartbeat for 30 s (> 20 s)" in notes[0] and "host node-7, pid 4242" in notes[0]
 

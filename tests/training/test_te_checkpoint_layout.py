@@ -123,12 +123,12 @@ def test_te_checkpoint_loads_in_every_offline_tool(runs, mode, tmp_path, single_
         return torch.stack([layer.pre_mlp_layernorm.weight.detach()
                             for layer in model.decoder.layers])
 
-    model, _, _ = load_checkpoint_model(load, log=lambda m: None)  # routing analysis
+    model, _, _ = load_checkpoint_model(load)  # routing analysis
     assert torch.equal(moe_norms(model), stored)
-    loaded = load_model(load, log=lambda m: None)  # the compute dial's calibration
+    loaded = load_model(load)  # the compute dial's calibration
     assert torch.equal(moe_norms(loaded.model), stored)
     out = str(tmp_path / "hf")
-    summary = megatron_checkpoint_to_hf(load, out, verify=True, log=lambda m: None)
+    summary = megatron_checkpoint_to_hf(load, out, verify=True)
     assert summary["iteration"] == SAVED_AT
     hf, _ = load_hf_folder(out)
     hf_norms = torch.stack([layer.post_attention_layernorm.weight.detach()

@@ -549,7 +549,7 @@ def _worker(argv: list) -> int:
             save_checkpoint(init, 0, run.model, run.optimizer, run.scheduler, 0,
                             cfg, config_to_yaml(cfg),
                             extra_common={"padded_vocab_size": run.vocab_size,
-                                          "skipped_steps": 0}, log=lambda message: None)
+                                          "skipped_steps": 0})
         else:
             pretrain(cfg, LoopParts(setup=setup, train_step=train_step, evaluate=evaluate))
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ def _record_routing(seen: dict, layer_numbers: list, routing: np.ndarray, top1: 
 
 
 def capture_routing(model, eval_tokens: EvalTokens, label: str = "model", batch_size: int = 8,
-                    log: Callable = logger.info, device=None) -> RoutingCapture:
+                    device=None) -> RoutingCapture:
     """Run `model` (eval mode, no grad) over the evaluation tokens and record every MoE router's
     routing map (forward hooks). Also sums the next-token loss per domain."""
     routers = moe_routers(model)
@@ -138,8 +138,8 @@ def capture_routing(model, eval_tokens: EvalTokens, label: str = "model", batch_
                 start += B * S
                 if time.perf_counter() - last_log > 10:
                     last_log = time.perf_counter()
-                    log(f"analyze: [{label}] {start:,}/{N:,} tokens "
-                        f"({start / (last_log - t0):,.0f} tok/s)")
+                    logger.info(f"analyze: [{label}] {start:,}/{N:,} tokens "
+                                f"({start / (last_log - t0):,.0f} tok/s)")
     finally:
         for h in handles:
             h.remove()
@@ -148,6 +148,6 @@ def capture_routing(model, eval_tokens: EvalTokens, label: str = "model", batch_
     cap = RoutingCapture(label, layer_numbers, E, routing, top1, eval_tokens.token_ids,
                          eval_tokens.domains, list(eval_tokens.domain_names), loss_sum,
                          loss_tokens, router, topk)
-    log(f"analyze: [{label}] routed {N:,} tokens through {len(layer_numbers)} MoE layers in "
-        f"{time.perf_counter() - t0:.1f} s")
+    logger.info(f"analyze: [{label}] routed {N:,} tokens through {len(layer_numbers)} MoE layers in "
+                f"{time.perf_counter() - t0:.1f} s")
     return cap

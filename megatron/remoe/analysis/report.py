@@ -10,7 +10,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -373,8 +373,8 @@ def _section_flips(r: _Report, flips: Sequence) -> None:
 
 def write_report(out_dir: str, captures: list, freq_counts: np.ndarray, tokenizer=None,
                  flips: Sequence = (), freq_source: str = "", num_buckets: int = 12,
-                 top: int = 10, figures: bool = True, meta: Optional[dict] = None,
-                 log: Callable = logger.info) -> AnalysisResult:
+                 top: int = 10, figures: bool = True,
+                 meta: Optional[dict] = None) -> AnalysisResult:
     """Compute every statistic from the captures and write figures, CSVs and report.md."""
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
@@ -400,6 +400,6 @@ def write_report(out_dir: str, captures: list, freq_counts: np.ndarray, tokenize
     with open(os.path.join(out_dir, "analysis.json"), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2, default=str)
     r.files.append(os.path.join(out_dir, "analysis.json"))
-    log(f"analyze: wrote {len(r.files)} files to {out_dir} in {time.perf_counter() - t0:.1f} s")
+    logger.info(f"analyze: wrote {len(r.files)} files to {out_dir} in {time.perf_counter() - t0:.1f} s")
     return AnalysisResult(out_dir, report, r.files, r.figs, list(captures), summaries,
                           list(flips))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -70,7 +69,7 @@ def read_domain_tokens(prefix: str, max_tokens: int, tokenizer=None) -> np.ndarr
 
 
 def make_eval_tokens(domain_prefixes: dict, tokens_per_domain: int, seq_length: int,
-                     tokenizer=None, log: Callable = logger.info) -> EvalTokens:
+                     tokenizer=None) -> EvalTokens:
     """Read up to `tokens_per_domain` tokens of every domain and cut them into sequences."""
     if tokens_per_domain < 2:
         raise AnalysisError("--tokens-per-domain must be at least 2")
@@ -84,8 +83,8 @@ def make_eval_tokens(domain_prefixes: dict, tokens_per_domain: int, seq_length: 
             seqs.append(toks[start:start + seq_length])
             seq_dom.append(d)
         if len(toks) < tokens_per_domain:
-            log(f"analyze: domain {name}: only {len(toks):,} tokens available "
-                f"(asked for {tokens_per_domain:,})")
+            logger.info(f"analyze: domain {name}: only {len(toks):,} tokens available "
+                        f"(asked for {tokens_per_domain:,})")
     return EvalTokens(names, seqs, seq_dom, seq_length)
 
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from megatron.remoe.data import sources
 from megatron.remoe.data.errors import DataError
@@ -85,7 +85,7 @@ class CorpusManifest:
         return out
 
 
-_log = get_logger(__name__).info  # megatron.remoe.data.*: stderr (megatron/remoe/logs.py)
+logger = get_logger(__name__)  # megatron.remoe.data.*: stderr (megatron/remoe/logs.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,25 +186,24 @@ def _write_jsonl(path: str, docs: Sequence[Doc]) -> dict:
 
 
 def build_demo_corpus(corpus_dir: str, cache_dir: str | None = None,
-                      config: CorpusConfig | None = None, force: bool = False,
-                      log: Callable[[str], None] = _log) -> CorpusManifest:
+                      config: CorpusConfig | None = None, force: bool = False) -> CorpusManifest:
     """Build (or reuse) the demo corpus in ``corpus_dir``; returns its manifest."""
     config = config or CorpusConfig()
     cache_dir = cache_dir or sources.default_cache_dir()
     if not force:
         manifest = load_manifest(corpus_dir, config)
         if manifest is not None:
-            log(f"corpus: reusing {corpus_dir} ({sum(manifest.chars().values()):,} chars)")
+            logger.info(f"corpus: reusing {corpus_dir} ({sum(manifest.chars().values()):,} chars)")
             return manifest
     start = time.perf_counter()
-    log(f"corpus: building {corpus_dir} (archives cached in {cache_dir}/archives)")
+    logger.info(f"corpus: building {corpus_dir} (archives cached in {cache_dir}/archives)")
     # Fetch every archive first, so that a network problem shows before any slow work.
     paths = {}
     for domain, archive in _ARCHIVE_FOR_DOMAIN.items():
         if domain in config.domains:
             key = "gensim" if archive is sources.GENSIM else domain
             if key not in paths:
-                paths[key] = sources.fetch_archive(archive, cache_dir, log)
+                paths[key] = sources.fetch_archive(archive, cache_dir)
 
     tmp_dir = f"{corpus_dir.rstrip(os.sep)}.tmp{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -221,8 +220,8 @@ def build_demo_corpus(corpus_dir: str, cache_dir: str | None = None,
                 manifest.files[f"{domain}/{split}.jsonl"] = _write_jsonl(
                     os.path.join(tmp_dir, domain, f"{split}.jsonl"), split_docs)
             counts = "/".join(str(manifest.entry(domain, s)["documents"]) for s in SPLITS)
-            log(f"  {domain:<12} {len(docs):>5} docs (train/valid/test {counts}), "
-                f"{sum(len(d.text) for d in docs):>10,} chars, {time.perf_counter() - t0:.2f} s")
+            logger.info(f"  {domain:<12} {len(docs):>5} docs (train/valid/test {counts}), "
+                        f"{sum(len(d.text) for d in docs):>10,} chars, {time.perf_counter() - t0:.2f} s")
         manifest.build_seconds = round(time.perf_counter() - start, 3)
         with open(os.path.join(tmp_dir, MANIFEST), "w", encoding="utf-8") as f:
             json.dump({k: v for k, v in asdict(manifest).items() if k != "corpus_dir"}, f,
@@ -234,7 +233,7 @@ def build_demo_corpus(corpus_dir: str, cache_dir: str | None = None,
         os.replace(tmp_dir, corpus_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log(f"corpus: built in {manifest.build_seconds:.1f} s")
+    logger.info(f"corpus: built in {manifest.build_seconds:.1f} s")
     return manifest
 
 

@@ -31,7 +31,7 @@ from megatron.remoe.data.preprocess import PreprocessConfig, PreprocessJob, prep
 from megatron.remoe.data.tokenizer import META_FILE, Tokenizer, load_tokenizer, train_bpe_tokenizer
 from megatron.remoe.logs import get_logger
 
-_log = get_logger(__name__).info  # megatron.remoe.data.*: stderr (megatron/remoe/logs.py)
+logger = get_logger(__name__)  # megatron.remoe.data.*: stderr (megatron/remoe/logs.py)
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _bpe_tokenizer(out_dir: str, manifest: CorpusManifest, vocab_size: int) -> t
         if meta.get("trained_on") == manifest.digest:
             try:
                 tok = load_tokenizer(tok_dir)
-                _log(f"tokenizer: reusing {tok_dir}")
+                logger.info(f"tokenizer: reusing {tok_dir}")
                 return tok, tok_dir
             except DataError:
                 pass  # corrupt: retrain below
@@ -78,8 +78,8 @@ def _bpe_tokenizer(out_dir: str, manifest: CorpusManifest, vocab_size: int) -> t
     texts = (t for d in domains for t in iter_texts(manifest.path(d, "train")))
     tok = train_bpe_tokenizer(texts, vocab_size)
     tok.save(tok_dir, extra_meta={"trained_on": manifest.digest})
-    _log(f"tokenizer: trained byte-level BPE ({tok.vocab_size} tokens) on the train split in "
-         f"{time.perf_counter() - t0:.1f} s -> {tok_dir}")
+    logger.info(f"tokenizer: trained byte-level BPE ({tok.vocab_size} tokens) on the train split in "
+                f"{time.perf_counter() - t0:.1f} s -> {tok_dir}")
     return tok, tok_dir
 
 
@@ -130,14 +130,14 @@ def prepare_demo_data(out_dir: str, tokenizer: str = "bpe", vocab_size: int = 81
                                           {"split": split, "source_sha256": sha},
                                           label=f"{split}/{domain}"))
     if jobs:
-        _log(f"preprocess: tokenizing {len(jobs)} domain/split files with {workers} worker(s)")
+        logger.info(f"preprocess: tokenizing {len(jobs)} domain/split files with {workers} worker(s)")
         preprocess(jobs, tok, PreprocessConfig(json_key="text", append_eod=True, workers=workers))
     else:
-        _log(f"preprocess: reusing {data_dir}")
+        logger.info(f"preprocess: reusing {data_dir}")
     for split in SPLITS:
         for domain, prefix in result.prefixes(split).items():
             result.tokens[split][domain] = read_sidecar(prefix)["tokens"]
     result.seconds = round(time.perf_counter() - start, 3)
-    _log(f"demo data ready in {result.seconds:.1f} s: "
-         + ", ".join(f"{s} {sum(result.tokens[s].values()):,}" for s in SPLITS) + " tokens")
+    logger.info(f"demo data ready in {result.seconds:.1f} s: "
+                + ", ".join(f"{s} {sum(result.tokens[s].values()):,}" for s in SPLITS) + " tokens")
     return result

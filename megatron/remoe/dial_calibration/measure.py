@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from megatron.remoe.analysis import capture_routing
 from megatron.remoe.dial_calibration.inputs import LoadedModel
-from megatron.remoe.logs import get_logger
+from megatron.remoe.logs import quiet
 from megatron.remoe.model import ModelShape, train_flops_per_token
 from megatron.remoe.router import relu_routers, set_dial
-
-logger = get_logger(__name__)
 
 
 @dataclass
@@ -52,8 +50,8 @@ def forward_flops(lm: LoadedModel, experts_per_token: float) -> tuple:
 class Evaluator:
     """Full forward passes over fixed held-out tokens; optionally captures one layer's gates."""
 
-    def __init__(self, lm: LoadedModel, eval_tokens, batch_size: int = 8, log: Callable = logger.info):
-        self.lm, self.ev, self.batch_size, self.log = lm, eval_tokens, batch_size, log
+    def __init__(self, lm: LoadedModel, eval_tokens, batch_size: int = 8):
+        self.lm, self.ev, self.batch_size = lm, eval_tokens, batch_size
         self.passes = 0
 
     def run(self, capture_layers: Sequence[int] = ()):
@@ -67,8 +65,9 @@ class Evaluator:
 
         handles = [routers[n].register_forward_hook(hook(n)) for n in capture_layers]
         try:
-            cap = capture_routing(self.lm.model, self.ev, batch_size=self.batch_size,
-                                  log=lambda m: None)
+            # hundreds of passes: the routing capture's own progress lines would drown the dial's
+            with quiet("megatron.remoe.analysis"):
+                cap = capture_routing(self.lm.model, self.ev, batch_size=self.batch_size)
         finally:
             for h in handles:
                 h.remove()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from megatron.remoe.analysis import pyplot
 from megatron.remoe.dial_calibration.calibrate import calibrate_global, check_reached, greedy_per_layer
 from megatron.remoe.dial_calibration.inputs import DialUsageError, load_model
 from megatron.remoe.dial_calibration.measure import DialPoint, Evaluator
-from megatron.remoe.logs import get_logger
+from megatron.remoe.logs import get_logger, quiet
 from megatron.remoe.router import set_dial
 
 logger = get_logger(__name__)
@@ -36,8 +36,8 @@ def sweep_relu(ev: Evaluator, base_point: DialPoint, base_cap, base_gates: dict,
     for method in methods:
         for form in forms:
             t0 = time.perf_counter()
-            ev.log(f"dial: sweep {method} {form}: targets "
-                   f"{', '.join(f'{t:.4g}' for _, t in targets)} experts/token")
+            logger.info(f"dial: sweep {method} {form}: targets "
+                        f"{', '.join(f'{t:.4g}' for _, t in targets)} experts/token")
             if method == "per-layer":
                 path = greedy_per_layer(ev, [t for _, t in targets], form, max_experts,
                                         base_cap, base_gates, step=k / 16)
@@ -51,29 +51,31 @@ def sweep_relu(ev: Evaluator, base_point: DialPoint, base_cap, base_gates: dict,
                 check_reached(got, target, tolerance, method, form)
                 p = ev.point("ReMoE", method, form, target, dial, cap=cap)
                 p.extra.update(multiple=mult, **extra)
-                ev.log(f"dial:   {mult:g}x k: {p.experts_per_token:.4f} experts/token, valid "
-                       f"loss {p.valid_loss:.4f} ({p.valid_loss - base_point.valid_loss:+.4f})")
+                logger.info(f"dial:   {mult:g}x k: {p.experts_per_token:.4f} experts/token, valid "
+                            f"loss {p.valid_loss:.4f} ({p.valid_loss - base_point.valid_loss:+.4f})")
                 points.append(p)
-            ev.log(f"dial: sweep {method} {form} done in {time.perf_counter() - t0:.0f} s")
+            logger.info(f"dial: sweep {method} {form} done in {time.perf_counter() - t0:.0f} s")
     set_dial(ev.lm.model, None)
     return points, skipped
 
 
-def sweep_topk(path: str, eval_tokens, batch_size: int, tokenizer: Optional[str],
-               log: Callable = logger.info) -> list:
+def sweep_topk(path: str, eval_tokens, batch_size: int, tokenizer: Optional[str]) -> list:
     """A TopK checkpoint evaluated at k' = 1..E on the same tokens (rebuilt per k')."""
-    first = load_model(path, tokenizer, log=log)
+    first = load_model(path, tokenizer)
     if first.router not in ("topk", "topk-sigmoid-bias"):
         raise DialUsageError(f"--topk-load {path} is a {first.router} model, not TopK")
     E = first.tcfg.num_moe_experts
     points = []
     for k in range(1, E + 1):
-        lm = first if k == first.tcfg.moe_router_topk else load_model(
-            path, tokenizer, overrides={"moe_router_topk": k}, log=lambda m: None)
-        p = Evaluator(lm, eval_tokens, batch_size, log).point("TopK", "topk", "-", topk=k)
+        if k == first.tcfg.moe_router_topk:
+            lm = first
+        else:
+            with quiet():  # the same checkpoint again: its loading lines were shown once
+                lm = load_model(path, tokenizer, overrides={"moe_router_topk": k})
+        p = Evaluator(lm, eval_tokens, batch_size).point("TopK", "topk", "-", topk=k)
         p.extra["trained_k"] = first.tcfg.moe_router_topk
-        log(f"dial: TopK k'={k}: {p.experts_per_token:.3f} experts/token, valid loss "
-            f"{p.valid_loss:.4f}")
+        logger.info(f"dial: TopK k'={k}: {p.experts_per_token:.3f} experts/token, valid loss "
+                    f"{p.valid_loss:.4f}")
         points.append(p)
     return points
 

@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from megatron.remoe.evaluation.harness import (
     have_lm_eval,
@@ -27,8 +27,7 @@ logger = get_logger(__name__)
 
 def evaluate(sm: ScoringModel, domain_docs: dict, items: Sequence[dict],
              backend: str = "auto", paper_tasks: Sequence[str] = PAPER_TASKS,
-             paper_limit: Optional[int] = None, log: Callable = logger.info,
-             work_dir: Optional[str] = None) -> dict:
+             paper_limit: Optional[int] = None, work_dir: Optional[str] = None) -> dict:
     """Run the local tasks (and the paper's tasks when reachable). Returns the results dict
     written by `write_results`."""
     if backend == "auto":
@@ -39,13 +38,13 @@ def evaluate(sm: ScoringModel, domain_docs: dict, items: Sequence[dict],
                               "native")
     t0 = time.perf_counter()
     if not items:
-        log(f"eval: {MC_TASK}: no items (it needs at least two documents to draw distractors "
-            "from other documents)")
+        logger.info(f"eval: {MC_TASK}: no items (it needs at least two documents to draw distractors "
+                    "from other documents)")
     if backend == "native":
-        tasks = _local_tasks_native(sm, domain_docs, items, log)
+        tasks = _local_tasks_native(sm, domain_docs, items)
     else:
-        tasks = _local_tasks_lm_eval(sm, domain_docs, items, log, work_dir)
-    skipped = _paper_tasks(sm, paper_tasks, paper_limit, tasks, log)
+        tasks = _local_tasks_lm_eval(sm, domain_docs, items, work_dir)
+    skipped = _paper_tasks(sm, paper_tasks, paper_limit, tasks)
     for name, tally in sm.tallies.items():
         if name in tasks:
             tasks[name]["routing"] = tally.summary()
@@ -54,23 +53,22 @@ def evaluate(sm: ScoringModel, domain_docs: dict, items: Sequence[dict],
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _local_tasks_native(sm: ScoringModel, domain_docs: dict, items: Sequence[dict],
-                        log: Callable) -> dict:
+def _local_tasks_native(sm: ScoringModel, domain_docs: dict, items: Sequence[dict]) -> dict:
     """Per-domain perplexity and the next-line task, computed here."""
     tasks: dict = {}
     for name, domain in sorted({ppl_task_name(d): d for d in domain_docs}.items()):
         tasks[name] = {"type": "perplexity", "domain": domain,
                        **native_perplexity(sm, domain_docs[domain], name)}
-        log(f"eval: {name}: bits/byte {tasks[name]['bits_per_byte']:.4f}")
+        logger.info(f"eval: {name}: bits/byte {tasks[name]['bits_per_byte']:.4f}")
     if items:
         tasks[MC_TASK] = {"type": "multiple_choice", **native_multiple_choice(sm, items,
                                                                                 MC_TASK)}
-        log(f"eval: {MC_TASK}: acc {tasks[MC_TASK]['acc']:.4f}")
+        logger.info(f"eval: {MC_TASK}: acc {tasks[MC_TASK]['acc']:.4f}")
     return tasks
 
 
 def _local_tasks_lm_eval(sm: ScoringModel, domain_docs: dict, items: Sequence[dict],
-                         log: Callable, work_dir: Optional[str]) -> dict:
+                         work_dir: Optional[str]) -> dict:
     """The same tasks written as lm-eval tasks and run by lm-evaluation-harness."""
     ppl_names = {ppl_task_name(d): d for d in domain_docs}
     tasks: dict = {}
@@ -84,7 +82,7 @@ def _local_tasks_lm_eval(sm: ScoringModel, domain_docs: dict, items: Sequence[di
                            "acc_norm": metric_value(r, "acc_norm"), "items": len(items),
                            "chance": sum(1 / len(it["choices"]) for it in items) /
                            max(len(items), 1)}
-            log(f"eval: {name}: acc {tasks[name]['acc']:.4f}")
+            logger.info(f"eval: {name}: acc {tasks[name]['acc']:.4f}")
         else:
             domain = ppl_names[name]
             docs = domain_docs[domain]
@@ -98,12 +96,12 @@ def _local_tasks_lm_eval(sm: ScoringModel, domain_docs: dict, items: Sequence[di
                            "words": sum(count_words(d) for d in docs)}
             ll = -bpb * nbytes * math.log(2)
             tasks[name]["token_perplexity"] = math.exp(-ll / max(tasks[name]["tokens"], 1))
-            log(f"eval: {name}: bits/byte {bpb:.4f}")
+            logger.info(f"eval: {name}: bits/byte {bpb:.4f}")
     return tasks
 
 
 def _paper_tasks(sm: ScoringModel, paper_tasks: Sequence[str], paper_limit: Optional[int],
-                 tasks: dict, log: Callable) -> dict:
+                 tasks: dict) -> dict:
     """The paper's zero-shot tasks (HF-hub datasets) into `tasks`; returns {task: why skipped}."""
     skipped: dict = {}
     if not paper_tasks:
@@ -114,8 +112,8 @@ def _paper_tasks(sm: ScoringModel, paper_tasks: Sequence[str], paper_limit: Opti
     elif not hub_reachable():
         for t in paper_tasks:
             skipped[t] = "the HF hub (huggingface.co) is unreachable: offline"
-        log(f"eval: skipping the paper's zero-shot tasks ({', '.join(paper_tasks)}): their "
-            "datasets download from the HF hub, which is unreachable here")
+        logger.info(f"eval: skipping the paper's zero-shot tasks ({', '.join(paper_tasks)}): their "
+                    "datasets download from the HF hub, which is unreachable here")
     else:
         for t in paper_tasks:
             try:
@@ -125,7 +123,7 @@ def _paper_tasks(sm: ScoringModel, paper_tasks: Sequence[str], paper_limit: Opti
                             "perplexity": metric_value(r, "perplexity")}
             except Exception as e:  # noqa: BLE001 - dataset download etc.
                 skipped[t] = " ".join(str(e).split())[:200] or type(e).__name__
-                log(f"eval: {t} skipped: {skipped[t]}")
+                logger.info(f"eval: {t} skipped: {skipped[t]}")
     return skipped
 
 

@@ -75,7 +75,7 @@ def cast(hf, dtype):
 
 
 def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
-                             tokenizer: Optional[str] = None, log: Callable = logger.info,
+                             tokenizer: Optional[str] = None,
                              overrides: Optional[dict] = None, dial=None):
     """The offline loader (training.checkpointing.offline) for conversion: the checkpoint's model
     in this single process (TP=PP=EP=1, fp32, eval), any saved layout. Needs init_distributed() first.
@@ -85,7 +85,7 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
     Returns (model, tcfg, TrainConfig, info) where info has the iteration, lambda, tokenizer,
     padded vocabulary size."""
     try:
-        ckpt = load_offline_model(load, iteration, tokenizer, overrides, log=log)
+        ckpt = load_offline_model(load, iteration, tokenizer, overrides)
     except CheckpointLoadError as e:
         raise ConversionError(str(e)) from None
     if dial is not None:
@@ -101,8 +101,8 @@ def load_megatron_checkpoint(load: str, iteration: Optional[int] = None,
             SparsityController.CHECKPOINT_KEY: controller or None,
             "vocab_size": ckpt.vocab_size, "tokenizer": ckpt.tokenizer,
             "tokenizer_name": tokenizer or cfg.tokenizer}
-    log(f"convert: loaded {ckpt.path} ({cfg.router}, {cfg.num_layers} layers, iteration "
-        f"{ckpt.iteration}, saved layout {ckpt.layout_text()}) in {ckpt.seconds:.1f} s")
+    logger.info(f"convert: loaded {ckpt.path} ({cfg.router}, {cfg.num_layers} layers, iteration "
+                f"{ckpt.iteration}, saved layout {ckpt.layout_text()}) in {ckpt.seconds:.1f} s")
     return ckpt.model, ckpt.tcfg, cfg, info
 
 
@@ -114,8 +114,8 @@ def _parity_prompt(tok) -> Optional[torch.Tensor]:
     return torch.tensor([ids]) if len(ids) >= 2 else None
 
 
-def _folder_check(model, hf, hf_fp32, torch_dtype, prompt, tolerance: float, summary: dict,
-                  log: Callable) -> Callable[[str], bool]:
+def _folder_check(model, hf, hf_fp32, torch_dtype, prompt, tolerance: float,
+                  summary: dict) -> Callable[[str], bool]:
     """save_hf_folder's `check`: parity of the folder as written, reloaded through
     from_pretrained (trust_remote_code for ReMoE). fp32 exports are compared with megatron
     directly; bf16 exports must reload bit-identical to the cast weights, and the fp32
@@ -131,7 +131,7 @@ def _folder_check(model, hf, hf_fp32, torch_dtype, prompt, tolerance: float, sum
             if not same:
                 rep.ok = False
                 rep.failures.append("the written bf16 folder does not reload to the same weights")
-        log(rep.summary())
+        logger.info(rep.summary())
         summary["verify"] = rep.as_dict()
         return rep.ok
 
@@ -141,8 +141,7 @@ def _folder_check(model, hf, hf_fp32, torch_dtype, prompt, tolerance: float, sum
 def megatron_checkpoint_to_hf(load: str, out_dir: str, iteration: Optional[int] = None,
                               dtype: str = "fp32", verify: bool = False,
                               tokenizer: Optional[str] = None, overwrite: bool = False,
-                              tolerance: float = 1e-4, log: Callable = logger.info,
-                              dial=None) -> dict:
+                              tolerance: float = 1e-4, dial=None) -> dict:
     """Checkpoint -> HF folder (optionally with the parity check, run before anything is written:
     a failing check writes nothing). `dial`: a compute dial (dial.json's content) written into
     config.json as `router_dial`; --verify then compares the two dialled models.
@@ -151,12 +150,12 @@ def megatron_checkpoint_to_hf(load: str, out_dir: str, iteration: Optional[int] 
     if torch_dtype is None:
         raise ConversionError(f"--dtype {dtype} is not one of fp32, bf16")
     check_output_dir(out_dir, overwrite)
-    model, tcfg, cfg, info = load_megatron_checkpoint(load, iteration, tokenizer, log, dial=dial)
+    model, tcfg, cfg, info = load_megatron_checkpoint(load, iteration, tokenizer, dial=dial)
     tok = info["tokenizer"]
     eos = tok.eod if tok is not None else None
     hf, kind = megatron_to_hf(model, tcfg, info["vocab_size"], cfg.seq_length, cfg.rotary_base,
                               eos_token_id=eos)
-    log(f"convert: exporting as {type(hf).__name__} ({kind})")
+    logger.info(f"convert: exporting as {type(hf).__name__} ({kind})")
     provenance = {k: v for k, v in info.items() if k != "tokenizer"}
     summary = {"kind": kind, "class": type(hf).__name__, "out": os.path.abspath(out_dir),
                **provenance}
@@ -164,10 +163,10 @@ def megatron_checkpoint_to_hf(load: str, out_dir: str, iteration: Optional[int] 
     if torch_dtype != torch.float32:
         hf = cast(hf, torch_dtype)
     check = _folder_check(model, hf, hf_fp32, torch_dtype, _parity_prompt(tok), tolerance,
-                          summary, log)
+                          summary)
     meta = {"source": "megatron-remoe", "export_kind": kind, "dtype": dtype, **provenance}
     written = save_hf_folder(hf, out_dir, tok, meta=meta, train_config=cfg.to_dict(),
                              overwrite=overwrite, check=check if verify else None)
     if written:
-        log(f"convert: wrote {os.path.abspath(out_dir)}")
+        logger.info(f"convert: wrote {os.path.abspath(out_dir)}")
     return summary

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -177,7 +177,7 @@ def _save_atomically(save_dir: str, cfg, model, optimizer, scheduler) -> None:
 
 
 def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Optional[str] = None,
-                                     overwrite: bool = False, log: Callable = logger.info) -> str:
+                                     overwrite: bool = False) -> str:
     """HF folder -> trainer checkpoint `save_dir/iter_0000000` (+ tracker) for continued training.
 
     The checkpoint holds the weights, the LR-schedule state of the recorded training config at
@@ -205,6 +205,6 @@ def save_megatron_checkpoint_from_hf(hf_dir: str, save_dir: str, config_yaml: Op
     optimizer, scheduler = build_optimizer(cfg, model)
     # the model's routers carry the controller's state (lambda) into the checkpoint
     _save_atomically(save_dir, cfg, model, optimizer, scheduler)
-    log(f"convert: wrote megatron checkpoint {save_dir}/iter_0000000 ({kind} -> router "
-        f"{cfg.router}); resume with `remoe train --load {save_dir} --no-load-optim ...`")
+    logger.info(f"convert: wrote megatron checkpoint {save_dir}/iter_0000000 ({kind} -> router "
+                f"{cfg.router}); resume with `remoe train --load {save_dir} --no-load-optim ...`")
     return save_dir

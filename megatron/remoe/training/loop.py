@@ -21,7 +21,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Optional
 
 import numpy as np
@@ -158,7 +157,7 @@ def _take_run_lock(cfg: TrainConfig) -> Optional[RunLock]:
     lock, error = None, None
     if cfg.save and is_rank0():
         try:
-            lock = RunLock(cfg.save, log=partial(info0, log)).acquire()
+            lock = RunLock(cfg.save).acquire()
         except ConfigError as e:
             error = str(e)
     if dist.get_world_size() > 1:
@@ -295,8 +294,7 @@ class TrainLoop:
             recent = self.history.recent_times
             eta = (cfg.train_iters - run.iteration) * sum(recent) / len(recent)
             target = run.tcfg.target_sparsity if run.controller is not None else None
-            self.logger.console(format_train_line(run.iteration, cfg.train_iters, metrics, target,
-                                                  eta))
+            info0(log, format_train_line(run.iteration, cfg.train_iters, metrics, target, eta))
         self.logger.log(run.iteration, metrics)
 
     def preemption(self, stop: StopVote) -> Optional[str]:
@@ -306,12 +304,12 @@ class TrainLoop:
             reason = signal.Signals(stop.signum).name
             where = "" if self.handler and self.handler.received == reason else \
                 " (on another rank)"
-            self.logger.console(f"exit: {reason} received{where}; saving and stopping after "
-                                f"iteration {iteration}")
+            info0(log, f"exit: {reason} received{where}; saving and stopping after "
+                       f"iteration {iteration}")
             return reason
         if stop.time_up:
-            self.logger.console(f"exit: --exit-duration-in-mins {self.cfg.exit_duration_in_mins} "
-                                f"reached after iteration {iteration}")
+            info0(log, f"exit: --exit-duration-in-mins {self.cfg.exit_duration_in_mins} "
+                       f"reached after iteration {iteration}")
             return "exit_duration_in_mins"
         return None
 
@@ -322,7 +320,7 @@ class TrainLoop:
         self.last_eval = self.parts.evaluate(self.run, self.valid_sets, self.weights)
         self.last_eval["eval_iteration"] = iteration
         self.logger.log(iteration, self.last_eval, split="valid")
-        self.logger.console(_format_eval(iteration, self.last_eval))
+        info0(log, _format_eval(iteration, self.last_eval))
 
     def save_due(self, stop: bool) -> bool:
         cfg, iteration = self.cfg, self.run.iteration
@@ -338,17 +336,15 @@ class TrainLoop:
             cfg.save, run.iteration, run.model, run.optimizer, run.scheduler,
             run.consumed_train_samples, cfg, self.config_yaml,
             extra_common={"padded_vocab_size": run.vocab_size, "skipped_steps": run.skipped_steps,
-                          "eval_pending": eval_pending},
-            log=self.logger.console)
-        self.logger.console(f"checkpoint: saved {self.last_saved}")
+                          "eval_pending": eval_pending})
+        info0(log, f"checkpoint: saved {self.last_saved}")
         self.hooks.phase("saved", run.iteration)
 
     def say_why_stopped(self) -> None:
         if self.exit_reason == "exit_interval":
-            self.logger.console(f"exit: iteration {self.run.iteration} is a multiple of "
-                                "--exit-interval")
+            info0(log, f"exit: iteration {self.run.iteration} is a multiple of --exit-interval")
         elif not self.cfg.save:
-            self.logger.console("exit: no --save directory, nothing saved")
+            info0(log, "exit: no --save directory, nothing saved")
 
     def write_summary(self) -> dict:
         """The run summary; rank 0 also writes it as summary.json next to the metrics file."""

@@ -1,5 +1,5 @@
-"""Metrics sinks: console (through the `megatron.remoe` logger), JSONL (one JSON object per step,
-every key), TensorBoard, W&B.
+"""Metrics sinks: JSONL (one JSON object per step, every key), TensorBoard, W&B; and the console
+lines the loop logs (`format_train_line`).
 
 Only rank 0 writes; the trainer reduces everything it logs to rank 0 first. Keys (see
 docs/training.md): `lm_loss`, `lr`, `grad_norm`, `tokens_per_s`, `step_time_s`, `memory_gb`, the
@@ -21,7 +21,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from typing import Optional
 
@@ -65,7 +64,7 @@ class MetricsLogger:
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
             if resume_iteration is not None:
-                self.kept = truncate_metrics(metrics_file, resume_iteration, log=self.console)
+                self.kept = truncate_metrics(metrics_file, resume_iteration)
             # append: a resumed run continues the same file
             self.jsonl = open(metrics_file, "a", encoding="utf-8")
         if tensorboard_dir:
@@ -77,12 +76,6 @@ class MetricsLogger:
 
             self.wandb = wandb.init(project=wandb_project, name=wandb_exp_name,
                                     dir=wandb_save_dir, config=config, resume="allow")
-
-    def console(self, message: str) -> None:
-        """A progress line (rank 0): through logging, so another program's handlers get it; the
-        entry points' console prints it bare on stdout (logs.configure)."""
-        if self.enabled:
-            log.info(message)
 
     def log(self, iteration: int, metrics: dict, split: str = "train") -> None:
         """One record: JSONL line + TensorBoard scalars + W&B row."""
@@ -110,7 +103,7 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def truncate_metrics(path: str, resume_iteration: int, log=print) -> set:
+def truncate_metrics(path: str, resume_iteration: int) -> set:
     """Make the JSONL file at `path` the history of iterations <= `resume_iteration`: drop later
     records and a half-written last line (atomic rewrite, only when something must go). Returns
     the (split, iteration) pairs kept."""
@@ -140,8 +133,8 @@ def truncate_metrics(path: str, resume_iteration: int, log=print) -> set:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        log(f"metrics: {path}: dropped {dropped} record(s) after iteration {resume_iteration} "
-            f"(replayed by this run)" + (f" and {broken} half-written line(s)" if broken else ""))
+        log.info(f"metrics: {path}: dropped {dropped} record(s) after iteration {resume_iteration} "
+                 f"(replayed by this run)" + (f" and {broken} half-written line(s)" if broken else ""))
     return kept
 
 
@@ -177,7 +170,3 @@ def memory_gb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
 
     return psutil.Process().memory_info().rss / 2**30
-
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -33,6 +33,9 @@ from typing import Optional
 import psutil
 
 from megatron.remoe.errors import ConfigError
+from megatron.remoe.logs import get_logger
+
+logger = get_logger(__name__)
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 10.0  # how often the holder refreshes the lock's mtime
@@ -119,9 +122,9 @@ class RunLock:
     """The lock of one `--save` directory, held by this process (rank 0) for the whole run."""
 
     def __init__(self, save_dir: str, heartbeat_s: float = HEARTBEAT_S,
-                 stale_after_s: float = STALE_AFTER_S, log=print):
+                 stale_after_s: float = STALE_AFTER_S):
         self.save_dir, self.path = save_dir, lock_path(save_dir)
-        self.heartbeat_s, self.stale_after_s, self.log = heartbeat_s, stale_after_s, log
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.token = uuid.uuid4().hex
         self.info = {"host": socket.gethostname(), "pid": os.getpid(),
                      "started": round(time.time(), 3), "token": self.token}
@@ -147,8 +150,8 @@ class RunLock:
             except FileNotFoundError:
                 continue
             os.remove(aside)
-            self.log(f"run-lock: WARNING: took over the stale lock of {self.save_dir} "
-                     f"({_describe(info)}: {reason})")
+            logger.warning(f"run-lock: WARNING: took over the stale lock of {self.save_dir} "
+                           f"({_describe(info)}: {reason})")
         raise ConfigError(f"save={self.save_dir}: could not take the lock {self.path} (another "
                           "trainer keeps taking it); fix: make sure one run uses this directory")
 

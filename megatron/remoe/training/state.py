@@ -9,7 +9,6 @@ sparsity controller, and resumes from --load (falling back over corrupt checkpoi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Optional
 
 import torch
@@ -51,7 +50,6 @@ from megatron.remoe.training.metrics import check_logging_backends
 from megatron.remoe.training.run_lock import check_not_held
 
 log = get_logger(__name__)
-_progress = partial(info0, log)  # the checkpoint functions' progress-line callback
 
 
 @dataclass
@@ -197,7 +195,7 @@ def _load_tokenizer(cfg: TrainConfig):
 def _check_resume_target(cfg: TrainConfig, vocab_size: int) -> None:
     """Model shape and vocabulary of the newest checkpoint in --load against this run (from its
     small common state; an unreadable one is left to the verified load, which falls back)."""
-    candidates = checkpoint_candidates(cfg.load, log=lambda message: None)
+    candidates = checkpoint_candidates(cfg.load)
     if not candidates:
         return
     check_writer_version(candidates[0])  # a newer megatron-core's layout is not "corrupt"
@@ -234,14 +232,14 @@ def _resume(run: Run) -> None:
     cfg = run.cfg
     failed: list = []
     while True:
-        path = find_loadable_checkpoint(cfg.load, log=_progress,
-                                        checksums=cfg.checkpoint_checksums, skip=tuple(failed))
+        path = find_loadable_checkpoint(cfg.load, checksums=cfg.checkpoint_checksums,
+                                        skip=tuple(failed))
         if path is None:
             break
         error = None
         try:
             common = load_checkpoint(path, run.model, run.optimizer, run.scheduler,
-                                     run.controller, cfg, log=_progress, vocab_size=run.vocab_size)
+                                     run.controller, cfg, vocab_size=run.vocab_size)
         except ConfigError:
             raise
         except _LOAD_ERRORS as e:  # unreadable file: fall back, all ranks together
@@ -263,7 +261,7 @@ def _resume(run: Run) -> None:
         info0(log, f"checkpoint: WARNING: loading {path} failed ({error}); falling back to "
                    "the previous checkpoint")
         failed.append(path)
-    if checkpoint_candidates(cfg.load, log=lambda message: None):
+    if checkpoint_candidates(cfg.load):
         raise ConfigError(f"--load {cfg.load}: no checkpoint there is loadable (see the warnings "
                           "above); fix: move the corrupt iter_* directories away or point --load "
                           "at another directory")

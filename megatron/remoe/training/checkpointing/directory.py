@@ -28,30 +28,38 @@ def complete_iterations(root: str) -> list:
                   if (m := ITER_DIR_RE.match(name)) and os.path.isdir(os.path.join(root, name)))
 
 
-def checkpoint_candidates(root: str, log=logger.info) -> list:
-    """Complete checkpoint directories in `root`, newest first (tracker inconsistencies noted)."""
+def _candidates(root: str) -> tuple:
+    """(complete checkpoint directories in `root`, newest first; a note when the tracker does not
+    name the newest, or None)."""
     if not root or not os.path.isdir(root):
-        return []
+        return [], None
     complete = complete_iterations(root)
     tracker = os.path.join(root, TRACKER)
+    note = None
     if os.path.isfile(tracker):
         with open(tracker, encoding="utf-8") as fh:
             text = fh.read().strip()
         if complete and not (text.isdigit() and int(text) == complete[-1]):
-            log(f"checkpoint: tracker {tracker} says {text!r} but the newest complete checkpoint "
-                f"is iter_{complete[-1]:07d}; loading that one")
+            note = (f"checkpoint: tracker {tracker} says {text!r} but the newest complete "
+                    f"checkpoint is iter_{complete[-1]:07d}; loading that one")
     elif complete:
-        log(f"checkpoint: no tracker in {root}; loading the newest complete checkpoint "
-            f"iter_{complete[-1]:07d}")
-    return [iteration_dir(root, it) for it in reversed(complete)]
+        note = (f"checkpoint: no tracker in {root}; loading the newest complete checkpoint "
+                f"iter_{complete[-1]:07d}")
+    return [iteration_dir(root, it) for it in reversed(complete)], note
 
 
-def _warn_corrupt(log, path: str, reason: str) -> None:
-    log(f"checkpoint: WARNING: {os.path.basename(path)} in {os.path.dirname(path)} is not "
-        f"loadable ({reason}); falling back to the previous checkpoint")
+def checkpoint_candidates(root: str) -> list:
+    """Complete checkpoint directories in `root`, newest first (the loaders below say which one
+    they take when the tracker does not name it)."""
+    return _candidates(root)[0]
 
 
-def find_latest_checkpoint(root: str, log=logger.info, checksums: bool = False) -> Optional[str]:
+def _warn_corrupt(path: str, reason: str) -> None:
+    logger.warning(f"checkpoint: WARNING: {os.path.basename(path)} in {os.path.dirname(path)} "
+                   f"is not loadable ({reason}); falling back to the previous checkpoint")
+
+
+def find_latest_checkpoint(root: str, checksums: bool = False) -> Optional[str]:
     """The newest complete checkpoint directory in `root` that verifies, or None.
 
     The tracker names the newest; if it is missing or stale (a crash between the rename and the
@@ -59,30 +67,36 @@ def find_latest_checkpoint(root: str, log=logger.info, checksums: bool = False) 
     checkpoint whose files do not match its manifest (sizes; CRC32 too with `checksums`) is
     skipped with a warning.
     """
-    for path in checkpoint_candidates(root, log):
+    candidates, note = _candidates(root)
+    if note:
+        logger.info(note)
+    for path in candidates:
         reason = verify_checkpoint(path, checksums=checksums)
         if reason is None:
             return path
-        _warn_corrupt(log, path, reason)
+        _warn_corrupt(path, reason)
     return None
 
 
-def find_loadable_checkpoint(root: str, log=logger.info, checksums: bool = True,
-                             skip: tuple = ()) -> Optional[str]:
+def find_loadable_checkpoint(root: str, checksums: bool = True, skip: tuple = ()) -> Optional[str]:
     """find_latest_checkpoint for a running job: the files are verified in parallel by all ranks
-    and every rank returns the same directory. `skip`: directories known not to load."""
-    for path in checkpoint_candidates(root, log if this_rank() == 0 else (lambda m: None)):
+    and every rank returns the same directory (rank 0 says why). `skip`: directories known not to
+    load."""
+    candidates, note = _candidates(root)
+    if note and this_rank() == 0:
+        logger.info(note)
+    for path in candidates:
         if path in skip:
             continue
         reason = verify_checkpoint_distributed(path, checksums)
         if reason is None:
             return path
         if this_rank() == 0:
-            _warn_corrupt(log, path, reason)
+            _warn_corrupt(path, reason)
     return None
 
 
-def resolve_checkpoint(load: str, iteration: Optional[int] = None, log=logger.info) -> str:
+def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> str:
     """The iter_XXXXXXX directory an offline tool reads: `load` itself if it is one, iteration N
     under `load`, or the latest complete checkpoint under `load`."""
     if not load or not os.path.isdir(load):
@@ -100,14 +114,14 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None, log=logger.in
             raise ConfigError(f"no checkpoint for iteration {iteration} in {load} "
                               f"(have: {', '.join(have) or 'none'})")
         return path
-    path = find_latest_checkpoint(load, log=log)
+    path = find_latest_checkpoint(load)
     if path is None:
         raise ConfigError(f"no checkpoint in {load} (expected iter_XXXXXXX/ directories and "
                           f"{TRACKER})")
     return path
 
 
-def prune_checkpoints(root: str, keep: int, log=logger.info) -> list:
+def prune_checkpoints(root: str, keep: int) -> list:
     """Delete complete checkpoints older than the `keep` newest ones that verify (sizes against
     the manifest), plus leftovers of crashed saves/deletions older than the newest checkpoint.
     Never deletes anything when fewer than `keep` checkpoints verify. Returns the deleted paths."""
@@ -137,6 +151,6 @@ def prune_checkpoints(root: str, keep: int, log=logger.info) -> list:
         if m and newest is not None and (int(m.group(1)) < newest or m.group(2) == "deleting"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if deleted:
-        log(f"checkpoint: removed {len(deleted)} old checkpoint(s) "
-            f"({', '.join(os.path.basename(d) for d in deleted)}); keeping the last {keep}")
+        logger.info(f"checkpoint: removed {len(deleted)} old checkpoint(s) "
+                    f"({', '.join(os.path.basename(d) for d in deleted)}); keeping the last {keep}")
     return deleted

@@ -12,7 +12,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
 
 from megatron.remoe.errors import ConfigError
-from megatron.remoe.logs import get_logger
+from megatron.remoe.logs import get_logger, info0
 from megatron.remoe.training.checkpointing.files import check_writer_version
 from megatron.remoe.training.checkpointing.state import (
     build_state_dict,
@@ -144,7 +144,7 @@ def check_optimizer_reshardable(path, saved: dict, now: dict, saved_cfg: dict, c
                          f"optimizers (experts get their own with EP > 1); {fix}")
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log=logger.info,
+def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg,
                     vocab_size: Optional[int] = None) -> dict:
     """Load `path` (a checkpoint directory) into the current layout; returns the common state
     (iteration, consumed_train_samples, layout, config, ...). A checkpoint of another model shape
@@ -160,8 +160,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, controller, cfg, log
         check_optimizer_reshardable(path, saved, now, common.get("config") or {}, cfg, metadata)
     with_rng = same_layout and not cfg.no_load_rng
     if not same_layout and not cfg.no_load_rng:
-        log(f"checkpoint: parallel layout changed ({common.get('layout')} -> {parallel_layout(cfg)}): "
-            "the state is re-sharded, RNG states are not restored")
+        info0(logger, f"checkpoint: parallel layout changed ({common.get('layout')} -> "
+                      f"{parallel_layout(cfg)}): the state is re-sharded, RNG states are not restored")
     with_optimizer = not cfg.no_load_optim
     sd = build_state_dict(model, optimizer, is_loading=True, with_optimizer=with_optimizer,
                           with_rng=with_rng, metadata=metadata)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron.remoe.data.tokenizer import load_tokenizer
 from megatron.remoe.errors import ConfigError
-from megatron.remoe.logs import get_logger
 from megatron.remoe.model import build_gpt_model
 from megatron.remoe.training.checkpointing import (
     load_sharded,
@@ -33,8 +32,6 @@ from megatron.remoe.training.checkpointing import (
 )
 from megatron.remoe.training.config import TrainConfig, transformer_config
 from megatron.remoe.training.data import padded_vocab_size
-
-logger = get_logger(__name__)
 
 
 class CheckpointLoadError(ConfigError):
@@ -132,8 +129,7 @@ def _load_weights(model, path: str, common: dict) -> None:
 
 
 def load_offline_model(load: str, iteration: Optional[int] = None, tokenizer=None,
-                       overrides: Optional[dict] = None,
-                       log: Callable = logger.info) -> OfflineCheckpoint:
+                       overrides: Optional[dict] = None) -> OfflineCheckpoint:
     """Load checkpoint `load` (a --save directory: its latest checkpoint or iteration
     `iteration`; or one iter_XXXXXXX directory) as a single-process fp32 model in eval mode.
 
@@ -141,7 +137,7 @@ def load_offline_model(load: str, iteration: Optional[int] = None, tokenizer=Non
     TrainConfig fields that do not change the weights' shapes (e.g. the TopK `moe_router_topk`
     or the token dispatcher, for inference). Missing checkpoints raise ConfigError, everything
     else that stops the load CheckpointLoadError (both one line)."""
-    path = resolve_checkpoint(load, iteration, log=log)
+    path = resolve_checkpoint(load, iteration)
     cfg, common = read_checkpoint_config(path)
     if cfg.virtual_pipeline_model_parallel_size:
         raise CheckpointLoadError(f"{path}: virtual-pipeline checkpoints are not supported by the "

@@ -205,7 +205,7 @@ def _test_hook_fail(iteration: int, stage: str):
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
                     consumed_train_samples: int, cfg, config_yaml: str,
-                    extra_common: Optional[dict] = None, log=None) -> str:
+                    extra_common: Optional[dict] = None) -> str:
     """Save atomically into root/iter_XXXXXXX; every rank must call this.
 
     The sparsity controller's state (lambda) is in the model's sharded state: every ReLURouter's
@@ -267,9 +267,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
     keep = getattr(cfg, "keep_last_n_checkpoints", None)
     if keep and this_rank() == 0:
         try:
-            prune_checkpoints(root, keep, log=log or (lambda m: None))
+            prune_checkpoints(root, keep)
         except OSError as e:  # the new checkpoint is complete: retention can wait for the next save
-            (log or logger.info)(f"checkpoint: WARNING: removing old checkpoints failed "
+            logger.warning(f"checkpoint: WARNING: removing old checkpoints failed "
                            f"({_error_text(e)}); they are kept")
     barrier()
     return final
