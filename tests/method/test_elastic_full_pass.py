@@ -23,6 +23,7 @@ import torch
 
 from megatron.remoe.errors import ConfigError
 from tests.helpers.dist_utils import run_workers
+from tests.helpers.paths import ROOT
 from tests.helpers.pretrain_utils import run_pretrain
 from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
 
@@ -285,6 +286,18 @@ def test_full_pass_resume_equals_uninterrupted_run(data, tmp_path):
         for key in KEYS:
             assert x[key] == y[key], (x["iteration"], key, x[key], y[key])
         assert x.get("elastic_dialled_lm_loss") == y.get("elastic_dialled_lm_loss")
+
+
+def test_full_pass_grid_is_the_elastic_grid_plus_the_flag():
+    from megatron.remoe import ablation as ab
+
+    folder = os.path.join(ROOT, "examples", "remoe", "ablations")
+    grid = ab.load_grid(os.path.join(folder, "cpu-converge-elastic-full.yaml"))
+    elastic = ab.load_grid(os.path.join(folder, "cpu-converge-elastic.yaml"))
+    assert [r.name for r in grid.runs] == ["relu-s1", "relu-s2", "relu-s3"]
+    assert grid.out != elastic.out
+    for r in grid.runs:
+        assert r.fields == dict(elastic.run(r.name).fields, moe_relu_elastic_full_pass=True)
 
 
 # ---- config -------------------------------------------------------------------------------
