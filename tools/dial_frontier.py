@@ -8,13 +8,15 @@
 Each --run is NAME=FOLDER with NAME = GROUP-sSEED and FOLDER a `remoe dial --sweep` output (sweep.json)
 or a single `remoe dial` output (dial.json; `--thresholds 0` = the model as trained). Writes
 points.csv (every point), summary.md (mean ± std over seeds per setting, TopK-match ratios) and
-frontier.png (loss vs experts/token and vs forward FLOPs). See docs/compute-dial.md.
+frontier.png (loss vs experts/token and vs forward FLOPs); `--pair A=B` adds paired-by-seed loss
+differences (e.g. the elastic model vs plain ReMoE, each as trained). See docs/compute-dial.md.
 Exit codes: 0 success, 2 bad input (one-line error, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", action="append", default=[], metavar="GROUP:METHOD:FORM",
                    help="report at which fraction of TopK k'=1's expert compute the group's dialled "
                         "curve reaches TopK k'=1's loss, per seed (repeatable)")
+    p.add_argument("--pair", action="append", default=[], metavar="A=B",
+                   help="paired loss difference A - B per seed and its mean ± std; A and B are GROUP "
+                        "(as trained) or GROUP:METHOD:FORM:TARGET, e.g. elastic=relu or "
+                        "elastic:per-layer:cut:0.5=frontier-0.5 (repeatable)")
     p.add_argument("--title", default="compute dial across seeds")
     p.add_argument("--ymax", type=float, help="upper limit of the loss axis (points above are cut off)")
     p.add_argument("--no-figures", action="store_true")
@@ -68,6 +74,12 @@ def parse(argv) -> argparse.Namespace:
         if len(parts) != 3:
             raise F.FrontierError(f"--match {item!r}: expected GROUP:METHOD:FORM, e.g. relu:per-layer:cut")
         args.matches.append(tuple(parts))
+    args.pairs = []
+    for item in args.pair:
+        a, sep, b = item.partition("=")
+        if not sep:
+            raise F.FrontierError(f"--pair {item!r}: expected A=B, e.g. elastic=relu")
+        args.pairs.append((F.Selector.parse(a), F.Selector.parse(b)))
     return args
 
 
@@ -78,6 +90,21 @@ def match_lines(points, matches) -> list:
         shown = ", ".join(f"s{s}: {'not reached' if r is None else f'{r:.3f}'}" for s, r in ratios.items())
         lines.append(f"- {group} dialled ({method} {form}) reaches TopK k'=1's loss at this fraction of "
                      f"TopK's expert compute: {shown or 'no seed has both curves'}")
+    return lines
+
+
+def pair_lines(points, pairs) -> list:
+    lines = []
+    for a, b in pairs:
+        diffs = F.paired_difference(points, a, b)
+        if not diffs:
+            lines.append(f"- {a} - {b}: no seed has both")
+            continue
+        mean, std = F.mean_std(list(diffs.values()))
+        shown = ", ".join(f"s{s}: {d:+.4f}" for s, d in diffs.items())
+        spread = "" if math.isnan(std) else f" ± {std:.4f}"
+        lines.append(f"- {a} - {b}, paired by seed: {shown}; mean {mean:+.4f}{spread} "
+                     f"({len(diffs)} seed{'s' if len(diffs) > 1 else ''})")
     return lines
 
 
@@ -92,7 +119,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     F.write_points_csv(os.path.join(args.out, "points.csv"), points)
     text = F.markdown_table(rows) + "\n"
-    lines = match_lines(points, args.matches)
+    lines = match_lines(points, args.matches) + pair_lines(points, args.pairs)
     if lines:
         text += "\n" + "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as fh:

@@ -118,3 +118,45 @@ def test_a_topk_run_contributes_only_its_topk_points(runs):
     assert [p.topk for p in points] == [1, 2]
     with pytest.raises(F.FrontierError, match="seed given twice"):
         F.summarise(points + F.load_run("relu-s1", runs / "relu-s1"))
+
+
+def test_paired_difference_by_seed(runs):
+    _sweep(runs / "elastic-s1", 5.03, [(0.5, 5.07)], [])
+    _sweep(runs / "elastic-s2", 5.21, [(0.5, 5.20)], [])
+    points = [p for name in ("relu-s1", "relu-s2", "elastic-s1", "elastic-s2", "frontier-0.5-s1")
+              for p in F.load_run(name, runs / name)]
+    as_trained = F.paired_difference(points, F.Selector.parse("elastic"), F.Selector.parse("relu"))
+    assert as_trained == pytest.approx({1: 5.03 - 5.0, 2: 5.21 - 5.2})
+    half = F.paired_difference(points, F.Selector.parse("elastic:per-layer:cut:0.5"),
+                               F.Selector.parse("relu:per-layer:cut:0.5"))
+    assert half == pytest.approx({1: 5.07 - 5.10, 2: 5.20 - 5.26})
+    # only seed 1 has a frontier model: the pair covers seed 1 alone
+    vs_frontier = F.paired_difference(points, F.Selector.parse("elastic:per-layer:cut:0.5"),
+                                      F.Selector.parse("frontier-0.5"))
+    assert vs_frontier == pytest.approx({1: 5.07 - 5.05})
+    assert F.paired_difference(points, F.Selector.parse("relu:per-layer:cut:0.375"),
+                               F.Selector.parse("relu")) == {}
+    for bad in ("relu:per-layer:cut", "relu:top:cut:0.5", "relu:per-layer:cut:half", ""):
+        with pytest.raises(F.FrontierError, match="GROUP:METHOD:FORM:TARGET"):
+            F.Selector.parse(bad)
+
+
+@pytest.mark.multiprocess  # the tool as a subprocess
+def test_cli_prints_pairs(runs, tmp_path):
+    _sweep(runs / "elastic-s1", 5.03, [(0.5, 5.07)], [])
+    out = tmp_path / "pairs"
+    r = subprocess.run([sys.executable, TOOL, "--out", str(out), "--no-figures",
+                        "--run", f"relu-s1={runs / 'relu-s1'}", "--run", f"relu-s2={runs / 'relu-s2'}",
+                        "--run", f"elastic-s1={runs / 'elastic-s1'}", "--pair", "elastic=relu",
+                        "--pair", "relu:per-layer:cut:0.5=relu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = (out / "summary.md").read_text()
+    assert ("- elastic as trained - relu as trained, paired by seed: s1: +0.0300; mean +0.0300 "
+            "(1 seed)") in summary
+    assert ("- relu per-layer cut 0.5 - relu as trained, paired by seed: s1: +0.1000, s2: +0.0600; "
+            "mean +0.0800 ± 0.0283 (2 seeds)") in summary
+    r = subprocess.run([sys.executable, TOOL, "--out", str(tmp_path / "bad"), "--run",
+                        f"relu-s1={runs / 'relu-s1'}", "--pair", "elastic"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "A=B" in r.stderr and not (tmp_path / "bad").exists()

@@ -51,7 +51,9 @@ def state(model):
 def assert_pass(rep):
     print(rep.summary())
     assert rep.ok, rep.failures
-    assert rep.max_abs_logit_diff < 1e-4
+    # fp32 rounding only: measured <= 2.1e-7 on logits of scale 0.6 (2026-12-03); the tool's own
+    # 1e-4 let a router or expert weight scaled by 1.001 through (2.1e-5, 9.7e-6)
+    assert rep.max_abs_logit_diff < 2e-6
     assert len(rep.greedy_megatron) == 16
 
 

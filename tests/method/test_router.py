@@ -248,10 +248,18 @@ def test_regulariser_gradient_reaches_router(single_rank, bf16, lam):
     (lam * reference_l1(gates, topk=K)).backward()
     grad = layer.router.weight.grad
     assert grad.dtype == dtype
-    # fp32: rounding only; bf16: the gradient is stored in bf16 (8 bits), nothing worse
+    # fp32: rounding only (measured max 2.1e-6 relative); bf16: the gradient is stored in bf16
+    # (8 bits), nothing worse (measured max 3.5e-3 relative, against 2^-8 = 3.9e-3)
     rtol = 2.0 ** -8 if bf16 else 1e-5
     torch.testing.assert_close(grad.double(), W.grad, rtol=rtol,
                                atol=rtol * float(W.grad.abs().max()))
+    if bf16:
+        # One rounding to bf16 hides a relative error of 1e-3 (lambda kept in bf16 is 1.2e-3 off
+        # at 1e-8) from the bound above. Stricter: each entry IS the float64 gradient rounded to
+        # bf16, except where the fp32 sum lands within its own rounding of a bf16 midpoint
+        # (measured: 1 and 0 of 64 entries). lambda in bf16, or scaled by 1.001: 11-15 of 64 differ.
+        differ = (grad != W.grad.to(dtype)).float().mean().item()
+        assert differ <= 0.1, f"{differ:.3f} of the entries are not the exact gradient in bf16"
 
 
 # ---- configuration -------------------------------------------------------------------------------

@@ -53,9 +53,10 @@ def load(name):
     else:
         importlib.import_module(name)
 
-def third_party(module):  # neither ours nor another module of this checkout (tests.*, bench/machine)
-    path = getattr(module, "__file__", None) or ""
-    return not os.path.abspath(path).startswith(os.getcwd() + os.sep)
+def third_party(module):  # neither ours nor another module of this checkout (tests.*, bench/machine);
+    # installed packages count as third party even when the venv lives inside the checkout (.venv)
+    path = os.path.abspath(getattr(module, "__file__", None) or "")
+    return not path.startswith(os.getcwd() + os.sep) or "site-packages" in path.split(os.sep)
 
 mode, names = sys.argv[1], sys.argv[2:]
 failed = []

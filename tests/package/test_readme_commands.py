@@ -12,7 +12,15 @@ The commands run in a scratch directory that links every top-level entry of the 
 repository root and nothing is written into the checkout. The environment is the README's: the
 current interpreter's bin directory first on PATH (an activated `.venv`), this checkout first on
 PYTHONPATH, Hugging Face hub access off. Commands that read a demo run (`runs/demo/...`) run after
-the README command that makes it, in README order.
+the README command that makes it, in README order, and reuse it (the demo corpus and tokenizer are
+built once, by the first demo command).
+
+Where it runs: CI runs the commands (marked `readme`) in the newest lane (scripts/test_newest.sh,
+`-m "core or readme"`), where `remoe`, `python` and `torchrun` are the Python 3.12 environment's,
+i.e. what `pip install` gives a user; `bash scripts/demo.sh` runs `.venv/bin/remoe`, the pinned
+environment the pinned lane set up. It is also the demo's end-to-end test (it asserts the summary
+lines and files that tests/cli/test_demo.py asserted before it was folded in here). The pinned lane
+(scripts/test.sh, `-m "not readme"`) keeps `test_every_readme_command_is_listed`.
 """
 
 import hashlib
@@ -41,16 +49,23 @@ class Case:
     needs: Optional[str] = None     # the README command whose output it reads (run first)
     installed_venv: bool = False    # runs scripts/setup_env.sh: only where .venv is already set up
     expect: tuple = ()              # paths (relative to the scratch root) the command must create
+    output: tuple = ()              # strings its standard output must contain
 
 
 DEMO_COMPARE = "remoe demo --compare"
 SHORT_RUN = "--train-iters 3 --eval-iters 1"
-SHORT_GRID = "--set train_iters=4 eval_interval=2 eval_iters=1 save_interval=4 log_interval=1"
+SHORT_GRID = "--set train_iters=2 eval_interval=2 eval_iters=1 save_interval=2 log_interval=1"
+# the demo's summary (print_summary in megatron/remoe/cli/demo.py): each line it always prints
+DEMO_SUMMARY = ("ReMoE demo finished", "validation loss", "shakespeare", "sparsity", "target 0.875",
+                "lambda", "tokens/s", "parameters", "checkpoint", "settings             1 process(es) x ")
 
 COMMANDS = {
     # Quick start
-    "bash scripts/demo.sh": Case(extra="--iters 5", installed_venv=True,
-                                 expect=("runs/demo/relu/summary.json",)),
+    # 2 steps (the demo evaluates after each step, eval_interval = iters // 4 or 1)
+    "bash scripts/demo.sh": Case(extra="--iters 2", installed_venv=True, output=DEMO_SUMMARY,
+                                 expect=("runs/demo/relu/summary.json",
+                                         "runs/demo/relu/metrics.jsonl",
+                                         "runs/demo/relu/checkpoints/iter_0000002")),
     "bash scripts/test.sh": Case(skip="the whole test suite, this test included"),
     # Install
     'pip install -e ".[test]"': Case(skip="installs packages (network)"),
@@ -66,9 +81,10 @@ COMMANDS = {
     "python tools/build_demo_corpus.py --out-dir runs/demo/data":
         Case(expect=("runs/demo/data",)),
     # Training
-    DEMO_COMPARE: Case(extra="--iters 5", expect=("runs/demo/relu/checkpoints",
-                                                  "runs/demo/topk/checkpoints",
-                                                  "runs/demo/dense/checkpoints")),
+    DEMO_COMPARE: Case(extra="--iters 1", output=DEMO_SUMMARY + ("Side by side", "TopK MoE", "Dense"),
+                       expect=("runs/demo/relu/checkpoints/iter_0000001",
+                               "runs/demo/topk/checkpoints/iter_0000001",
+                               "runs/demo/dense/checkpoints/iter_0000001")),
     "bash scripts/train_torchrun.sh examples/remoe/182m/remoe.yaml "
     "--data-path /data/pile/train_text_document --valid-data-path /data/pile/val_text_document":
         Case(skip="8 GPUs and the Pile"),
@@ -81,20 +97,21 @@ COMMANDS = {
         Case(extra=SHORT_RUN, expect=("runs/tp2-sp-ep2/latest_checkpointed_iteration.txt",)),
     # Routing analysis
     "python tools/analyze_routing.py --load runs/demo/relu/checkpoints --out runs/demo/analysis":
-        Case(needs=DEMO_COMPARE, expect=("runs/demo/analysis",)),
+        Case(needs=DEMO_COMPARE, extra="--tokens-per-domain 2048", expect=("runs/demo/analysis",)),
     # Hugging Face export and evaluation
     "python tools/convert_checkpoint.py --load runs/demo/relu/checkpoints --out runs/demo/hf --verify":
         Case(needs=DEMO_COMPARE, expect=("runs/demo/hf/config.json",)),
     "python tools/evaluate.py --model runs/demo/hf --out runs/demo/eval --demo-corpus runs/demo/data":
         Case(needs="python tools/convert_checkpoint.py --load runs/demo/relu/checkpoints "
-                   "--out runs/demo/hf --verify", expect=("runs/demo/eval",)),
+                   "--out runs/demo/hf --verify", extra="--max-chars-per-domain 4000 --mc-items-per-domain 8",
+             expect=("runs/demo/eval",)),
     "python tools/convert_checkpoint.py --hf-to-megatron --hf runs/demo/hf --save runs/continued --verify":
         Case(needs="python tools/convert_checkpoint.py --load runs/demo/relu/checkpoints "
                    "--out runs/demo/hf --verify", expect=("runs/continued",)),
     # Compute dial
     "remoe dial --load runs/demo/relu/checkpoints --target-experts-per-token 0.75 "
     "--demo-corpus runs/demo/data --out runs/demo/dial":
-        Case(needs=DEMO_COMPARE, expect=("runs/demo/dial/dial.json",)),
+        Case(needs=DEMO_COMPARE, extra="--tokens-per-domain 512", expect=("runs/demo/dial/dial.json",)),
     "remoe dial --load runs/demo/relu/checkpoints --sweep --demo-corpus runs/demo/data "
     "--out runs/demo/dial-sweep":
         Case(needs=DEMO_COMPARE, extra="--tokens-per-domain 512 --sweep-multiples 0.5,1 "
@@ -209,6 +226,7 @@ def scratch(tmp_path_factory):
     return Scratch(tmp_path_factory.mktemp("readme"))
 
 
+@pytest.mark.readme
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.timeout(3 * COMMAND_TIMEOUT_S)
@@ -228,3 +246,5 @@ def test_readme_command_runs(scratch, command):
     assert proc.returncode == 0, f"`{command} {case.extra}` exited {proc.returncode}:\n{tail}"
     for path in case.expect:
         assert (scratch.root / path).exists(), f"`{command}` did not create {path}:\n{tail}"
+    for needle in case.output:
+        assert needle in proc.stdout, f"`{command}` did not print {needle!r}:\n{tail}"

@@ -70,6 +70,10 @@ TOPK_LAYOUTS = ["tp2_sp", "pp2_ep2"]
 # in the core subset: TP2 x EP2 (4 processes), and interleaved 1F1B (PP2 x VP2), whose p2p settings
 # were silently wrong with PP = 2
 CORE_RELU = ("tp2_ep2", "pp2_vp2")
+# --full only: plain DP2's gradient all-reduce over both ranks without overlap is what ep2_alltoall
+# and ep2_allgather do for the dense parameters (EP2 on 2 processes: dense data parallel 2), and
+# dp2_overlap is DP2 with the same optimizer; all three get the same checks at the same tolerances
+FULL_RELU = ("dp2",)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +92,8 @@ def check_parity(runs, router, layout):
         assert steps[2]["lambda"] != steps[1]["lambda"]
 
 
-@pytest.mark.parametrize("layout", [pytest.param(n, marks=[pytest.mark.core] if n in CORE_RELU else [])
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=[pytest.mark.core] if n in CORE_RELU else
+                                                  [pytest.mark.full] if n in FULL_RELU else [])
                                     for n in RELU_LAYOUTS])
 def test_relu_parity(runs, layout):
     check_parity(runs, "relu", layout)

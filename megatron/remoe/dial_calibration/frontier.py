@@ -100,7 +100,8 @@ def load_run(name: str, folder: str) -> list:
     raise FrontierError(f"{folder}: no sweep.json or dial.json (a `remoe dial` output folder)")
 
 
-def _mean_std(values: Sequence[float]) -> tuple:
+def mean_std(values: Sequence[float]) -> tuple:
+    """(mean, sample std); std is nan for one value."""
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
@@ -144,10 +145,10 @@ def summarise(points: Iterable[Point]) -> list:
         change = ([p.valid_loss - p.base_loss for p in ps] if all(p.base_loss is not None for p in ps)
                   else [float("nan")])
         rows.append(Row(group, model, method, form, target, topk, seeds,
-                        _mean_std([p.experts_per_token for p in ps]),
-                        _mean_std([p.valid_loss for p in ps]), _mean_std(change),
-                        _mean_std([p.forward_mflops for p in ps]),
-                        _mean_std([p.expert_mflops for p in ps])))
+                        mean_std([p.experts_per_token for p in ps]),
+                        mean_std([p.valid_loss for p in ps]), mean_std(change),
+                        mean_std([p.forward_mflops for p in ps]),
+                        mean_std([p.expert_mflops for p in ps])))
     return rows
 
 
@@ -180,6 +181,51 @@ def match_topk(points: Sequence[Point], group: str, method: str, form: str, topk
                  and (p.method == "undialled" or (p.method == method and p.form == form))]
         x = crossing(curve, ref[0].valid_loss)
         out[seed] = None if x is None else x / ref[0].expert_mflops
+    return out
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One ReMoE setting of a group: the model as trained (method `undialled`) or a dialled point."""
+
+    group: str
+    method: str = "undialled"
+    form: str = "-"
+    target: Optional[float] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Selector":
+        """GROUP (as trained) or GROUP:METHOD:FORM:TARGET, e.g. elastic:per-layer:cut:0.5."""
+        parts = text.split(":")
+        if len(parts) == 1 and parts[0]:
+            return cls(parts[0])
+        if len(parts) == 4 and parts[1] in ("global", "per-layer") and parts[2] in ("cut", "shift"):
+            try:
+                return cls(parts[0], parts[1], parts[2], float(parts[3]))
+            except ValueError:
+                pass
+        raise FrontierError(f"{text!r}: expected GROUP (as trained) or GROUP:METHOD:FORM:TARGET, "
+                            "e.g. relu:per-layer:cut:0.5")
+
+    def __str__(self) -> str:
+        if self.method == "undialled":
+            return f"{self.group} as trained"
+        return f"{self.group} {self.method} {self.form} {self.target:g}"
+
+    def pick(self, points: Sequence[Point], seed: int) -> Optional[Point]:
+        found = [p for p in points if p.seed == seed and p.group == self.group and p.model == "ReMoE"
+                 and p.method == self.method and p.form == self.form
+                 and (self.target is None or (p.target is not None and math.isclose(p.target, self.target)))]
+        return found[0] if len(found) == 1 else None
+
+
+def paired_difference(points: Sequence[Point], a: Selector, b: Selector) -> dict:
+    """{seed: loss(a) - loss(b)} over the seeds that have both settings (paired by seed)."""
+    out = {}
+    for seed in sorted({p.seed for p in points}):
+        pa, pb = a.pick(points, seed), b.pick(points, seed)
+        if pa is not None and pb is not None:
+            out[seed] = pa.valid_loss - pb.valid_loss
     return out
 
 

@@ -29,8 +29,7 @@ import torch.distributed as dist
 
 from megatron.remoe.compat import clear_moe_metrics
 from megatron.remoe.errors import ConfigError
-from megatron.remoe.log_filters import fallback_note
-from megatron.remoe.logs import get_logger, info0, is_rank0
+from megatron.remoe.logs import fallback_note, get_logger, info0, is_rank0
 from megatron.remoe.routing_stats import RoutingWindow
 from megatron.remoe.training.arguments import config_to_yaml
 from megatron.remoe.training.checkpointing import CheckpointSaveError, save_checkpoint
