@@ -88,6 +88,11 @@ class ReMoETransformerConfig(TransformerConfig):
     the trainer before each step: a fraction in (0, 1) of each MoE layer's positive gates to keep,
     or {layer_number: fraction}. None = undialled (the paper). Evaluation forwards ignore it."""
 
+    moe_relu_elastic_lm_only: bool = False
+    """Elastic training with a full pass (elastic.py): the current training forward is the dialled
+    pass of a step whose full pass already added the L1 term and the controller's statistics, so
+    the routers add neither."""
+
     def __post_init__(self):
         if self.moe_relu_routing:
             self._prepare_relu_routing()

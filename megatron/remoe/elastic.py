@@ -17,6 +17,13 @@ trains the model to work at that budget.
   and a resumed run draws what the uninterrupted one would (no state in checkpoints).
 * Modes: `step` cuts every MoE layer of a drawn step by the same fraction; `layer` draws whether
   and how much to cut for each MoE layer separately.
+* Full pass (`moe_relu_elastic_full_pass`, the "sandwich rule" of slimmable networks): a drawn
+  step trains the full model too. Its gradient is the plain step's (LM loss + L1 term, controller
+  statistics from this pass only) plus the LM-loss gradient of the dialled forward on the same
+  micro-batches (no L1 term, no statistics); one optimizer step. The trainer runs megatron-core's
+  schedule twice (training/step.py): the full pass without gradient reduction, then the dialled
+  pass on the recorded micro-batches, whose finalize reduces the summed gradient once. Off, a
+  drawn step trains only the dialled model.
 * Off (no budgets, the default) nothing here runs and the trainer is the paper's, bit for bit.
 """
 
@@ -100,6 +107,9 @@ def check_elastic(cfg) -> None:
     """TrainConfig validation of the `moe_relu_elastic_*` fields (one-line ConfigErrors)."""
     budgets = parse_budgets(cfg.moe_relu_elastic_budgets)
     prob, mode = cfg.moe_relu_elastic_prob, cfg.moe_relu_elastic_mode
+    if not budgets and cfg.moe_relu_elastic_full_pass:
+        raise ConfigError("moe_relu_elastic_full_pass has no effect without "
+                          "moe_relu_elastic_budgets; set the budgets (e.g. 0.5 0.25) or drop it")
     if not budgets:
         if prob != DEFAULT_PROB or mode != DEFAULT_MODE:
             raise ConfigError(f"moe_relu_elastic_prob={prob} / moe_relu_elastic_mode={mode} have "
@@ -109,6 +119,10 @@ def check_elastic(cfg) -> None:
     if cfg.router != "relu":
         raise ConfigError(f"moe_relu_elastic_budgets applies to ReLU routing (--router relu), "
                           f"not router {cfg.router}; drop it")
+    if cfg.moe_relu_elastic_full_pass and cfg.virtual_pipeline_model_parallel_size:
+        raise ConfigError("moe_relu_elastic_full_pass is not tested with the interleaved pipeline "
+                          f"schedule (virtual_pipeline_model_parallel_size="
+                          f"{cfg.virtual_pipeline_model_parallel_size}); unset one of them")
     if mode not in MODES:
         raise ConfigError(f"moe_relu_elastic_mode={mode!r} is not one of {', '.join(MODES)}")
     if not (isinstance(prob, (int, float)) and 0.0 < prob <= 1.0):

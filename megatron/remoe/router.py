@@ -110,7 +110,10 @@ class ReLURouter(Router):
         controller = self.controller
         # Count each layer once per micro-batch: with activation recomputation the first forward
         # runs without grad and the recomputation with grad, so count only when grad is enabled.
-        if self.training and torch.is_grad_enabled():
+        # The dialled pass of an elastic step with a full pass (elastic.py) adds neither the L1
+        # term nor statistics: its step's full pass did.
+        lm_only = getattr(self.config, "moe_relu_elastic_lm_only", False)
+        if self.training and torch.is_grad_enabled() and not lm_only:
             tp_cp = self.tp_cp_group
             # One count per expert, shared by the regulariser and the statistics; probs and the
             # map already exclude padding tokens, so neither recomputes a mask.
@@ -204,10 +207,13 @@ def set_dial(model, dial) -> Optional[ComputeDial]:
     return dial
 
 
-def set_elastic_budget(model, budget) -> None:
+def set_elastic_budget(model, budget, lm_only: bool = False) -> None:
     """The elastic cut the ReLU routers of `model` (chunks or one module) apply in training
-    forwards: a fraction, {layer_number: fraction} or None (undialled); see elastic.py."""
+    forwards: a fraction, {layer_number: fraction} or None (undialled); see elastic.py.
+    `lm_only`: the forwards add no L1 term and no controller statistics (the dialled pass of a
+    step with a full pass)."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     configs = {id(r.config): r.config for chunk in chunks for _, r in relu_routers(chunk)}
     for cfg in configs.values():
         cfg.moe_relu_elastic_budget = budget
+        cfg.moe_relu_elastic_lm_only = lm_only

@@ -119,6 +119,11 @@ class TrainConfig:
     moe_relu_elastic_mode: str = _f("step", "elastic training: step (every MoE layer of a drawn "
                                     "step keeps the same fraction) or layer (each layer draws "
                                     "its own)", "moe", choices=["step", "layer"])
+    moe_relu_elastic_full_pass: bool = _f(False, "elastic training: a drawn step trains the full "
+                                          "model too (sandwich rule): the plain step's gradient "
+                                          "(LM + L1) plus the LM gradient of the dialled pass "
+                                          "on the same micro-batches; off = a drawn step trains "
+                                          "only the dialled model", "moe")
 
     # ---- parallelism ----
     tensor_model_parallel_size: int = _f(1, "TP size", "parallel")

@@ -12,6 +12,7 @@ budget (`--exit-duration-in-mins`) used up on any rank, the --save lock lost on 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from megatron.remoe.compat import report_moe_metrics
 from megatron.remoe.config import is_relu_routed, moe_layer_numbers
@@ -108,17 +109,84 @@ def forward_backward(run, data_iterator, forward_only: bool = False) -> list:
         forward_only=forward_only)
 
 
-def begin_elastic_step(run) -> dict:
-    """Elastic training (elastic.py): draw this step's cut from (seed, iteration) and hand it to
-    the routers; the metrics to log ({} when --moe-relu-elastic-budgets is not set)."""
+def draw_elastic_budget(run) -> tuple:
+    """Elastic training (elastic.py): this step's cut, drawn from (seed, iteration), and the
+    metrics to log; (None, {}) when --moe-relu-elastic-budgets is not set."""
     options = elastic_options(run.cfg)
     if options is None:
-        return {}
+        return None, {}
     layers = moe_layer_numbers(run.tcfg)
     budget = options.draw(run.iteration + 1, layers)
-    set_elastic_budget(run.model, budget)
     fractions = [fraction_of(budget, n) or 1.0 for n in layers]
-    return {"elastic_budget": sum(fractions) / len(fractions)}
+    return budget, {"elastic_budget": sum(fractions) / len(fractions)}
+
+
+def begin_elastic_step(run) -> dict:
+    """Draw this step's cut and hand it to the routers (the dialled-only form of elastic
+    training); the metrics to log ({} when --moe-relu-elastic-budgets is not set)."""
+    budget, metrics = draw_elastic_budget(run)
+    if metrics:
+        set_elastic_budget(run.model, budget)
+    return metrics
+
+
+class _RecordedIterator:
+    """Yields what `source` yields and keeps it, so that a second schedule can see the same
+    micro-batches (`replay()`) without consuming more of the data."""
+
+    def __init__(self, source):
+        self.source, self.items = source, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.source)
+        self.items.append(item)
+        return item
+
+    def replay(self):
+        return iter(self.items)
+
+
+@contextlib.contextmanager
+def _no_gradient_reduction(model: list):
+    """A schedule inside this accumulates gradients only: megatron-core's schedule hooks (grad
+    sync on the last micro-batch, finalize_model_grads = DP all-reduce / reduce-scatter, TP/PP
+    shared grads) are switched off, and every chunk stays in DDP's no_sync (with
+    --overlap-grad-reduce the backward hooks would otherwise start the reduce)."""
+    config = get_model_config(model[0])
+    saved = (config.no_sync_func, config.grad_sync_func, config.finalize_model_grads_func)
+    config.no_sync_func = config.grad_sync_func = config.finalize_model_grads_func = None
+    try:
+        with contextlib.ExitStack() as stack:
+            for chunk in model:
+                stack.enter_context(chunk.no_sync())
+            yield
+    finally:
+        config.no_sync_func, config.grad_sync_func, config.finalize_model_grads_func = saved
+
+
+def full_and_dialled_passes(run, data_iterator, budget) -> tuple:
+    """A drawn step of elastic training with --moe-relu-elastic-full-pass: the plain step's
+    forward/backward (undialled, L1 term and controller statistics as the paper's step), then
+    the dialled forward/backward (LM loss only) on the same micro-batches. Each schedule runs
+    over num_micro_batches, so each pass is scaled as a plain step; the gradients add up in the
+    gradient buffers and only the second schedule reduces them (once, over the sum). Each
+    schedule keeps one budget throughout, so a recomputed forward sees its pass's budget.
+    Returns (full pass losses, dialled pass losses)."""
+    iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
+    recorded = [_RecordedIterator(it) for it in iterators]
+    set_elastic_budget(run.model, None)
+    with _no_gradient_reduction(run.model):
+        full = forward_backward(run, recorded if len(recorded) > 1 else recorded[0])
+    replays = [r.replay() for r in recorded]
+    set_elastic_budget(run.model, budget, lm_only=True)
+    try:
+        dialled = forward_backward(run, replays if len(replays) > 1 else replays[0])
+    finally:
+        set_elastic_budget(run.model, None)
+    return full, dialled
 
 
 def train_step(run, data_iterator, stop_flags: Optional[Callable[[], list]] = None) -> StepResult:
@@ -133,13 +201,24 @@ def train_step(run, data_iterator, stop_flags: Optional[Callable[[], list]] = No
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    elastic = begin_elastic_step(run)  # {} unless --moe-relu-elastic-budgets
-    losses = forward_backward(run, data_iterator)
+    dialled_loss = None
+    if run.cfg.moe_relu_elastic_full_pass:
+        budget, elastic = draw_elastic_budget(run)
+        if budget is None:  # not drawn: a plain step
+            set_elastic_budget(run.model, None)
+            losses = forward_backward(run, data_iterator)
+        else:
+            losses, dialled = full_and_dialled_passes(run, data_iterator, budget)
+            dialled_loss = reduce_lm_loss(dialled, run.device)
+            elastic["elastic_dialled_lm_loss"] = dialled_loss
+    else:
+        elastic = begin_elastic_step(run)  # {} unless --moe-relu-elastic-budgets
+        losses = forward_backward(run, data_iterator)
     # finalize_model_grads (DP all-reduce / reduce-scatter, TP/PP shared grads) ran in the schedule
     run.hooks.inject_nan(run)
-    lm_loss = reduce_lm_loss(losses, run.device)
+    lm_loss = reduce_lm_loss(losses, run.device)  # the full pass's loss, as on plain steps
     local_bad = grads_nonfinite(run.model)
-    if not math.isfinite(lm_loss):
+    if not math.isfinite(lm_loss) or (dialled_loss is not None and not math.isfinite(dialled_loss)):
         local_bad = torch.ones_like(local_bad)
     bad, *stop = agree([local_bad, *(stop_flags() if stop_flags else [])], run.device)
     stop = StopVote.from_flags(stop)
