@@ -4,10 +4,11 @@ corpus and the trainer's environment are the parity harness's (tools/parity/tiny
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from tools.parity.tiny_gpt import ROOT, free_port, pretrain_env
+from tools.parity.tiny_gpt import ROOT, free_port, pretrain_env, read_metrics
 
 
 def pretrain_cmd(nproc: int = 1) -> list:
@@ -26,6 +27,22 @@ def run_pretrain(args, nproc: int = 1, timeout: float = 150, env: dict | None = 
         assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n" \
                                              f"{proc.stderr[-5000:]}"
     return proc
+
+
+def uninterrupted_and_resumed(base, tmp_path, stop_at: int = 3) -> tuple:
+    """Train `base` (args ending with its --train-iters) once straight through and once stopped
+    after `stop_at` steps (--exit-interval) and resumed from its checkpoint; returns both runs'
+    per-step metrics (uninterrupted, resumed), after checking the resume happened and logged
+    every step once."""
+    full, part = os.path.join(str(tmp_path), "full"), os.path.join(str(tmp_path), "part")
+    run_pretrain(list(base) + ["--save", full])
+    run_pretrain(list(base) + ["--save", part, "--exit-interval", str(stop_at)])
+    out = run_pretrain(list(base) + ["--save", part, "--load", part])
+    assert "resumed from" in out.stdout
+    a = read_metrics(os.path.join(full, "metrics.jsonl"))
+    b = read_metrics(os.path.join(part, "metrics.jsonl"))
+    assert [r["iteration"] for r in b] == [r["iteration"] for r in a] == list(range(1, len(a) + 1))
+    return a, b
 
 
 def run_command(cmd, timeout: float = 120, expect: int = 0, env: dict | None = None):

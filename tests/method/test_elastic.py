@@ -26,7 +26,7 @@ from megatron.remoe.router import set_elastic_budget
 from megatron.remoe.training.step import begin_elastic_step
 from tests.helpers.dist_utils import run_workers
 from tests.helpers.paths import ROOT
-from tests.helpers.pretrain_utils import run_pretrain
+from tests.helpers.pretrain_utils import run_pretrain, uninterrupted_and_resumed
 from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
 
 pytestmark = pytest.mark.timeout(170)
@@ -259,16 +259,10 @@ def test_default_path_is_unchanged_until_the_first_cut(data, tmp_path):
 
 @pytest.mark.multiprocess
 def test_elastic_resume_equals_uninterrupted_run(data, tmp_path):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
     base = MODEL + data_args(data) + ["--train-iters", "6", "--eval-iters", "0", "--seed", "5"] \
         + ELASTIC
-    run_pretrain(base + ["--save", full])
-    run_pretrain(base + ["--save", part, "--exit-interval", "3"])
-    out = run_pretrain(base + ["--save", part, "--load", part])
-    assert "resumed from" in out.stdout
-    a = read_metrics(os.path.join(full, "metrics.jsonl"))
-    b = read_metrics(os.path.join(part, "metrics.jsonl"))
-    assert [r["iteration"] for r in b] == list(range(1, 7))
+    a, b = uninterrupted_and_resumed(base, tmp_path)
+    assert len(a) == 6
     budgets = [r["elastic_budget"] for r in a]
     assert 1.0 in budgets[3:] and any(x < 1 for x in budgets[3:]), budgets  # both after resume
     for x, y in zip(a, b):

@@ -11,7 +11,6 @@
 """
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -21,8 +20,8 @@ from megatron.remoe.controller import SparsityController
 from megatron.remoe.errors import ConfigError
 from megatron.remoe.lambda_rules import CONTROLLERS, ControllerOptions, sparsity_noise
 from tests.helpers.dist_utils import run_workers
-from tests.helpers.pretrain_utils import run_pretrain
-from tools.parity.tiny_gpt import MODEL, build_corpus, data_args, read_metrics
+from tests.helpers.pretrain_utils import uninterrupted_and_resumed
+from tools.parity.tiny_gpt import MODEL, build_corpus, data_args
 
 pytestmark = pytest.mark.timeout(170)
 
@@ -216,17 +215,12 @@ def data(tmp_path_factory):
 def test_trainer_resume_with_option(data, tmp_path, kind):
     """Through the trainer's checkpoints: a low target is reached at step 1, so the option acts
     from step 2; save at 3, resume, and lambda/loss equal the uninterrupted run bit for bit."""
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
     base = MODEL + data_args(data) + [
         "--train-iters", "6", "--eval-iters", "0", "--moe-relu-target-sparsity", "0.3",
         "--moe-relu-l1-reg-coeff-init", "1e-3", "--moe-relu-l1-reg-coeff-controller", kind,
         "--moe-relu-l1-reg-coeff-pi-kp", "0", "--moe-relu-l1-reg-coeff-pi-ki", "0.2"]
-    run_pretrain(base + ["--save", full])
-    run_pretrain(base + ["--save", part, "--exit-interval", "3"])
-    run_pretrain(base + ["--save", part, "--load", part])
-    a = read_metrics(os.path.join(full, "metrics.jsonl"))
-    b = read_metrics(os.path.join(part, "metrics.jsonl"))
-    assert [r["iteration"] for r in b] == list(range(1, 7))
+    a, b = uninterrupted_and_resumed(base, tmp_path)
+    assert len(a) == 6
     for x, y in zip(a, b, strict=True):
         for key in ("lm_loss", "moe_relu_l1_reg_coeff", "moe_relu_sparsity"):
             assert x[key] == y[key], (x["iteration"], key, x[key], y[key])
